@@ -1,0 +1,161 @@
+"""Helpers shared by bench/memory.py and bench/train_step.py.
+
+    record = machine()                      # where the numbers came from
+    result = run_child(command, env=..., budget_bytes=..., timeout_s=...)
+    write_results(path, record, config, rows)
+
+Every measurement runs in its own subprocess so that one configuration's allocations,
+glibc heap and peak RSS never leak into the next. A child prints one JSON line last; the
+parent turns a crash, a kill or a timeout into a status instead of a number.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "bench" / "results"
+SMOLLM2 = "recipes/smollm2_135m_16k.toml"
+GB = 1e9  # memory is reported in GB (10^9 bytes), as the issue's table states it
+POLL_S = 0.2  # how often the parent samples a child's RSS against the budget
+
+
+# --------------------------------------------------------------------------- machine record
+
+def machine() -> dict:
+    """Platform, CPU, RAM, library versions and the device the numbers came from."""
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    return {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "ram_bytes": _total_ram(),
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})",
+        "load_average": os.getloadavg(),  # other processes may share the CPU
+    }
+
+
+def _total_ram() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# --------------------------------------------------------------------------- inside a child
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> bool:
+    """Set VmHWM to the current RSS (Linux >= 4.0), so that a later peak excludes model loading."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """VmHWM: the peak resident set since the process started or since reset_peak_rss()."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def emit(result: dict) -> None:
+    """The child's answer: one JSON line, the last on stdout."""
+    print(json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------- the parent side
+
+def child_env(*, glibc_defaults: bool) -> dict:
+    """The environment of a child; glibc_defaults drops any MALLOC_* tuning inherited from the shell."""
+    env = {**os.environ, "HARNESS_CACHE": os.environ.get("HARNESS_CACHE", str(Path.home() / ".cache" / "harness"))}
+    if glibc_defaults:
+        env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
+    return env
+
+
+def run_child(command: list[str], *, env: dict, budget_bytes: float, timeout_s: float) -> dict:
+    """Run `command`; its last stdout line (JSON), or {"status": ...} when it did not finish.
+
+    The RSS of the child is sampled every POLL_S seconds: above `budget_bytes` it is killed
+    ("over budget"), so that a run cannot take the memory other processes on the machine need.
+    A child killed by the kernel (SIGKILL) or raising MemoryError counts as "OOM".
+    """
+    started = time.monotonic()
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          cwd=ROOT, start_new_session=True) as process:
+        status = _watch(process, budget_bytes, started + timeout_s)
+        if status:
+            os.killpg(process.pid, signal.SIGKILL)  # its own session: the child and anything it started
+        stdout, stderr = process.communicate()
+    seconds = time.monotonic() - started
+    if status:
+        return {"status": status, "wall_s": seconds}
+    if process.returncode:
+        return {"status": _failure(process.returncode, stderr), "wall_s": seconds,
+                "stderr_tail": stderr.strip().splitlines()[-5:]}
+    return {**json.loads(stdout.strip().splitlines()[-1]), "wall_s": seconds}
+
+
+def _watch(process: subprocess.Popen, budget_bytes: float, deadline: float) -> str:
+    """"" once the child exits by itself, else why it has to be stopped."""
+    while process.poll() is None:
+        if time.monotonic() > deadline:
+            return "timeout"
+        if _rss_of(process.pid) > budget_bytes:
+            return "over budget"
+        time.sleep(POLL_S)
+    return ""
+
+
+def _rss_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0  # gone between poll() and the read
+
+
+def _failure(returncode: int, stderr: str) -> str:
+    if returncode == -signal.SIGKILL or "MemoryError" in stderr or "OutOfMemoryError" in stderr:
+        return "OOM"
+    lines = stderr.strip().splitlines()
+    return f"error: {lines[-1] if lines else f'exit {returncode}'}"
+
+
+# --------------------------------------------------------------------------- output
+
+def write_results(path: Path, record: dict, config: dict, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": record, "config": config, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {shown(path)}")
+
+
+def shown(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
+def gb(size: float) -> str:
+    return f"{size / GB:.2f}"
+
+
+def length_label(length: int) -> str:
+    return f"{length // 1024}k" if length % 1024 == 0 else str(length)

@@ -1,0 +1,276 @@
+"""The memory planner against measured peaks: one training step per config, on the CPU.
+
+    python bench/plan_validation.py                      # all configs, both measurements
+    python bench/plan_validation.py --only tiny --modes allocator
+
+Each config runs in a fresh subprocess: build the model of the recipe (+ overrides), wrap it
+as the trainer does (CausalLMLoss, the accelerate engine, make_optimizer), then run two
+optimizer steps on random tokens (the first allocates the optimizer states, the second is the
+steady state the planner predicts). What is compared is the *dynamic* part: the memory the
+steps add on top of the built model, against `harness.memory.plan(recipe, device="cpu")
+.dynamic_bytes` (activations, attention, logits/loss, gradients, optimizer states).
+
+Measurements:
+
+    allocator  (primary) torch.profiler with profile_memory=True records every allocation and
+               free of torch's CPU allocator; the running sum from the post-build state gives
+               the exact peak of live tensor bytes, the CPU analogue of
+               torch.cuda.max_memory_allocated. Not counted: memory outside torch's allocator
+               (oneDNN scratch, Python objects), which the planner does not model either.
+    rss        (secondary) the process's peak resident set (VmHWM, reset through
+               /proc/self/clear_refs after the model is built, so the load peak does not
+               count) minus the RSS before the first step; run with MALLOC_MMAP_THRESHOLD_ at
+               128 KiB so that freed tensors go back to the OS at once. Includes the libraries'
+               lazily touched pages and glibc's small-block heap: an upper bound.
+
+Configs: the tiny recipe (S2 sdpa at several lengths, full sdpa, both eager kernels, no
+checkpointing) and a random-init model of SmolLM2-135M's shape with LoRA r = 64 (S2 and full
+attention, chunked and unchunked loss) at 1k/2k/4k tokens; random weights take the same memory
+as real ones. Results go to bench/results/plan_validation.json with a machine record.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "results" / "plan_validation.json"
+TINY = "recipes/tiny_cpu.toml"
+SMOL_SHAPE = ("model.init_config={vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, "
+              "num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, "
+              "tie_word_embeddings=true, bos_token_id=0, eos_token_id=1, pad_token_id=2}")
+SMOL = (SMOL_SHAPE, "adapter.r=64")  # r = 64 as in the paper and recipes/smollm2_135m_16k.toml
+CONFIGS = [  # (name, recipe, overrides, sequence length)
+    *[(f"tiny s2-sdpa L={n}", TINY, (), n) for n in (512, 2048, 8192, 16384)],
+    ("tiny full-sdpa L=4096", TINY, ("attention.name=\"full\"",), 4096),
+    *[(f"tiny s2-eager L={n}", TINY, ("attention.kernel=\"eager\"",), n) for n in (1024, 2048)],
+    *[(f"tiny full-eager L={n}", TINY, ("attention.name=\"full\"", "attention.kernel=\"eager\""), n) for n in (1024, 2048)],
+    ("tiny s2-sdpa no-ckpt L=4096", TINY, ("train.gradient_checkpointing=false",), 4096),
+    *[(f"smol135m s2-sdpa L={n}", TINY, SMOL, n) for n in (1024, 2048, 4096)],
+    ("smol135m full-sdpa L=2048", TINY, (*SMOL, "attention.name=\"full\""), 2048),
+    *[(f"smol135m s2-sdpa unchunked L={n}", TINY, (*SMOL, "train.chunked_loss=false"), n) for n in (1024, 2048)],
+]
+MAX_PREDICTED_GIB = 10.0  # skip configs whose predicted peak would exceed this on a shared machine
+
+
+def overrides_for(config: tuple, length: int) -> list[str]:
+    """The config's overrides plus the length: data length, PI target, one step per micro-batch."""
+    _, _, extra, _ = config
+    target = max(length, 8192 if extra[:1] == (SMOL_SHAPE,) else 256)  # PI target >= the original window
+    return [*extra, f"data.max_seq_length={length}", f"position.target_length={target}", "train.grad_accum=1"]
+
+
+# --------------------------------------------------------------------------- child process
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> bool:
+    """Set VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def static_bytes(model) -> int:
+    """Parameters and bitsandbytes quantization state of a built model, each storage once."""
+    seen, total = set(), 0
+    for parameter in model.parameters():
+        tensors = [parameter]
+        state = getattr(parameter, "quant_state", None)
+        if state is not None:
+            tensors += [state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset]
+                                                     if state.nested else [])
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+def build(recipe_path: str, overrides: list[str]):
+    """(recipe, engine, trainable static bytes) wired as harness.train.train does."""
+    from harness.engines import AccelerateEngine, Hyper, resolve_precision
+    from harness.loss import CausalLMLoss
+    from harness.model import build_model
+    from harness.recipe import load_recipe
+    from harness.train import make_optimizer, make_scheduler
+
+    recipe = load_recipe(recipe_path, overrides)
+    built = build_model(recipe, training=True)
+    engine = AccelerateEngine()
+    engine.setup()
+    hyper = Hyper(recipe.train.micro_batch_size, 1, recipe.train.max_grad_norm,
+                  resolve_precision(recipe.train.precision, recipe.quantization.compute_dtype))
+    module = CausalLMLoss(built.model, chunked=recipe.train.chunked_loss)
+    engine.prepare(module, lambda params: make_optimizer(recipe, engine, hyper, params),
+                   lambda optimizer: make_scheduler(recipe, optimizer, 10), hyper)
+    return recipe, engine, static_bytes(built.model)
+
+
+def train_steps(recipe, engine, steps: int = 2) -> None:
+    """Loop._optimizer_step on random tokens: forward, backward, clip + AdamW step."""
+    import torch
+
+    vocab = engine.unwrap().model.get_base_model().config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    shape = (recipe.train.micro_batch_size, recipe.resolved.seq_len)
+    for _ in range(steps):
+        ids = torch.randint(3, vocab, shape, generator=generator)
+        batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
+                 "position_ids": torch.arange(shape[1]).expand(shape)}
+        engine.module.train()
+        with engine.autocast():
+            loss = engine.module(**batch)
+        engine.backward(loss, sync=True)
+        engine.step()
+
+
+def allocator_peak(recipe, engine) -> int:
+    """Peak of live torch CPU-allocator bytes over the steps, relative to their start."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_steps(recipe, engine)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def measure(recipe_path: str, overrides: list[str], mode: str) -> dict:
+    import torch
+
+    os.chdir(ROOT)
+    torch.manual_seed(0)
+    recipe, engine, static = build(recipe_path, overrides)
+    started = time.perf_counter()
+    if mode == "allocator":
+        result = {"allocator_bytes": allocator_peak(recipe, engine)}
+    else:
+        before = current_rss()
+        if not reset_peak_rss():
+            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs is not writable)")
+        train_steps(recipe, engine)
+        result = {"rss_bytes": peak_rss() - before}
+    return {**result, "static_bytes": static, "seconds": time.perf_counter() - started}
+
+
+# --------------------------------------------------------------------------- parent
+
+def run_child(config: tuple, mode: str) -> dict:
+    name, recipe, _, length = config
+    command = [sys.executable, __file__, "--child", recipe, mode, "--", *overrides_for(config, length)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=ROOT)
+    if done.returncode:
+        lines = done.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def predict(config: tuple) -> dict:
+    from harness.memory import plan, weight_bytes, resolve_setup, model_shape, lora_params
+    from harness.recipe import load_recipe
+
+    name, recipe_path, _, length = config
+    recipe = load_recipe(ROOT / recipe_path, overrides_for(config, length))
+    result = plan(recipe, device="cpu")
+    setup = resolve_setup(recipe, model_shape(recipe), device="cpu", card=None, seq_len=None)
+    static = sum(weight_bytes(setup)) + 4 * lora_params(setup.shape, setup.targets, setup.rank)
+    return {"predicted_bytes": result.dynamic_bytes, "predicted_static_bytes": static,
+            "peak_phase": result.peak_phase,
+            "breakdown": {p.name: result.at_peak(p) for p in result.parts if p.dynamic and result.at_peak(p)}}
+
+
+def benchmark(args) -> list[dict]:
+    rows = []
+    for config in CONFIGS:
+        name, _, _, length = config
+        if args.only and not any(word in name for word in args.only):
+            continue
+        row = {"config": name, "length": length, **predict(config)}
+        if row["predicted_bytes"] > MAX_PREDICTED_GIB * 2**30:
+            row["skipped"] = f"predicted over {MAX_PREDICTED_GIB} GiB"
+        else:
+            for mode in args.modes:
+                row.update(run_child(config, mode))
+        if "allocator_bytes" in row:
+            row["error_pct"] = 100 * (row["predicted_bytes"] - row["allocator_bytes"]) / row["allocator_bytes"]
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "breakdown"}), file=sys.stderr, flush=True)
+    return rows
+
+
+def machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "load_average": os.getloadavg()}
+
+
+def print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Planner (dynamic part) vs one CPU training step: MiB")
+    for column in ("config", "predicted", "allocator peak", "error %", "RSS peak", "phase", "static pred / meas"):
+        table.add_column(column, justify="left" if column == "config" else "right")
+    mib = lambda key, row: f"{row[key] / 2**20:.1f}" if key in row else "-"  # noqa: E731
+    for row in rows:
+        if "skipped" in row or "error" in row:
+            table.add_row(row["config"], mib("predicted_bytes", row), row.get("skipped") or row["error"][:60], "", "", "", "")
+            continue
+        error = f"{row['error_pct']:+.1f}" if "error_pct" in row else "-"
+        static = f"{mib('predicted_static_bytes', row)} / {mib('static_bytes', row)}"
+        table.add_row(row["config"], mib("predicted_bytes", row), mib("allocator_bytes", row), error,
+                      mib("rss_bytes", row), row["peak_phase"], static)
+    Console().print(table)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", default=[], help="run the configs whose name contains one of these")
+    parser.add_argument("--modes", nargs="+", choices=("allocator", "rss"), default=["allocator", "rss"])
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--child", nargs=2, metavar=("RECIPE", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.child[0], args.overrides, args.child[1])))
+        return
+    info = machine()
+    rows = benchmark(args)
+    print_table(rows)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    method = {"allocator": "torch.profiler memory events: peak live CPU-allocator bytes over 2 steps",
+              "rss": "VmHWM after clear_refs minus RSS before the steps, MALLOC_MMAP_THRESHOLD_=128KiB"}
+    args.output.write_text(json.dumps({"machine": info, "methods": method, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

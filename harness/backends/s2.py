@@ -1,0 +1,325 @@
+"""Shift Short Attention (S2-Attn, LongLoRA) without LongLoRA's wrap-around and padding bugs.
+
+Shapes: B batch, L sequence length, H query heads, H_kv key/value heads, D head dim, G group size.
+
+    query (B, H, L, D); key, value (B, H_kv, L, D)      -> output (B, L, H, D)
+    attention_mask (B, L): 1/True = token, 0/False = padding; None = no padding
+    position_ids (B, L) or (1, L): a new document starts wherever the position is 0
+
+Semantics of `shift_short_attention(query, key, value, G, ...)`:
+
+* Groups. Token i of the first half of the heads is in group i // G: [0, G), [G, 2G), ...
+  Token i of the second half is in group (i + G/2) // G: [0, G/2), [G/2, 3G/2), ...
+  There is no wrap-around: the shifted half's first group is the half group [0, G/2), and
+  no token ever attends to a later token.
+* L not divisible by G: the last group of each half is simply shorter (it ends at L), so any
+  L >= G works. G must be even, 2 <= G <= L.
+* Token i attends to token j iff j <= i, both are in the same group, both are in the same
+  document, and j is not padding. A padding query attends only to itself; its output is zero.
+* Documents: position_ids equal to 0 start a new document. Groups are counted from the start
+  of the row, not of each document; a document boundary only cuts groups further.
+* Heads are split along the KV heads: the first ceil(H_kv / 2) KV heads and the query heads that
+  share them are unshifted, the rest shifted, so a query head always moves with its KV head. An
+  odd H_kv (SmolLM2: 9 heads, 3 KV heads) gives the unshifted part one KV head more (3 + 6
+  query heads). MQA (H_kv == 1): the query heads are split instead, the first ceil(H / 2)
+  unshifted, and both parts read the single KV head. H must be at least 2.
+* With G == L the unshifted half is exactly `causal_attention`.
+
+Kernels (`kernel=`): "eager" builds the dense (L, L) mask per half of the heads (the readable
+reference); "sdpa" runs torch SDPA on grouped views, with is_causal=True when there is no
+padding or packing and otherwise a boolean (G, G) mask per group; "flash" runs flash-attn's
+varlen kernel with one varlen sequence per (row, group, document); "auto" picks "flash" for
+fp16/bf16 CUDA tensors on Ampere+ when flash-attn is installed, else "sdpa".
+
+`s2_attention_forward` plugs this into transformers' AttentionInterface: S2 when the module is
+training (or `S2Settings.at_inference`), full causal attention otherwise. With a KV cache
+(query shorter than key) it runs full causal attention for the last q_len positions (the mask's
+length marks the filled slots of a static cache). Attention dropout is not supported.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("auto", "sdpa", "flash", "eager")
+
+
+@dataclass(frozen=True)
+class S2Settings:
+    group_ratio: float = 0.25
+    group_size: int = 0  # >0: fixed G, overrides ratio
+    kernel: str = "auto"
+    at_inference: bool = False  # use S2 also when module.training is False
+
+
+class _Tokens(NamedTuple):
+    valid: torch.Tensor  # (B, L) bool, False for padding
+    doc: torch.Tensor  # (B, L) long, document index within the row
+    plain: bool  # no padding and one document per row: plain causal masks suffice
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def resolve_group_size(seq_len: int, group_ratio: float = 0.25, group_size: int = 0) -> int:
+    """G for a sequence of `seq_len` tokens: `group_size` if > 0, else ratio * L rounded down to even."""
+    if group_size < 0:
+        raise ValueError(f"group_size must be >= 0 (0 = use group_ratio), got {group_size}")
+    if group_size == 0:
+        if not 0 < group_ratio <= 1:
+            raise ValueError(f"group_ratio must be in (0, 1], got {group_ratio}")
+        group_size = int(seq_len * group_ratio) // 2 * 2
+    _check_group_size(group_size, seq_len)
+    return group_size
+
+
+def shift_short_attention(query, key, value, group_size, attention_mask=None, position_ids=None,
+                          kernel="auto", scaling=None):
+    """S2-Attn (see module docstring): query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D)."""
+    _check_qkv(query, key, value)
+    _check_group_size(group_size, query.shape[2])
+    halves = _split_heads(query, key, value)
+    tokens = _tokens(attention_mask, position_ids, query)
+    run = _KERNELS[_select_kernel(kernel, query)]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    outs = [run(q, k, v, group_size, shift, tokens, scaling) for (q, k, v), shift in zip(halves, (0, group_size // 2))]
+    return _zero_padding(torch.cat(outs, dim=2), tokens)
+
+
+def causal_attention(query, key, value, attention_mask=None, position_ids=None, kernel="auto", scaling=None):
+    """Full causal attention with the same padding/packing rules: (B, H, L, D) ... -> (B, L, H, D)."""
+    _check_qkv(query, key, value)
+    tokens = _tokens(attention_mask, position_ids, query)
+    run = _KERNELS[_select_kernel(kernel, query)]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    seq_len = query.shape[2]  # one group covering the whole sequence
+    return _zero_padding(run(query, key, value, seq_len, 0, tokens, scaling), tokens)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _check_qkv(query, key, value) -> None:
+    if query.dim() != 4 or key.dim() != 4 or key.shape != value.shape:
+        raise ValueError(f"expected query (B, H, L, D) and key, value (B, H_kv, L, D); got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    (b, heads, length, dim), (kb, kv_heads, klength, kdim) = query.shape, key.shape
+    if (b, length, dim) != (kb, klength, kdim):
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} differ in B, L or D")
+    if heads % kv_heads:
+        raise ValueError(f"num_heads={heads} is not a multiple of num_kv_heads={kv_heads}")
+
+
+def _check_group_size(group_size: int, seq_len: int) -> None:
+    if not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise ValueError(f"group size {group_size!r} must be an even int >= 2 (groups are shifted by G/2)")
+    if group_size > seq_len:
+        raise ValueError(f"group size {group_size} is larger than the sequence length {seq_len}")
+
+
+def _split_heads(query, key, value):
+    """[(q, k, v) of the unshifted heads, (q, k, v) of the shifted heads], split along the KV heads."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if heads < 2:
+        raise ValueError(f"S2-Attn shifts half of the heads, but num_heads={heads}: it needs at least 2")
+    if kv_heads == 1:  # MQA: split the query heads; both parts read the single KV head
+        return [(q, key, value) for q in _split(query, -(-heads // 2), dim=1)]
+    unshifted_kv = -(-kv_heads // 2)  # ceil: an odd count leaves one more KV head unshifted
+    queries = _split(query, unshifted_kv * (heads // kv_heads), dim=1)
+    return list(zip(queries, _split(key, unshifted_kv, dim=1), _split(value, unshifted_kv, dim=1)))
+
+
+def _split(x, sizes, dim):
+    """torch.split of x (B, H, L, D) along heads (dim 1) or tokens (dim 2), done on the token-major
+    view (B, L, H, D): the backward then concatenates gradients into the (B, L, H, D) memory layout
+    that transformers' projections produce, instead of zero-filling one full tensor per slice."""
+    token_major_dim = {1: 2, 2: 1}[dim]
+    return [part.transpose(1, 2) for part in x.transpose(1, 2).split(sizes, dim=token_major_dim)]
+
+
+def _tokens(attention_mask, position_ids, query) -> _Tokens:
+    batch, seq_len, device = query.shape[0], query.shape[2], query.device
+    valid = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+    if attention_mask is not None:
+        if attention_mask.shape != (batch, seq_len):
+            raise ValueError(f"attention_mask must have shape (B, L) = {(batch, seq_len)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0/1 (or bool) values, got "
+                             f"{attention_mask.unique().tolist()}")
+        valid = attention_mask.to(device=device, dtype=torch.bool)
+    doc = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+    if position_ids is not None:
+        if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq_len:
+            raise ValueError(f"position_ids must have shape (B, L) = {(batch, seq_len)} or (1, L), "
+                             f"got {tuple(position_ids.shape)}")
+        doc = (position_ids.to(device).expand(batch, seq_len) == 0).cumsum(dim=1)  # +1 at each restart
+    plain = bool(valid.all()) and bool((doc == doc[:, :1]).all())
+    return _Tokens(valid, doc, plain)
+
+
+def _select_kernel(kernel: str, query) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown S2 kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if kernel != "auto":
+        return kernel
+    flash_ready = (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+                   and torch.cuda.get_device_capability(query.device)[0] >= 8
+                   and importlib.util.find_spec("flash_attn") is not None)
+    return "flash" if flash_ready else "sdpa"
+
+
+def _zero_padding(out, tokens: _Tokens):
+    """out (B, L, H, D) with padding query rows set to zero."""
+    return out if tokens.plain else out * tokens.valid[:, :, None, None].to(out.dtype)
+
+
+# ---------------------------------------------------------------------------- kernels
+# Each kernel: q (B, h, L, D), k, v (B, h_kv, L, D), group size G, shift (0 or G/2) -> (B, L, h, D).
+
+
+def _group_ids(seq_len: int, group_size: int, shift: int, device) -> torch.Tensor:
+    """(L,) group index of each token: (i + shift) // G, so the first group has G - shift tokens."""
+    return (torch.arange(seq_len, device=device) + shift) // group_size
+
+
+def _eager_kernel(q, k, v, group_size, shift, tokens: _Tokens, scaling):
+    """Dense softmax attention under the explicit (L, L) S2 mask."""
+    seq_len = q.shape[2]
+    group = _group_ids(seq_len, group_size, shift, q.device)
+    idx = torch.arange(seq_len, device=q.device)
+    allowed = (group[:, None] == group[None, :]) & (idx[None, :] <= idx[:, None])  # (L, L)
+    allowed = allowed & (tokens.doc[:, :, None] == tokens.doc[:, None, :]) & tokens.valid[:, None, :]  # (B, L, L)
+    allowed = allowed | torch.eye(seq_len, dtype=torch.bool, device=q.device)  # padding rows: never empty
+    repeat = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (B, h, L, D)
+    scores = (q @ k.transpose(-1, -2)) * scaling  # (B, h, L, L)
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)  # fp32+ softmax
+    return (probs @ v).transpose(1, 2)
+
+
+def _sdpa_kernel(q, k, v, group_size, shift, tokens: _Tokens, scaling):
+    """SDPA over grouped views: the leading partial group [0, shift), the full groups, and the
+    trailing partial group each make one call, blocks of tokens folded into the batch dim."""
+    seq_len = q.shape[2]
+    body = (seq_len - shift) // group_size * group_size
+    tail = seq_len - shift - body
+    segments = [(start, length, block) for start, length, block in
+                ((0, shift, shift), (shift, body, group_size), (shift + body, tail, tail)) if length]
+    lengths = [length for _, length, _ in segments]
+    outs = [_sdpa_blocks(q_seg, k_seg, v_seg, block, _block_mask(tokens, start, length, block), scaling)
+            for (start, length, block), q_seg, k_seg, v_seg
+            in zip(segments, _split(q, lengths, dim=2), _split(k, lengths, dim=2), _split(v, lengths, dim=2))]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def _sdpa_blocks(q, k, v, block, mask, scaling):
+    """Causal attention inside each run of `block` tokens: (B, h, n * block, D) -> (B, n * block, h, D)."""
+    batch, heads, length, dim = q.shape
+
+    def blocks(x):  # (B, h, n * block, D) -> (B * n, h, block, D); a view when the memory layout allows
+        return x.transpose(1, 2).reshape(-1, block, x.shape[1], dim).transpose(1, 2)
+
+    if mask is not None and heads != k.shape[1]:  # masked fused kernels may lack GQA (as in transformers)
+        k, v = k.repeat_interleave(heads // k.shape[1], dim=1), v.repeat_interleave(heads // k.shape[1], dim=1)
+    out = F.scaled_dot_product_attention(blocks(q), blocks(k), blocks(v), attn_mask=mask, is_causal=mask is None,
+                                         scale=scaling, enable_gqa=heads != k.shape[1])
+    return out.transpose(1, 2).reshape(batch, length, heads, dim)
+
+
+def _block_mask(tokens: _Tokens, start, length, block):
+    """(B * n, 1, block, block) bool for tokens [start, start + length): causal, same document, key
+    not padding, or the diagonal (so no row is empty); None when plain causal masks suffice."""
+    if tokens.plain:
+        return None
+    doc = tokens.doc[:, start:start + length].reshape(-1, block)  # (B * n, block)
+    valid = tokens.valid[:, start:start + length].reshape(-1, block)
+    causal = torch.ones(block, block, dtype=torch.bool, device=doc.device).tril()
+    allowed = (doc[:, :, None] == doc[:, None, :]) & valid[:, None, :] & causal
+    return (allowed | torch.eye(block, dtype=torch.bool, device=doc.device))[:, None]
+
+
+def flash_varlen_layout(valid, doc, group_size, shift):
+    """Varlen inputs for one half of the heads: each (row, group, document) run of non-padding
+    tokens becomes one sequence.
+
+    valid, doc: (B, L). Returns indices (T,) into the flattened B * L tokens, cu_seqlens (N + 1,)
+    int32 and the longest sequence length.
+    """
+    batch, seq_len = valid.shape
+    group = _group_ids(seq_len, group_size, shift, valid.device).expand(batch, seq_len)
+    row = torch.arange(batch, device=valid.device)[:, None].expand(batch, seq_len)
+    indices = valid.flatten().nonzero().squeeze(1)  # (T,)
+    keys = torch.stack([row, group, doc], dim=-1).flatten(0, 1)[indices]  # (T, 3)
+    starts = torch.ones(len(indices), dtype=torch.bool, device=valid.device)
+    starts[1:] = (keys[1:] != keys[:-1]).any(dim=-1)
+    bounds = torch.cat([starts.nonzero().squeeze(1), torch.tensor([len(indices)], device=valid.device)])
+    max_seqlen = int(bounds.diff().max()) if len(indices) else 0
+    return indices, bounds.to(torch.int32), max_seqlen
+
+
+def _flash_kernel(q, k, v, group_size, shift, tokens: _Tokens, scaling):
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as err:
+        raise ImportError("kernel='flash' needs flash-attn (CUDA, Ampere or newer GPU): "
+                          "pip install flash-attn") from err
+    batch, heads, seq_len, dim = q.shape
+    indices, cu_seqlens, max_seqlen = flash_varlen_layout(tokens.valid, tokens.doc, group_size, shift)
+
+    def pack(x):  # (B, h, L, D) -> (T, h, D) non-padding tokens in row order
+        return x.transpose(1, 2).reshape(batch * seq_len, x.shape[1], dim)[indices]
+
+    out = flash_attn_varlen_func(pack(q), pack(k), pack(v), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                 softmax_scale=scaling, causal=True)  # (T, h, D)
+    return out.new_zeros(batch * seq_len, heads, dim).index_copy(0, indices, out).view(batch, seq_len, heads, dim)
+
+
+_KERNELS = {"eager": _eager_kernel, "sdpa": _sdpa_kernel, "flash": _flash_kernel}
+
+
+# ---------------------------------------------------------------------------- transformers
+
+
+def s2_attention_forward(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0,
+                         position_ids=None, **kwargs):
+    """transformers AttentionInterface function (register with `flash_attention_mask`, so the mask
+    is (B, L_kv) bool or None). query (B, H, L, D), key/value (B, H_kv, L_kv, D) -> ((B, L, H, D), None)."""
+    settings = getattr(module, "s2_settings", None)
+    if not isinstance(settings, S2Settings):
+        raise AttributeError(f"{type(module).__name__} has no s2_settings: set module.s2_settings = S2Settings(...)")
+    if dropout:
+        raise ValueError(f"harness_s2 attention has no dropout; got dropout={dropout} (set attention_dropout=0)")
+    if query.shape[2] != key.shape[2]:  # decoding with a KV cache
+        return _cached_causal_attention(query, key, value, attention_mask, scaling), None
+    if module.training or settings.at_inference:
+        group_size = resolve_group_size(query.shape[2], settings.group_ratio, settings.group_size)
+        out = shift_short_attention(query, key, value, group_size, attention_mask, position_ids,
+                                    kernel=settings.kernel, scaling=scaling)
+    else:
+        out = causal_attention(query, key, value, attention_mask, position_ids, kernel=settings.kernel,
+                               scaling=scaling)
+    return out, None
+
+
+def _cached_causal_attention(query, key, value, attention_mask, scaling):
+    """Causal attention for the last q_len positions of a KV cache (documents are not tracked).
+
+    query (B, H, q_len, D), key/value (B, H_kv, kv_len, D), attention_mask (B, seen) with
+    seen <= kv_len (a static cache has unfilled slots past `seen`) -> (B, q_len, H, D)."""
+    batch, heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    seen = kv_len if attention_mask is None else attention_mask.shape[1]
+    key_valid = torch.zeros(batch, kv_len, dtype=torch.bool, device=query.device)
+    key_valid[:, :seen] = True if attention_mask is None else attention_mask.bool()
+    q_pos = torch.arange(seen - q_len, seen, device=query.device)[:, None]  # (q_len, 1)
+    k_pos = torch.arange(kv_len, device=query.device)[None, :]  # (1, kv_len)
+    allowed = ((k_pos <= q_pos) & key_valid[:, None, :]) | (k_pos == q_pos)  # (B, q_len, kv_len)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None], scale=scaling,
+                                         enable_gqa=heads != key.shape[1])
+    return out.transpose(1, 2)

@@ -1,0 +1,78 @@
+"""The training objective: next-token cross-entropy, optionally without full logits.
+
+`CausalLMLoss` wraps a (peft) causal LM so engines see one module whose forward returns
+the loss. With `chunked = True` the output head and the cross-entropy run over chunks of
+`chunk_tokens` positions, each under activation checkpointing: the (B, L, V) fp32 logits
+of a long sequence (LLaMA2 at 32k: 32768 x 32000 x 4 B = 4 GiB) never exist at once, and
+the backward pass recomputes one chunk's logits at a time.
+
+The loss is the mean over target tokens (labels != -100) of the batch, as in transformers.
+The chunk length follows the vocabulary so one chunk's fp32 logits stay near 128 MiB:
+1024 positions for LLaMA's 32k vocabulary, 682 for SmolLM2's 49k.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+CHUNK_LOGIT_BYTES = 2**27  # fp32 logits of one chunk
+
+
+def chunk_tokens_for(vocab_size: int) -> int:
+    return max(64, CHUNK_LOGIT_BYTES // (4 * vocab_size))
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _chunk_nll_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of one chunk: hidden (N, d), targets (N,) -> scalar (at least fp32)."""
+    logits = _at_least_fp32(head(hidden))  # (N, V), only this chunk
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
+                          chunk_tokens: int = 1024) -> torch.Tensor:
+    """Mean next-token NLL from final hidden states (B, L, d) and labels (B, L).
+
+    Position t predicts labels[t + 1]; chunks of `chunk_tokens` flattened positions are
+    checkpointed, so peak extra memory is one chunk's logits instead of (B, L, V).
+    """
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(L-1), d)
+    targets = labels[:, 1:].reshape(-1)  # (B*(L-1),)
+    count = (targets != IGNORE_INDEX).sum()
+    total = _at_least_fp32(hidden.new_zeros(()))
+    for start in range(0, targets.numel(), chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        total = total + checkpoint(_chunk_nll_sum, head, hidden[piece], targets[piece], use_reentrant=False)
+    return total / count.clamp(min=1)
+
+
+def full_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The plain reference: logits (B, L, V) -> mean next-token NLL."""
+    return F.cross_entropy(_at_least_fp32(logits[:, :-1].reshape(-1, logits.shape[-1])), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+class CausalLMLoss(torch.nn.Module):
+    """forward(input_ids, labels, attention_mask, position_ids) -> scalar loss."""
+
+    def __init__(self, model: torch.nn.Module, *, chunked: bool = True, chunk_tokens: int = 0):
+        super().__init__()
+        self.model = model
+        self.chunked = chunked
+        self.chunk_tokens = chunk_tokens or chunk_tokens_for(model.get_output_embeddings().out_features)
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: transformers then reads packing from position_ids
+        if not self.chunked:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            return full_cross_entropy(out.logits, labels)
+        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=position_ids).last_hidden_state  # (B, L, d)
+        return chunked_cross_entropy(hidden, causal_lm.get_output_embeddings(), labels, self.chunk_tokens)

@@ -1,0 +1,835 @@
+"""Memory planner: the peak GPU memory of a recipe, predicted from the model config alone.
+
+    from harness.memory import plan
+    result = plan(load_recipe("recipes/llama2_13b_12k.toml"), gpu_gib=32)
+    result.peak_bytes, result.fits, result.max_seq_len, result.suggestions
+
+No weights are loaded: the shape comes from a config.json (a local directory, the HF cache,
+`--config`), from `model.init_config` for "random", or from `KNOWN_SHAPES`. Every byte count
+below follows the code that runs (transformers' LLaMA layer, peft's LoRA Linear4bit forward,
+bitsandbytes' MatMul4Bit, harness.backends.s2, harness.loss, the engines); the comments say
+which tensor each term is. Shapes: B micro-batch, L sequence, d hidden, I intermediate,
+H / H_kv query / KV heads of D dims, r LoRA rank, V vocabulary, N layers, G S2 group.
+
+The peak is taken over four phases of a training step, each the sum of the parts live then:
+
+    attention  backward through the top decoder layer's attention: every checkpointed hidden
+               state, the recomputed layer's attention block and the attention's gradients
+    mlp        backward through the top layer's MLP: all the recomputed layer saved, plus the
+               MLP's backward transients (the usual peak)
+    loss       backward of the output head + cross-entropy (one chunk at a time when chunked)
+    step       the optimizer step: gradients, states and the optimizer's temporaries
+
+Static parts (weights, LoRA, optimizer states, engine buffers, the CUDA context) are live in
+all four. Validated on the CPU against torch's allocator (bench/plan_validation.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.loss import chunk_tokens_for
+from harness.recipe import Recipe, find_relative
+
+GIB = 2**30
+MIB = 2**20
+# CUDA context + cuBLAS/cuDNN workspaces + caching-allocator slack, which torch's allocator
+# counters never see: ~0.5 GiB of context on recent drivers plus ~0.25 GiB of slack.
+CUDA_OVERHEAD_BYTES = int(0.75 * GIB)
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PHASES = ("attention", "mlp", "loss", "step")
+SEARCH_STEP = 1024  # longest-sequence search: multiples of this many tokens
+SEARCH_LIMIT = 1024 * SEARCH_STEP  # ... up to 1M tokens
+
+
+class PlanError(ValueError):
+    """A plan that cannot be made; the message says what to pass instead."""
+
+
+# --------------------------------------------------------------------------- cards
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    total_mib: int  # what nvidia-smi reports as total memory
+    capability: tuple[int, int]  # CUDA compute capability: flash kernels need >= (8, 0)
+    bf16: bool
+
+    @property
+    def total_bytes(self) -> int:
+        return self.total_mib * MIB
+
+
+CARDS = {card.name: card for card in (
+    Card("v100-32gb", 32768, (7, 0), bf16=False),
+    Card("a100-40gb", 40960, (8, 0), bf16=True),
+    Card("a100-80gb", 81920, (8, 0), bf16=True),
+    Card("h100-80gb", 81559, (9, 0), bf16=True),
+    Card("rtx4090-24gb", 24564, (8, 9), bf16=True),
+)}
+
+
+def card_named(name: str) -> Card:
+    if name not in CARDS:
+        raise PlanError(f"unknown card {name!r}; known cards: {', '.join(CARDS)} (or pass --gib N)")
+    return CARDS[name]
+
+
+def custom_card(gib: float) -> Card:
+    """A card of `gib` GiB, assumed Ampere-class (flash kernels, bf16)."""
+    if not gib > 0:
+        raise PlanError(f"--gib {gib}: the card memory must be a positive number of GiB")
+    return Card(f"{gib:g} GiB", int(gib * 1024), (8, 0), bf16=True)
+
+
+# --------------------------------------------------------------------------- model shape
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool  # lm_head shares the embedding matrix
+    source: str = ""  # where the shape was read
+
+    @classmethod
+    def from_config(cls, config: dict, source: str) -> ModelShape:
+        """From LlamaConfig keys; missing keys take LlamaConfig's defaults (LLaMA-7B)."""
+        hidden = int(config.get("hidden_size", 4096))
+        heads = int(config.get("num_attention_heads", 32))
+        return cls(
+            vocab=int(config.get("vocab_size", 32000)), hidden=hidden,
+            intermediate=int(config.get("intermediate_size", 11008)),
+            layers=int(config.get("num_hidden_layers", 32)), heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            tied=bool(config.get("tie_word_embeddings", False)), source=source,
+        )
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer of one decoder layer."""
+        d, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+                "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
+
+
+def _llama(vocab, hidden, intermediate, layers, heads, kv_heads, tied):
+    return {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "tie_word_embeddings": tied}
+
+
+KNOWN_SHAPES = {
+    "meta-llama/Llama-2-7b-hf": _llama(32000, 4096, 11008, 32, 32, 32, False),
+    "meta-llama/Llama-2-13b-hf": _llama(32000, 5120, 13824, 40, 40, 40, False),
+    "lmsys/vicuna-13b-v1.5": _llama(32000, 5120, 13824, 40, 40, 40, False),
+    "HuggingFaceTB/SmolLM2-135M": _llama(49152, 576, 1536, 30, 9, 3, True),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": _llama(49152, 576, 1536, 30, 9, 3, True),
+}
+
+
+def model_shape(recipe: Recipe, config_path: str | os.PathLike | None = None) -> ModelShape:
+    """The model's shape without its weights: --config, init_config, a local or cached
+    config.json, else the built-in table (by hub id, or by the file name of a GGUF)."""
+    name = recipe.model.name_or_path
+    if config_path:
+        return ModelShape.from_config(_read_json(Path(config_path)), str(config_path))
+    if name == "random":
+        return ModelShape.from_config(recipe.model.init_config, "model.init_config")
+    for candidate in _config_files(name):
+        if candidate.is_file():
+            return ModelShape.from_config(_read_json(candidate), str(candidate))
+    basename = name.rstrip("/").split("/")[-1].split(".")[0].lower()  # SmolLM2-135M-Instruct.Q4_1.gguf -> smollm2-135m-instruct
+    key = next((k for k in KNOWN_SHAPES if k.lower() == name.lower() or k.lower().split("/")[-1] == basename), None)
+    if key:
+        return ModelShape.from_config(KNOWN_SHAPES[key], f"built-in shape of {key}")
+    raise PlanError(
+        f"model.name_or_path = {name!r}: no config.json found locally or in the HF cache, and it is not one "
+        f"of the built-in shapes ({', '.join(KNOWN_SHAPES)}). Hub look-ups are not made: pass "
+        f"--config path/to/config.json"
+    )
+
+
+def _config_files(name: str) -> list[Path]:
+    """config.json of a local directory, of a GGUF already converted into the harness cache,
+    or of a hub id in the HF cache."""
+    from harness.base_model import cache_root
+
+    files = [Path(name).expanduser() / "config.json"]
+    if name.endswith(".gguf"):  # harness.base_model converts it to <cache>/gguf/<stem>-<key>/
+        files += sorted((cache_root() / "gguf").glob(f"{Path(name).stem}-*/config.json"))
+    elif "/" in name and not name.startswith((".", "/", "~", "pypi:")):
+        hub = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+        snapshots = Path(hub) / f"models--{name.replace('/', '--')}" / "snapshots"
+        files += sorted(snapshots.glob("*/config.json"))
+    return files
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise PlanError(f"cannot read the model config {path}: {error}") from None
+
+
+# --------------------------------------------------------------------------- setup
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class Dtypes:
+    """Element sizes (bytes) of the tensors that matter, as the code produces them."""
+
+    base_weights: int  # unquantized weights (embeddings, norms, lm_head, or all with quantization none)
+    lora: int  # LoRA parameters and their gradients
+    stream: int  # residual stream: embedding output, checkpointed hidden states
+    linear: int  # outputs of the projections: MLP intermediates, q/k/v before attention
+    attention: int  # q/k/v/out as the attention kernel saves them
+    lora_input: int  # the dropout output saved by lora_A, and lora_A's output
+    mask: int  # dropout mask: bool on CUDA (fused native_dropout), a float noise tensor on CPU
+
+
+@dataclass(frozen=True)
+class Zero:
+    """The DeepSpeed ZeRO settings that cost memory (stage 0 = plain DeepSpeed fp16)."""
+
+    stage: int = 0
+    offload_optimizer: bool = False
+    bucket: int = 0  # elements of each contiguous-gradient reduce bucket
+    buckets: int = 0  # 2 with overlap_comm (double buffering), 1 without, 0 without contiguous gradients
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything the byte counts need, resolved from a recipe for one device."""
+
+    shape: ModelShape
+    device: str  # cuda | cpu
+    card: Card | None
+    batch: int
+    seq_len: int
+    group: int  # S2 group size, 0 for full attention
+    quant: str  # nf4 | int8 | none
+    double_quant: bool
+    compute: int  # bytes of the quantization compute dtype (bitsandbytes dequantizes into it)
+    autocast: bool
+    deepspeed: Zero | None
+    optimizer: str  # adamw | paged_adamw_32bit | deepspeed_cpu_adam
+    dtypes: Dtypes
+    kernel: str  # fused | math | eager-full | eager-s2 (what actually runs)
+    checkpointing: bool
+    chunked: bool
+    targets: tuple[str, ...]  # adapted linear layers
+    rank: int  # LoRA r; 0 = no adapter (full fine-tuning)
+    dropout: float
+    trainable_embeddings: bool
+    trainable_norms: bool
+
+
+def resolve_setup(recipe: Recipe, shape: ModelShape, *, device: str, card: Card | None, seq_len: int | None) -> Setup:
+    cuda = device == "cuda"
+    seq = seq_len or recipe.resolved.seq_len
+    if seq <= 0:
+        raise PlanError("the sequence length is unknown: set data.max_seq_length or position.target_length, or pass --seq-len")
+    compute_name = _device_dtype(recipe.quantization.compute_dtype, cuda, card)
+    precision = _precision(recipe.train.precision, compute_name, cuda, card)
+    deepspeed = _zero(recipe) if recipe.engine.name == "deepspeed" else None
+    autocast = cuda and deepspeed is None and precision in ("bf16", "fp16")
+    adapter = recipe.adapter
+    return Setup(
+        shape=shape, device=device, card=card, batch=recipe.train.micro_batch_size, seq_len=seq,
+        group=_group_size(recipe, seq), quant=recipe.quantization.name, double_quant=recipe.quantization.double_quant,
+        compute=BYTES[compute_name], autocast=autocast, deepspeed=deepspeed,
+        optimizer=_optimizer(recipe, cuda, deepspeed),
+        dtypes=_dtypes(recipe, cuda, card, precision, deepspeed is not None, autocast),
+        kernel=_kernel(recipe, shape, cuda, card), checkpointing=recipe.train.gradient_checkpointing,
+        chunked=recipe.train.chunked_loss, targets=_targets(adapter.target_modules) if adapter.name == "lora" else (),
+        rank=adapter.r if adapter.name == "lora" else 0, dropout=adapter.dropout,
+        trainable_embeddings=adapter.name == "lora" and adapter.trainable_embeddings,
+        trainable_norms=adapter.name == "lora" and adapter.trainable_norms,
+    )
+
+
+def _device_dtype(name: str, cuda: bool, card: Card | None) -> str:
+    """harness.backends.quantization.device_dtype for the planned device: "auto" is bf16 where
+    the card has it, fp16 on older cards, fp32 on the CPU."""
+    if name != "auto":
+        return name
+    if not cuda:
+        return "fp32"
+    return "bf16" if card is None or card.bf16 else "fp16"
+
+
+def _precision(precision: str, compute: str, cuda: bool, card: Card | None) -> str:
+    """harness.engines.resolve_precision for the planned device: "auto" follows the compute
+    dtype (fp16 for bf16 on cards without bf16), fp32 on the CPU."""
+    if precision != "auto":
+        return precision
+    if not cuda:
+        return "fp32"
+    return "fp16" if compute == "bf16" and card is not None and not card.bf16 else compute
+
+
+def _group_size(recipe: Recipe, seq_len: int) -> int:
+    if recipe.attention.name != "s2":
+        return 0
+    size = recipe.attention.group_size or int(seq_len * recipe.attention.group_ratio) // 2 * 2
+    return min(max(size, 2), seq_len)
+
+
+def _zero(recipe: Recipe) -> Zero:
+    path = find_relative(recipe.engine.deepspeed_config, recipe.source, key="engine.deepspeed_config")
+    zero = _read_json(path).get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    contiguous = zero.get("contiguous_gradients", True)
+    overlap = zero.get("overlap_comm", stage == 3)  # DeepSpeed's defaults
+    return Zero(stage=stage, offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") == "cpu",
+                bucket=int(float(zero.get("reduce_bucket_size", 5e8))) if stage in (1, 2) and contiguous else 0,
+                buckets=(2 if overlap else 1) if stage in (1, 2) and contiguous else 0)
+
+
+def _optimizer(recipe: Recipe, cuda: bool, zero: Zero | None) -> str:
+    """harness.train.make_optimizer's choice."""
+    if zero is not None and zero.offload_optimizer:
+        return "deepspeed_cpu_adam"
+    name = recipe.train.optimizer
+    if name == "auto":
+        name = "paged_adamw_32bit" if cuda else "adamw"
+    return "adamw" if name == "paged_adamw_32bit" and not cuda else name
+
+
+def _dtypes(recipe: Recipe, cuda: bool, card: Card | None, precision: str, deepspeed: bool, autocast: bool) -> Dtypes:
+    quantized = recipe.quantization.name != "none"
+    half = BYTES[precision]
+    if deepspeed and half == 2:
+        base = lora = 2  # DeepSpeed casts every floating parameter to fp16/bf16, LoRA included
+    else:
+        # harness.model._weights_dtype: model.dtype, else the compute dtype on GPUs, fp32 on the CPU
+        auto = BYTES[_device_dtype(recipe.quantization.compute_dtype, cuda, card)] if cuda else 4
+        loaded = BYTES[recipe.model.dtype] if recipe.model.dtype != "auto" else auto
+        base = 4 if quantized else loaded  # prepare_model_for_kbit_training casts them to fp32
+        lora = 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype)
+    stream = base  # the embedding output
+    # Linear4bit returns its input's dtype (the norm output, = stream); nn.Linear under autocast the autocast dtype.
+    linear = half if autocast and not quantized else stream
+    return Dtypes(
+        base_weights=base, lora=lora, stream=stream, linear=linear,
+        attention=half if autocast else linear,  # sdpa / matmul under autocast save cast copies
+        lora_input=half if autocast else lora,  # lora_A casts its input to its own dtype without autocast
+        mask=1 if cuda else linear,
+    )
+
+
+def _kernel(recipe: Recipe, shape: ModelShape, cuda: bool, card: Card | None) -> str:
+    """What the attention backend runs. torch's SDPA takes GQA (enable_gqa) only on its flash
+    and math backends, so a GQA model on a pre-Ampere card falls back to math."""
+    kernel, s2 = recipe.attention.kernel, recipe.attention.name == "s2"
+    if kernel == "eager":
+        return "eager-s2" if s2 else "eager-full"
+    gqa = shape.kv_heads != shape.heads
+    old_card = cuda and card is not None and card.capability < (8, 0)
+    return "math" if kernel in ("auto", "sdpa") and gqa and old_card else "fused"
+
+
+def _targets(modules: list[str]) -> tuple[str, ...]:
+    if list(modules) == ["all-linear"]:
+        return ALL_LINEAR
+    return tuple(name for name in ALL_LINEAR if any(m == name or m.endswith(f".{name}") for m in modules))
+
+
+# --------------------------------------------------------------------------- static memory
+
+def quantized_linear_bytes(numel: int, quant: str, double_quant: bool, weight_bytes: int) -> int:
+    """One linear weight as stored, with its bitsandbytes quantization state."""
+    if quant == "none":
+        return numel * weight_bytes
+    if quant == "int8":
+        return numel  # int8 CB (+ an fp32 scale per row, negligible)
+    blocks = math.ceil(numel / 64)  # NF4: one absmax per 64 weights
+    packed = math.ceil(numel / 2)  # two 4-bit codes per byte
+    if not double_quant:
+        return packed + 4 * blocks + 16 * 4  # fp32 absmax + the 16-entry fp32 NF4 code
+    # double quantization: uint8 absmax, one fp32 absmax per 256 of them, a 256-entry fp32 code,
+    # an fp32 offset, and the 16-entry NF4 code (each a separate tensor per layer)
+    return packed + blocks + 4 * math.ceil(blocks / 256) + 256 * 4 + 4 + 16 * 4
+
+
+def weight_bytes(setup: Setup) -> tuple[int, int]:
+    """(quantized linear layers, unquantized parts: embeddings, norms, lm_head)."""
+    shape, dtypes = setup.shape, setup.dtypes
+    linear = sum(quantized_linear_bytes(i * o, setup.quant, setup.double_quant, dtypes.base_weights)
+                 for i, o in shape.linears().values()) * shape.layers
+    return linear, _unquantized_params(shape) * dtypes.base_weights
+
+
+def _unquantized_params(shape: ModelShape) -> int:
+    embeddings = shape.vocab * shape.hidden * (1 if shape.tied else 2)  # embed_tokens + lm_head
+    return embeddings + (2 * shape.layers + 1) * shape.hidden  # two norms per layer + the final norm
+
+
+def lora_params(shape: ModelShape, targets: tuple[str, ...], rank: int) -> int:
+    """r * (in + out) per adapted linear layer (lora_A: r x in, lora_B: out x r)."""
+    return shape.layers * sum(rank * (i + o) for name, (i, o) in shape.linears().items() if name in targets)
+
+
+def trainable_params(setup: Setup) -> int:
+    """LoRA plus peft's trainable copies (modules_to_save); everything for full fine-tuning."""
+    shape = setup.shape
+    if setup.rank == 0:
+        linear = shape.layers * sum(i * o for i, o in shape.linears().values())
+        return linear + _unquantized_params(shape)
+    extra = shape.vocab * shape.hidden if setup.trainable_embeddings else 0
+    extra += (2 * shape.layers + 1) * shape.hidden if setup.trainable_norms else 0
+    return lora_params(shape, setup.targets, setup.rank) + extra
+
+
+# --------------------------------------------------------------------------- activations
+
+def layer_saved_per_token(setup: Setup) -> dict[str, int]:
+    """Bytes per token that one decoder layer saves for its backward, beyond its input.
+
+    With non-reentrant checkpointing this is what the recomputed layer holds during its
+    backward; without checkpointing every layer holds it. Split where the backward frees it:
+    the MLP block's tensors are gone before the attention's backward runs.
+    """
+    s, t = setup.shape, setup.dtypes
+    q_dim, kv_dim = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    lora = {name: _lora_saved(setup, i) for name, (i, _) in s.linears().items()}
+    # RMSNorm saves its fp32 input (hidden.to(float32)) and rsqrt (B, L, 1): for the input norm
+    # that is the layer input itself when the stream is fp32 (no new memory), else a copy.
+    input_norm = (s.hidden * 4 if t.stream != 4 else 0) + 4
+    post_norm = s.hidden * 4 + 4  # the residual sum h, or its fp32 copy
+    return {
+        "attention block": input_norm + sum(lora[n] for n in ("q_proj", "k_proj", "v_proj"))
+        + (q_dim + 2 * kv_dim) * t.attention,  # q, k after RoPE and v, saved by the kernel
+        "mlp block": lora["o_proj"] + post_norm + sum(lora[n] for n in ("gate_proj", "up_proj", "down_proj"))
+        + 3 * s.intermediate * t.linear,  # gate out (SiLU input), act(gate) and up (the product's inputs)
+        "attention output": _attention_saved_per_token(setup),
+    }
+
+
+def _lora_saved(setup: Setup, in_features: int) -> int:
+    """peft LoRA on a 4-bit linear: result = base(x) + lora_B(lora_A(dropout(x))) * scale.
+
+    MatMul4Bit saves no activation (only the packed weight), so the LoRA branch is all:
+    the dropout mask, the dropped input (saved by lora_A) and lora_A's (B, L, r) output
+    (saved by lora_B). With dropout 0 peft uses nn.Identity and lora_A saves x itself,
+    a copy only when autocast casts it.
+    """
+    if setup.rank == 0:
+        return 0
+    t = setup.dtypes
+    x = in_features * (t.mask + t.lora_input) if setup.dropout > 0 else in_features * t.lora_input * setup.autocast
+    return x + setup.rank * t.lora_input
+
+
+def _attention_saved_per_token(setup: Setup) -> int:
+    """Fused kernels (SDPA flash / memory-efficient, flash-attn, torch's CPU flash) save
+    their output (B, L, H*D) and the fp32 logsumexp (B, H, L); the score-materialising
+    kernels are counted by `attention_scores_bytes`."""
+    s = setup.shape
+    return s.heads * s.head_dim * setup.dtypes.attention + (s.heads * 4 if setup.kernel == "fused" else 0)
+
+
+def attention_scores_bytes(setup: Setup) -> tuple[int, int]:
+    """(saved, transient) bytes of the (.., L, K) score tensors of one layer, 0 for fused kernels.
+
+    Saved: the fp32 softmax output, plus its cast to the compute dtype when that is not fp32.
+    Backward transient: the gradients of probabilities and scores (2 x fp32) of the heads
+    being differentiated: all of them for full attention, one half of them for S2, whose two
+    halves run one after the other.
+        eager-full  transformers' eager attention: K = L, and GQA's repeat_kv copies of k, v
+        eager-s2    harness S2 "eager" kernel: dense (L, L) masked scores per half, K = L,
+                    plus two (B, L, L) bool masks: S2 saves nothing here over full attention
+        math        SDPA's math fallback: K = G per group for S2 (the 1/4 of S2), else L
+    """
+    if setup.kernel == "fused":
+        return 0, 0
+    s, b, seq = setup.shape, setup.batch, setup.seq_len
+    keys = setup.group if setup.kernel == "math" and setup.group else seq
+    scores = b * s.heads * seq * keys
+    per_score = 4 + (setup.dtypes.attention if setup.dtypes.attention != 4 else 0)
+    saved = scores * per_score
+    if setup.kernel == "eager-s2":
+        saved += 2 * b * seq * seq  # the ~allowed masks saved by masked_fill, one per half
+    if setup.kernel.startswith("eager") and s.kv_heads != s.heads:
+        saved += 2 * b * seq * (s.heads - s.kv_heads) * s.head_dim * setup.dtypes.attention  # repeated k, v
+    share = _unshifted_share(s) if setup.group and setup.kernel != "eager-full" else 1.0
+    return saved, int(2 * 4 * scores * share)
+
+
+def _unshifted_share(shape: ModelShape) -> float:
+    """The larger of S2's two head parts, as a share of the heads: ceil(H_kv / 2) of the KV
+    heads (ceil(H / 2) query heads for MQA), as harness.backends.s2._split_heads splits them."""
+    if shape.kv_heads == 1:
+        return math.ceil(shape.heads / 2) / shape.heads
+    return math.ceil(shape.kv_heads / 2) / shape.kv_heads
+
+
+def layer_transient_per_token(setup: Setup) -> int:
+    """Backward transients of the recomputed layer at its peak (MLP end), bytes per token:
+    down_proj's (B, L, I) input and output gradient plus four (B, L, d) tensors (the incoming
+    gradient, the residual sum and the LoRA result and its clone). Calibrated on the CPU."""
+    s = setup.shape
+    return (s.intermediate + 4 * s.hidden) * setup.dtypes.linear
+
+
+def dequantize_bytes(setup: Setup) -> int:
+    """MatMul4Bit.backward dequantizes one whole weight (out x in) in the compute dtype."""
+    if setup.quant == "none":
+        return 0
+    return max(i * o for i, o in setup.shape.linears().values()) * setup.compute
+
+
+def loss_bytes(setup: Setup) -> int:
+    """Output head + cross-entropy workspace at its peak (the backward of one chunk).
+
+    Per logit: the saved fp32 log_softmax, the gradient of the NLL and of the log_softmax
+    (3 x 4 bytes); the head's own (N, V) output in a 16-bit dtype is freed by then.
+    """
+    return loss_positions(setup) * setup.shape.vocab * 12
+
+
+def loss_positions(setup: Setup) -> int:
+    """Positions whose logits exist at once: one chunk (harness.loss.chunk_tokens_for, ~128 MiB
+    of fp32 logits) when chunked, else all B * (L - 1)."""
+    positions = setup.batch * (setup.seq_len - 1)
+    return min(chunk_tokens_for(setup.shape.vocab), positions) if setup.chunked else positions
+
+
+# --------------------------------------------------------------------------- the plan
+
+@dataclass(frozen=True)
+class Part:
+    """One line of the breakdown: bytes on the device, the phases it is live in, host RAM."""
+
+    name: str
+    bytes: int
+    phases: tuple[str, ...] = PHASES
+    cpu_bytes: int = 0
+    note: str = ""
+    dynamic: bool = False  # allocated by the training step (not by building the model)
+
+
+@dataclass
+class MemoryPlan:
+    recipe: str
+    device: str
+    card: str | None
+    capacity_bytes: int | None
+    shape: ModelShape
+    batch: int
+    seq_len: int
+    trainable_params: int
+    parts: list[Part]
+    peak_phase: str
+    fits: bool | None = None
+    max_seq_len: int | None = None
+    suggestions: list[str] = field(default_factory=list)
+
+    def at_peak(self, part: Part) -> int:
+        return part.bytes if self.peak_phase in part.phases else 0
+
+    @property
+    def peak_bytes(self) -> int:
+        """Predicted peak device memory, CUDA overhead included."""
+        return sum(self.at_peak(part) for part in self.parts)
+
+    @property
+    def dynamic_bytes(self) -> int:
+        """What one training step adds at its peak to a built model: activations, attention,
+        loss, gradients, optimizer states and temporaries (what the CPU validation measures)."""
+        return sum(self.at_peak(part) for part in self.parts if part.dynamic)
+
+    @property
+    def allocated_bytes(self) -> int:
+        """The peak as torch.cuda.max_memory_allocated would see it: without the CUDA
+        overhead and without paged (unified-memory) optimizer states."""
+        hidden = ("CUDA context + allocator", "optimizer states (paged)")
+        return sum(self.at_peak(part) for part in self.parts if part.name not in hidden)
+
+    @property
+    def cpu_bytes(self) -> int:
+        return sum(part.cpu_bytes for part in self.parts)
+
+    def part_bytes(self, name: str) -> int:
+        return sum(p.bytes for p in self.parts if p.name == name)
+
+    def to_dict(self) -> dict:
+        return {
+            "recipe": self.recipe, "device": self.device, "card": self.card, "capacity_bytes": self.capacity_bytes,
+            "model": dataclasses.asdict(self.shape), "micro_batch": self.batch, "seq_len": self.seq_len,
+            "trainable_params": self.trainable_params,
+            "peak_phase": self.peak_phase, "peak_bytes": self.peak_bytes, "allocated_bytes": self.allocated_bytes,
+            "dynamic_bytes": self.dynamic_bytes, "cpu_bytes": self.cpu_bytes, "fits": self.fits,
+            "max_seq_len": self.max_seq_len, "suggestions": self.suggestions,
+            "breakdown": [{"name": p.name, "bytes": p.bytes, "at_peak": self.at_peak(p), "phases": list(p.phases),
+                           "cpu_bytes": p.cpu_bytes, "note": p.note} for p in self.parts],
+        }
+
+
+def plan(recipe: Recipe, *, gpu_gib: float | None = None, seq_len: int | None = None, device: str = "cuda",
+         card: str | None = None, config: str | os.PathLike | None = None) -> MemoryPlan:
+    """Predict the peak memory of one training step of `recipe`.
+
+    gpu_gib or card (a CARDS name) gives the capacity: then `fits`, `max_seq_len` and
+    `suggestions` are filled. seq_len overrides the recipe's sequence length; device "cpu"
+    plans a CPU run (fp32, float dropout masks, no CUDA context); config is a config.json
+    for models whose shape is not otherwise known.
+    """
+    if device not in ("cuda", "cpu"):
+        raise PlanError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    target = card_named(card) if card else custom_card(gpu_gib) if gpu_gib is not None else None
+    shape = model_shape(recipe, config)
+    result = _plan_setup(resolve_setup(recipe, shape, device=device, card=target, seq_len=seq_len), recipe)
+    if target is not None:
+        result.fits = result.peak_bytes <= target.total_bytes
+        result.max_seq_len = longest_fitting(recipe, shape, device, target)
+        if not result.fits:
+            result.suggestions = suggestions(recipe, shape, device, target, result)
+    return result
+
+
+def _plan_setup(setup: Setup, recipe: Recipe) -> MemoryPlan:
+    parts = _static_parts(setup) + _activation_parts(setup)
+    peaks = {phase: sum(p.bytes for p in parts if phase in p.phases) for phase in PHASES}
+    card = setup.card
+    return MemoryPlan(
+        recipe=recipe.source, device=setup.device, card=card.name if card else None,
+        capacity_bytes=card.total_bytes if card else None, shape=setup.shape, batch=setup.batch,
+        seq_len=setup.seq_len, trainable_params=trainable_params(setup), parts=parts,
+        peak_phase=max(peaks, key=peaks.get),
+    )
+
+
+def _static_parts(setup: Setup) -> list[Part]:
+    quantized, unquantized = weight_bytes(setup)
+    trainable = trainable_params(setup)
+    dtypes = setup.dtypes
+    kind = {"nf4": "NF4", "int8": "int8", "none": f"{8 * dtypes.base_weights}-bit"}[setup.quant]
+    parts = [
+        Part("weights (quantized linears)" if setup.quant != "none" else "weights (linears)", quantized,
+             note=f"{kind}" + (" + double-quant absmax" if setup.quant == "nf4" and setup.double_quant else "")),
+        Part("weights (embeddings, norms, head)", unquantized, note=f"{8 * dtypes.base_weights}-bit"
+             + (", fp32 after prepare_model_for_kbit_training" if dtypes.base_weights == 4 and setup.quant != "none" else "")),
+        Part("LoRA parameters" if setup.rank else "trainable copies", trainable * dtypes.lora if setup.rank else 0,
+             note=f"{trainable:,} trainable, {8 * dtypes.lora}-bit"),
+    ]
+    return parts + _gradient_parts(setup, trainable) + _optimizer_parts(setup, trainable) + _overhead_parts(setup)
+
+
+def _gradient_parts(setup: Setup, trainable: int) -> list[Part]:
+    zero = setup.deepspeed
+    if zero is None:  # .grad of every trainable parameter, kept through the step (and across accumulation)
+        return [Part("gradients", trainable * setup.dtypes.lora, note="in the parameters' dtype", dynamic=True)]
+    buckets = zero.buckets * zero.bucket * 2  # 16-bit reduce buckets, allocated whole at every backward
+    parts = [Part(f"ZeRO-{zero.stage} gradient buckets", buckets, phases=("attention", "mlp", "loss"), dynamic=True,
+                  note=f"{zero.buckets} x {zero.bucket:,} elements (reduce_bucket_size{', overlap_comm' if zero.buckets == 2 else ''})")]
+    if zero.offload_optimizer:
+        return parts + [Part("gradients", 0, cpu_bytes=4 * trainable, note="fp32, offloaded to CPU", dynamic=True)]
+    return parts + [Part("gradients", 4 * trainable, note="fp32 partition", dynamic=True)]
+
+
+def _optimizer_parts(setup: Setup, trainable: int) -> list[Part]:
+    """Adam: two fp32 moments per trainable parameter (+ an fp32 master copy under DeepSpeed)."""
+    moments = 8 * trainable
+    zero = setup.deepspeed
+    if setup.optimizer == "deepspeed_cpu_adam":
+        return [Part("optimizer states", 0, cpu_bytes=moments + 4 * trainable, dynamic=True,
+                     note="ZeRO offload: fp32 master + 2 moments in CPU RAM")]
+    master = 4 * trainable if zero is not None else 0
+    if setup.optimizer == "paged_adamw_32bit":
+        parts = [Part("optimizer states (paged)", moments, dynamic=True,
+                      note="bitsandbytes paged memory: on the GPU, evicted to CPU RAM under pressure")]
+    else:
+        parts = [Part("optimizer states", moments, dynamic=True, note="torch AdamW, 2 x fp32")]
+    if master:
+        parts.append(Part("fp32 master weights", master, note="DeepSpeed mixed precision", dynamic=True))
+    if setup.optimizer == "adamw" and setup.device == "cuda":
+        # foreach AdamW materialises sqrt(exp_avg_sq) for every parameter at once
+        parts.append(Part("optimizer step temporaries", 4 * trainable, phases=("step",), dynamic=True,
+                          note="foreach AdamW: one fp32 copy of the moments"))
+    return parts
+
+
+def _overhead_parts(setup: Setup) -> list[Part]:
+    if setup.device != "cuda":
+        return []
+    return [Part("CUDA context + allocator", CUDA_OVERHEAD_BYTES, note="constant: context, cuBLAS workspace, slack")]
+
+
+def _activation_parts(setup: Setup) -> list[Part]:
+    s, t, tokens = setup.shape, setup.dtypes, setup.batch * setup.seq_len
+    saved = {name: tokens * size for name, size in layer_saved_per_token(setup).items()}
+    scores_saved, scores_transient = attention_scores_bytes(setup)
+    attention = saved["attention output"] + scores_saved
+    layer_phases = ("attention", "mlp") if setup.checkpointing else ("attention", "mlp", "loss")
+    top = "recomputed layer" if setup.checkpointing else "top layer"
+    final = tokens * s.hidden * (4 + 2 * t.stream) + (tokens * s.hidden * t.stream if setup.batch > 1 else 0)
+    parts = [
+        _held_part(setup, sum(saved.values()) + scores_saved),
+        Part(f"{top}: attention block", saved["attention block"], phases=layer_phases, dynamic=True,
+             note="input norm, LoRA q/k/v branches, q/k/v"),
+        Part(f"{top}: MLP block", saved["mlp block"], phases=layer_phases[1:], dynamic=True,
+             note="LoRA o/gate/up/down branches, post norm, 3 x (B, L, I)"),
+        Part("backward transients", tokens * layer_transient_per_token(setup), phases=("mlp",), dynamic=True,
+             note="gradients at the MLP's backward"),
+        Part("incoming gradient + dequantized weight", tokens * s.hidden * t.stream + dequantize_bytes(setup),
+             phases=("attention", "mlp"), dynamic=True, note="(B, L, d) and one weight in the compute dtype"),
+        Part("attention workspace", attention, phases=layer_phases, dynamic=True, note=_kernel_note(setup)),
+        Part("attention backward scores", scores_transient, phases=("attention",), dynamic=True,
+             note="score gradients of the kernels that materialise scores"),
+        Part("logits + loss", final + loss_bytes(setup), phases=("loss",), dynamic=True,
+             note=f"chunks of {loss_positions(setup)} positions" if setup.chunked else "full (B, L, V) fp32 logits"),
+    ]
+    if setup.kernel == "eager-full" and setup.checkpointing:
+        # create_causal_mask's (B, 1, L, L) additive mask, an input of every checkpointed layer
+        parts.append(Part("causal mask (eager)", tokens * setup.seq_len * t.stream, phases=("attention", "mlp", "loss"),
+                          dynamic=True, note="(B, 1, L, L) in the stream dtype"))
+    return parts
+
+
+def _held_part(setup: Setup, layer_saved: int) -> Part:
+    """What the layers below the one in backward hold: their checkpointed inputs, or without
+    checkpointing everything they saved. Layer 0 saves less: its input (the embedding output)
+    does not require grad under non-reentrant checkpointing or none, so its input norm and its
+    q/k/v dropout masks are not saved."""
+    s, t, tokens = setup.shape, setup.dtypes, setup.batch * setup.seq_len
+    if setup.checkpointing:
+        return Part("checkpointed hidden states", s.layers * tokens * s.hidden * t.stream,
+                    phases=("attention", "mlp", "loss"), dynamic=True,
+                    note=f"{s.layers} x (B, L, d), {8 * t.stream}-bit (the residual stream's dtype)")
+    layer_input = tokens * s.hidden * 4 * (t.stream == 4)  # an fp32 input is what the input norm saves
+    first_layer_saves_less = tokens * (s.hidden * 4 + 4 + 3 * s.hidden * t.mask * (setup.dropout > 0) * bool(setup.rank))
+    other_layers = (s.layers - 1) * (layer_saved + layer_input) - first_layer_saves_less * (s.layers > 1)
+    return Part("stored activations (other layers)", other_layers + layer_input, phases=("attention", "mlp", "loss"),
+                dynamic=True, note="no gradient checkpointing: every layer keeps what it saved")
+
+
+def _kernel_note(setup: Setup) -> str:
+    group = f", G = {setup.group}" if setup.group else ""
+    return {
+        "fused": f"fused kernel: output + logsumexp{group}",
+        "math": f"SDPA math fallback: (B, H, L, {'G' if setup.group else 'L'}) scores{group}",
+        "eager-full": "eager: (B, H, L, L) scores",
+        "eager-s2": f"S2 eager kernel: dense (B, H, L, L) masked scores{group}",
+    }[setup.kernel]
+
+
+# --------------------------------------------------------------------------- verdict
+
+def _replan(recipe: Recipe, shape: ModelShape, device: str, card: Card, seq_len: int | None = None) -> MemoryPlan:
+    return _plan_setup(resolve_setup(recipe, shape, device=device, card=card, seq_len=seq_len), recipe)
+
+
+def longest_fitting(recipe: Recipe, shape: ModelShape, device: str, card: Card) -> int:
+    """The longest multiple of 1024 tokens that fits (0 if not even 1024); memory grows with L."""
+    def fits(k: int) -> bool:
+        return _replan(recipe, shape, device, card, k * SEARCH_STEP).peak_bytes <= card.total_bytes
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high * SEARCH_STEP <= SEARCH_LIMIT and fits(high):
+        low, high = high, high * 2
+    while high - low > 1:  # fits(low), not fits(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low * SEARCH_STEP
+
+
+def _with(recipe: Recipe, table: str, **values) -> Recipe:
+    return dataclasses.replace(recipe, **{table: dataclasses.replace(getattr(recipe, table), **values)})
+
+
+def suggestions(recipe: Recipe, shape: ModelShape, device: str, card: Card, current: MemoryPlan) -> list[str]:
+    """Ordered changes, each applied on top of the previous ones that helped, until it fits."""
+    changes = [
+        ("enable gradient checkpointing (train.gradient_checkpointing=true)",
+         lambda r: _with(r, "train", gradient_checkpointing=True)),
+        ("chunk the loss (train.chunked_loss=true)", lambda r: _with(r, "train", chunked_loss=True)),
+        ("use a fused attention kernel (attention.kernel=\"sdpa\")", lambda r: _with(r, "attention", kernel="sdpa")),
+        ("train with S2 attention (attention.name=\"s2\")", lambda r: _with(r, "attention", name="s2")),
+        ("offload the optimizer with ZeRO (engine.name=\"deepspeed\", "
+         "engine.deepspeed_config=\"launch/deepspeed/zero2_offload.json\")", _zero_offload),
+        (f"micro-batch 1 (train.micro_batch_size=1, train.grad_accum="
+         f"{recipe.train.micro_batch_size * recipe.train.grad_accum})",
+         lambda r: _with(r, "train", micro_batch_size=1, grad_accum=r.train.micro_batch_size * r.train.grad_accum)),
+    ]
+    out, best, peak = [], recipe, current.peak_bytes
+    for text, change in changes:
+        candidate = change(best)
+        result = _replan(candidate, shape, device, card, current.seq_len)
+        if result.peak_bytes >= peak:
+            continue  # already so, or no help for this recipe
+        best, peak = candidate, result.peak_bytes
+        out.append(f"{text}: {_gib(peak)}")
+        if peak <= card.total_bytes:
+            return out
+    held = _replan(best, shape, device, card, current.seq_len).part_bytes("checkpointed hidden states")
+    if held:
+        out.append(f"offload the checkpointed hidden states to CPU RAM (not in the harness; e.g. "
+                   f"torch.autograd.graph.save_on_cpu): {_gib(peak - held)}")
+        if peak - held <= card.total_bytes:
+            return out
+    longest = longest_fitting(best, shape, device, card)
+    out.append(f"train on shorter sequences: up to {longest} tokens fit" if longest
+               else "no sequence length fits: use a card with more memory")
+    return out
+
+
+def _zero_offload(recipe: Recipe) -> Recipe:
+    root = Path(__file__).resolve().parents[1]
+    return _with(_with(recipe, "engine", name="deepspeed",
+                       deepspeed_config=str(root / "launch" / "deepspeed" / "zero2_offload.json")),
+                 "train", optimizer="auto")
+
+
+def _gib(size: int) -> str:
+    return f"{size / GIB:.2f} GiB"
+
+
+# --------------------------------------------------------------------------- rendering
+
+def render(result: MemoryPlan, console) -> None:
+    """The breakdown as a rich table, then the verdict."""
+    from rich.table import Table
+
+    s = result.shape
+    title = (f"{Path(result.recipe).name or 'recipe'}: {s.layers} layers, d={s.hidden}, V={s.vocab}; "
+             f"B={result.batch}, L={result.seq_len}, peak in the {result.peak_phase} phase")
+    table = Table(title=title, show_footer=True)
+    table.add_column("component", footer="peak")
+    table.add_column("at peak", justify="right", footer=_gib(result.peak_bytes))
+    table.add_column("own size", justify="right")
+    table.add_column("CPU RAM", justify="right", footer=_gib(result.cpu_bytes) if result.cpu_bytes else "")
+    table.add_column("note")
+    for part in result.parts:
+        table.add_row(part.name, _size(result.at_peak(part)), _size(part.bytes),
+                      _size(part.cpu_bytes) if part.cpu_bytes else "", part.note)
+    console.print(table)
+    console.print(f"model shape from {s.source}; torch allocator peak (no CUDA overhead, no paged states): "
+                  f"{_gib(result.allocated_bytes)}", soft_wrap=True)
+    if result.fits is None:
+        return
+    verdict = "[green]fits[/]" if result.fits else "[red]does not fit[/]"
+    console.print(f"Verdict: {verdict} on {result.card} ({_gib(result.capacity_bytes)}): "
+                  f"predicted peak {_gib(result.peak_bytes)}. Longest sequence that fits: "
+                  f"{result.max_seq_len or 'none'} tokens (multiples of {SEARCH_STEP}).", soft_wrap=True)
+    for number, text in enumerate(result.suggestions, 1):
+        console.print(f"  {number}. {text}", soft_wrap=True)
+
+
+def _size(size: int) -> str:
+    if size >= GIB / 4:
+        return f"{size / GIB:.2f} GiB"
+    return f"{size / MIB:.1f} MiB" if size >= MIB else f"{size / 1024:.1f} KiB"

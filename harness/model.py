@@ -1,0 +1,228 @@
+"""Model assembly: base -> position -> quantization -> attention -> adapter.
+
+    built = build_model(recipe)          # training: k-bit prep, checkpointing, LoRA
+    built = build_model(recipe, training=False)
+
+Each step is a registered backend that gets the plain keyword arguments of its recipe
+table (harness.registry.table_kwargs), so a backend never sees the whole recipe.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from harness import registry
+from harness.backends.position import original_context_of
+from harness.backends.quantization import TORCH_DTYPES, device_dtype
+from harness.base_model import materialize
+from harness.recipe import Recipe, RecipeError, read_saved_recipe
+from harness.tokenizer import load_tokenizer
+
+
+@dataclass
+class BuiltModel:
+    model: torch.nn.Module
+    tokenizer: object
+    original_context: int
+    rope_factor: float
+    attention_implementation: str
+
+
+def build_model(recipe: Recipe, *, training: bool = True, with_adapter: bool = True,
+                console: Console | None = None) -> BuiltModel:
+    """Load and assemble the model a recipe describes."""
+    cfg = recipe.model
+    base = materialize(cfg.name_or_path, init_config=cfg.init_config, init_seed=cfg.init_seed, gguf_file=cfg.gguf_file)
+    tokenizer = load_tokenizer(cfg.tokenizer or base)
+    config = _load_config(base, cfg.trust_remote_code)
+    original = original_context_of(config, cfg.original_context)
+    _check_target(recipe, original)
+    factor = _backend_call(recipe, "position", config, original_context=original)
+    quantization = _backend_call(recipe, "quantization")
+    model = _load_weights(base, config, quantization, dtype=_weights_dtype(cfg.dtype, recipe), trust=cfg.trust_remote_code)
+    implementation = _backend_call(recipe, "attention", model)
+    if training:
+        _prepare_for_training(model, quantized=quantization is not None,
+                              checkpointing=recipe.train.gradient_checkpointing)
+    if with_adapter:
+        model = _backend_call(recipe, "adapter", model)
+    if console is not None:
+        print_summary(model, console)
+    return BuiltModel(model, tokenizer, original, factor, implementation)
+
+
+def _backend_call(recipe: Recipe, kind: str, *args, **extra):
+    table = getattr(recipe, kind)
+    try:
+        backend = registry.get(kind, table.name, key=f"{kind}.name")
+        kwargs = registry.table_kwargs(backend, table)
+        return backend.fn(*args, **kwargs, **extra)
+    except (registry.BackendError, ValueError) as error:
+        where = f"{recipe.source}: " if recipe.source else ""
+        raise RecipeError(f"{where}{error}") from None
+
+
+def _check_target(recipe: Recipe, original: int) -> None:
+    target = recipe.position.target_length
+    if recipe.position.name != "none" and 0 < target < original:
+        raise RecipeError(
+            f"position.target_length = {target} is shorter than the model's original context of {original} "
+            f"tokens: choose a longer target (e.g. {2 * original}) or position.name = \"none\""
+        )
+
+
+def _load_config(base: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+
+
+def _weights_dtype(name: str, recipe: Recipe) -> torch.dtype:
+    """model.dtype; "auto" follows the quantization compute dtype on GPUs, fp32 on the CPU."""
+    if name != "auto":
+        return TORCH_DTYPES[name]
+    if not torch.cuda.is_available():
+        return torch.float32
+    return TORCH_DTYPES[device_dtype(recipe.quantization.compute_dtype)]
+
+
+def _load_weights(base: str, config, quantization, *, dtype: torch.dtype, trust: bool):
+    from transformers import AutoModelForCausalLM
+
+    device_map = {"": torch.cuda.current_device()} if quantization is not None and torch.cuda.is_available() else None
+    return AutoModelForCausalLM.from_pretrained(
+        base, config=config, quantization_config=quantization, dtype=dtype, device_map=device_map,
+        trust_remote_code=trust,
+    )
+
+
+def _prepare_for_training(model, *, quantized: bool, checkpointing: bool) -> None:
+    """Freeze the base; fp32 norms for k-bit training; non-reentrant checkpointing."""
+    kwargs = {"use_reentrant": False}
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=kwargs)
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+
+
+# --------------------------------------------------------------------------- summary
+
+def parameter_counts(model) -> dict[str, dict[str, int]]:
+    """{dtype: {"total": elements, "trainable": elements, "bytes": bytes}} over parameters.
+
+    bitsandbytes packs two 4-bit weights into one uint8 element, so a 4-bit layer counts
+    its *stored* elements; `bytes` is what the weights take in memory.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    for parameter in model.parameters():
+        row = counts.setdefault(str(parameter.dtype).replace("torch.", ""), {"total": 0, "trainable": 0, "bytes": 0})
+        row["total"] += parameter.numel()
+        row["bytes"] += parameter.numel() * parameter.element_size()
+        if parameter.requires_grad:
+            row["trainable"] += parameter.numel()
+    return counts
+
+
+def estimated_training_bytes(counts: dict[str, dict[str, int]]) -> dict[str, int]:
+    """Weights as stored, plus fp32 gradients and two fp32 AdamW moments per trainable element."""
+    trainable = sum(row["trainable"] for row in counts.values())
+    return {
+        "weights": sum(row["bytes"] for row in counts.values()),
+        "gradients": 4 * trainable,
+        "optimizer": 8 * trainable,
+    }
+
+
+def print_summary(model, console: Console) -> None:
+    counts = parameter_counts(model)
+    table = Table(title="Parameters", show_footer=True)
+    table.add_column("dtype", footer="all")
+    table.add_column("elements", justify="right", footer=f"{sum(r['total'] for r in counts.values()):,}")
+    table.add_column("trainable", justify="right", footer=f"{sum(r['trainable'] for r in counts.values()):,}")
+    table.add_column("memory", justify="right", footer=_gib(sum(r["bytes"] for r in counts.values())))
+    for dtype, row in sorted(counts.items()):
+        table.add_row(dtype, f"{row['total']:,}", f"{row['trainable']:,}", _gib(row["bytes"]))
+    console.print(table)
+    estimate = estimated_training_bytes(counts)
+    parts = ", ".join(f"{name} {_gib(size)}" for name, size in estimate.items())
+    console.print(f"Estimated memory before activations: {_gib(sum(estimate.values()))} ({parts})")
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.3f} GiB" if size >= 2**27 else f"{size / 2**20:.1f} MiB"
+
+
+# --------------------------------------------------------------------------- inference
+
+def load_for_eval(model_path: str, *, adapter: str | None = None, load_in_4bit: bool = False,
+                  attention: str = "full", tokenizer: str | None = None, rope_factor: float = 0.0):
+    """(model, tokenizer, label) for evaluation tools.
+
+    With an adapter or checkpoint directory, its saved recipe supplies the base model (unless
+    `model_path` names one), the rope settings and the tokenizer: nothing is typed twice.
+    Without one, `model_path` is used as it is (a merged model carries its rope in config.json),
+    or with linear PI by `rope_factor` (zero-shot interpolation, no training).
+    """
+    from harness.recipe import AdapterConfig, AttentionConfig, QuantizationConfig
+
+    recipe = _eval_recipe(model_path, adapter)
+    recipe = replace(
+        recipe,
+        quantization=QuantizationConfig(name="nf4" if load_in_4bit else "none",
+                                        compute_dtype=recipe.quantization.compute_dtype),
+        attention=AttentionConfig(name="s2" if attention == "s2" else "full", at_inference=attention == "s2",
+                                  group_ratio=recipe.attention.group_ratio, group_size=recipe.attention.group_size),
+        adapter=AdapterConfig(name="none"),
+        position=recipe.position if adapter else _zero_shot_position(rope_factor),
+    )
+    if tokenizer:
+        recipe = replace(recipe, model=replace(recipe.model, tokenizer=tokenizer))
+    built = build_model(recipe, training=False, with_adapter=False)
+    model = built.model
+    if adapter:
+        model = _attach_adapter(model, adapter)
+    label = Path(model_path or recipe.model.name_or_path).name + (f"+{Path(adapter).name}" if adapter else "")
+    label += f"+PI x{rope_factor:g}" if rope_factor and not adapter else ""
+    return model.eval(), built.tokenizer, label
+
+
+def _zero_shot_position(rope_factor: float):
+    from harness.recipe import PositionConfig
+
+    return PositionConfig(name="linear", factor=rope_factor) if rope_factor else PositionConfig(name="none")
+
+
+def _eval_recipe(model_path: str, adapter: str | None) -> Recipe:
+    from harness.recipe import ModelConfig
+
+    if adapter:
+        saved = Path(adapter) / "recipe.toml"
+        if not saved.is_file():
+            raise RecipeError(f"--adapter {adapter}: no recipe.toml in it; pass a checkpoint or final/ directory written by the harness")
+        recipe = read_saved_recipe(saved)
+        if model_path:
+            recipe = replace(recipe, model=replace(recipe.model, name_or_path=model_path))
+        return recipe
+    return Recipe(model=ModelConfig(name_or_path=model_path))
+
+
+def _attach_adapter(model, adapter: str):
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except RuntimeError as error:
+        if "size mismatch" in str(error):
+            raise RecipeError(
+                f"--adapter {adapter} was trained for a different base model (weight shapes differ); "
+                f"pass the base it was made for with --model"
+            ) from None
+        raise

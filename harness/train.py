@@ -1,0 +1,461 @@
+"""The training loop: a recipe in, a trained adapter out, under any launcher.
+
+Reads top to bottom:
+
+    engine  = the recipe's engine; process group formed and checked
+    run dir = refused if it holds a run, unless train.resume / train.overwrite say so
+    model   = base -> PI -> 4-bit -> attention -> LoRA (harness.model)
+    data    = the recipe's data backend; a resumable, rank-sliced order
+    loop    = micro-batches x grad_accum -> one optimizer step; log, eval, checkpoint
+    export  = <output_dir>/final: PEFT adapter + resolved recipe + rope parameters
+
+SIGTERM / SIGINT finish the current optimizer step, save a checkpoint and return; the next
+run with train.resume = "auto" (or --resume) continues exactly there: adapter, optimizer,
+scheduler, RNG and data position are all restored.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from harness import checkpoint, registry
+from harness.cpu_memory import release_freed_memory
+from harness.engines import Hyper, resolve_precision
+from harness.loss import CausalLMLoss
+from harness.model import build_model
+from harness.recipe import Recipe, find_relative, resolve
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- entry point
+
+def train(recipe: Recipe) -> Path:
+    """Run a recipe to the end (or to a signal); returns the output directory."""
+    if recipe.train.release_cpu_memory and not torch.cuda.is_available():
+        release_freed_memory()
+    engine = _build_engine(recipe)
+    engine.setup()
+    console = Console(stderr=True, quiet=engine.rank != 0)
+    output_dir = Path(recipe.train.output_dir)
+    resume_from = _prepare_output_dir(output_dir, recipe, engine)
+    seed_everything(recipe.train.seed + engine.rank)
+
+    built = build_model(recipe, training=True, console=console)
+    recipe = resolve(recipe, world_size=engine.world_size, original_context=built.original_context)
+    data = _rank_zero_first(engine, lambda: _build_data(recipe, built.tokenizer))  # one tokenizer run fills the cache
+    if engine.rank == 0:
+        from harness.data.report import print_length_stats
+
+        print_length_stats(data.stats, console=console)
+
+    hyper = Hyper(recipe.train.micro_batch_size, recipe.train.grad_accum, recipe.train.max_grad_norm,
+                  resolve_precision(recipe.train.precision, recipe.quantization.compute_dtype))
+    module = CausalLMLoss(built.model, chunked=recipe.train.chunked_loss)
+    engine.prepare(module, lambda params: make_optimizer(recipe, engine, hyper, params),
+                   lambda optimizer: make_scheduler(recipe, optimizer, total_steps(recipe, len(data.train), engine)),
+                   hyper)
+    loop = Loop(recipe, engine, built, data, console)
+    if resume_from is not None:
+        loop.resume(resume_from)
+    loop.run()
+    return output_dir
+
+
+def _build_engine(recipe: Recipe):
+    backend = registry.get("engine", recipe.engine.name, key="engine.name")
+    kwargs = registry.table_kwargs(backend, recipe.engine)
+    if kwargs.get("deepspeed_config"):
+        kwargs["deepspeed_config"] = str(find_relative(kwargs["deepspeed_config"], recipe.source,
+                                                       key="engine.deepspeed_config"))
+    return backend.fn(**kwargs)
+
+
+def _build_data(recipe: Recipe, tokenizer):
+    backend = registry.get("data", recipe.data.name, key="data.name")
+    kwargs = registry.table_kwargs(backend, recipe.data)
+    if "max_seq_length" in kwargs:
+        kwargs["max_seq_length"] = recipe.resolved.seq_len
+    return backend.fn(tokenizer, seed=recipe.train.seed, **kwargs)
+
+
+def _rank_zero_first(engine, build):
+    if engine.rank != 0:
+        engine.barrier()
+    result = build()
+    if engine.rank == 0:
+        engine.barrier()
+    return result
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- run directory
+
+def _prepare_output_dir(output_dir: Path, recipe: Recipe, engine) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; never clobbers a run silently."""
+    latest = checkpoint.latest_checkpoint(output_dir)
+    has_run = latest is not None or (output_dir / "final").exists() or (output_dir / "metrics.jsonl").exists()
+    if recipe.train.resume == "auto" and latest is not None:
+        return latest
+    if has_run and not recipe.train.overwrite and recipe.train.resume != "auto":
+        raise TrainError(
+            f"train.output_dir = {str(output_dir)!r} already holds a run. Continue it with --resume "
+            f"(train.resume=\"auto\"), replace it with train.overwrite=true, or choose another train.output_dir"
+        )
+    if engine.rank == 0:
+        if has_run and recipe.train.overwrite:
+            shutil.rmtree(output_dir)
+        _check_writable(output_dir)
+    engine.barrier()
+    return None
+
+
+def _check_writable(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise TrainError(f"train.output_dir = {str(output_dir)!r} is not writable: {error.strerror}. "
+                         f"Choose a writable directory with train.output_dir=...") from None
+
+
+# --------------------------------------------------------------------------- optimizer
+
+def make_optimizer(recipe: Recipe, engine, hyper: Hyper, params):
+    """train.optimizer; "auto" = DeepSpeed CPU Adam when offloading, paged AdamW on GPU, else AdamW."""
+    name = recipe.train.optimizer
+    offloading = engine.name == "deepspeed" and engine.offloads_optimizer(hyper)
+    if name == "auto":
+        name = "deepspeed_cpu_adam" if offloading else "paged_adamw_32bit" if torch.cuda.is_available() else "adamw"
+    if offloading and name != "deepspeed_cpu_adam":
+        name = "deepspeed_cpu_adam"  # an offloaded optimizer runs on the CPU: DeepSpeed's CPU Adam
+    if name == "paged_adamw_32bit" and not torch.cuda.is_available():
+        name = "adamw"  # paged optimizers page GPU memory; on the CPU plain AdamW is the same math
+    kwargs = dict(lr=recipe.train.lr, weight_decay=recipe.train.weight_decay, betas=(0.9, 0.999))
+    if name == "deepspeed_cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    if name == "paged_adamw_32bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW32bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def make_scheduler(recipe: Recipe, optimizer, steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(recipe.train.scheduler, optimizer, num_warmup_steps=recipe.train.warmup_steps,
+                         num_training_steps=steps)
+
+
+def total_steps(recipe: Recipe, num_samples: int, engine) -> int:
+    if recipe.train.max_steps > 0:
+        return recipe.train.max_steps
+    per_step = recipe.train.micro_batch_size * recipe.train.grad_accum * engine.world_size
+    steps = recipe.train.epochs * (num_samples // per_step)
+    if steps == 0:
+        raise TrainError(f"{num_samples} samples make no full step of {per_step} sequences; "
+                         f"lower train.grad_accum / micro_batch_size or add data")
+    return steps
+
+
+# --------------------------------------------------------------------------- the loop
+
+class Loop:
+    """State of one run: step counter, data order, metrics; run() is the loop itself."""
+
+    def __init__(self, recipe: Recipe, engine, built, data, console: Console):
+        from harness.data.collate import Collator
+        from harness.data.order import ResumableOrder
+
+        self.recipe, self.engine, self.built, self.data, self.console = recipe, engine, built, data, console
+        self.output_dir = Path(recipe.train.output_dir)
+        self.collate = Collator(built.tokenizer.pad_token_id)
+        self.order = ResumableOrder(len(data.train), seed=recipe.train.seed)
+        self.total = total_steps(recipe, len(data.train), engine)
+        self.step = 0
+        self.stop_signal: str | None = None
+
+    def resume(self, directory: Path) -> None:
+        state = checkpoint.read_trainer_state(directory, self.engine.rank)
+        checkpoint.load_adapter_weights(self.engine.unwrap().model, directory)
+        self.engine.load_state(directory)
+        self.order.load_state_dict(state["data"])
+        self.step = state["step"]
+        self.console.print(f"Resumed from {directory} at step {self.step}")
+
+    def run(self) -> None:
+        batches = self.order.batches(self.recipe.train.micro_batch_size, rank=self.engine.rank,
+                                     world_size=self.engine.world_size)
+        metrics = MetricsLog(self.output_dir, self.recipe.train.tensorboard, enabled=self.engine.rank == 0)
+        with _signals(self), Progress(self.console, self.total, self.step) as progress:
+            while self.step < self.total and self.stop_signal is None:
+                started = time.perf_counter()
+                loss, tokens = self._optimizer_step(batches)
+                self.step += 1
+                record = self._record(loss, tokens, time.perf_counter() - started)
+                progress.update(self.step, record)
+                if self.step % self.recipe.train.log_every == 0 or self.step == self.total:
+                    metrics.write(record)
+                self._maybe_evaluate(metrics)
+                self._maybe_checkpoint()
+                _test_hook_signal(self.step)
+        metrics.close()
+        if self.stop_signal is not None:
+            self.save_checkpoint()
+            self.console.print(f"[yellow]Stopped by {self.stop_signal} after step {self.step}; checkpoint saved. "
+                               f"Continue with --resume.[/]")
+            return
+        self.export()
+
+    def _optimizer_step(self, batches) -> tuple[float, int]:
+        """grad_accum micro-batches -> one optimizer step; returns (mean loss, tokens seen)."""
+        self.engine.module.train()
+        losses, tokens = [], 0
+        for micro in range(self.recipe.train.grad_accum):
+            batch = {k: v.to(self.engine.device) for k, v in self.collate(self._items(next(batches))).items()}
+            with self.engine.autocast(), _activation_offload(self.recipe.train.offload_activations):
+                loss = self.engine.module(**batch)
+            if not torch.isfinite(loss):
+                raise TrainError(f"the loss became {loss.item()} at step {self.step + 1}; lower train.lr "
+                                 f"or use train.precision=\"bf16\" / \"fp32\"")
+            self.engine.backward(loss, sync=micro == self.recipe.train.grad_accum - 1)
+            losses.append(loss.item())
+            tokens += int(batch["attention_mask"].sum())
+        self.grad_norm = self.engine.step()
+        return sum(losses) / len(losses), tokens
+
+    def _items(self, indices: list[int]) -> list[dict]:
+        return [self.data.train[i] for i in indices]
+
+    def _record(self, loss: float, tokens: int, seconds: float) -> dict:
+        world_tokens = tokens * self.engine.world_size
+        return {
+            "step": self.step, "loss": self.engine.all_mean(loss), "lr": self.engine.lr(),
+            "grad_norm": self.grad_norm, "tokens_per_s": world_tokens / max(seconds, 1e-9),
+            "peak_memory_gb": peak_memory_gb(), "seconds": seconds,
+        }
+
+    # ----------------------------------------------------------------------- eval
+
+    def _maybe_evaluate(self, metrics: MetricsLog) -> None:
+        every = self.recipe.train.eval_every
+        if self.data.eval is None or not every or self.step % every:
+            return
+        loss = self.evaluate()
+        metrics.write({"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
+        self.console.print(f"step {self.step}: eval loss {loss:.4f}, ppl {math.exp(min(loss, 50)):.2f}")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over (a prefix of) the held-out split, full attention (model.eval())."""
+        module = self.engine.module
+        module.eval()
+        count = len(self.data.eval)
+        if self.recipe.train.eval_batches:
+            count = min(count, self.recipe.train.eval_batches * self.engine.world_size)
+        total, weight = 0.0, 0
+        for index in range(self.engine.rank, count, self.engine.world_size):
+            batch = {k: v.to(self.engine.device) for k, v in self.collate([self.data.eval[index]]).items()}
+            targets = int((batch["labels"][:, 1:] != -100).sum())
+            with self.engine.autocast():
+                total += module(**batch).item() * targets
+            weight += targets
+        module.train()
+        return self.engine.all_mean(total / max(weight, 1)) if weight else float("nan")
+
+    # ----------------------------------------------------------------------- saving
+
+    def _maybe_checkpoint(self) -> None:
+        every = self.recipe.train.save_every
+        if every and self.step % every == 0 and self.step < self.total:
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> None:
+        """checkpoint-<step>/, written to a temporary directory and renamed when complete."""
+        final = self.output_dir / f"checkpoint-{self.step}"
+        tmp = checkpoint.temporary_dir(final)
+        state = {"step": self.step, "data": self.order.state_dict(), "total_steps": self.total}
+        try:
+            if self.engine.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            self.engine.barrier()
+            self.engine.save_state(tmp)
+            checkpoint.write_trainer_state(tmp, state, self.engine.rank)
+            self._write_model_files(tmp)
+            self.engine.barrier()
+            if self.engine.rank == 0:
+                checkpoint.publish(tmp, final)
+                checkpoint.prune(self.output_dir, self.recipe.train.keep_checkpoints)
+        except OSError as error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = checkpoint.latest_checkpoint(self.output_dir)
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            raise TrainError(f"could not write checkpoint {final}: {error.strerror or error}; {kept}. "
+                             f"Free disk space and resume with --resume") from None
+        self.engine.barrier()
+
+    def _write_model_files(self, directory: Path) -> None:
+        peft_model = self.engine.unwrap().model
+        with _gathered(self.engine, peft_model):
+            if self.engine.rank == 0:
+                checkpoint.write_model_files(directory, peft_model, self.recipe)
+
+    def export(self) -> None:
+        """<output_dir>/final: the adapter, loadable by peft.PeftModel.from_pretrained."""
+        final = self.output_dir / "final"
+        tmp = checkpoint.temporary_dir(final)
+        if self.engine.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.engine.barrier()
+        self._write_model_files(tmp)
+        self.engine.barrier()
+        if self.engine.rank == 0:
+            checkpoint.publish(tmp, final)
+            self.console.print(f"[green]Adapter written to {final}[/]")
+
+
+def _activation_offload(enabled: bool):
+    """On a GPU, the tensors autograd saves (the checkpointed layer inputs) wait in pinned CPU
+    memory until backward: sequences longer than the card holds, at the cost of PCIe traffic."""
+    import contextlib
+
+    if enabled and torch.cuda.is_available():
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    return contextlib.nullcontext()
+
+
+def _gathered(engine, model):
+    """ZeRO-3 shards parameters: gather the trainable ones before reading them."""
+    import contextlib
+
+    if engine.name == "deepspeed" and any(hasattr(p, "ds_id") for p in model.parameters()):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad], modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- signals
+
+class _signals:
+    """SIGTERM / SIGINT set loop.stop_signal; the loop finishes its step and checkpoints."""
+
+    def __init__(self, loop: Loop):
+        self.loop = loop
+
+    def __enter__(self):
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.loop.stop_signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _test_hook_signal(step: int) -> None:
+    """HARNESS_SIGTERM_AT_STEP=N sends this process SIGTERM after step N (resume tests)."""
+    if os.environ.get("HARNESS_SIGTERM_AT_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+# --------------------------------------------------------------------------- reporting
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated, or the process's peak RSS on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+class MetricsLog:
+    """<output_dir>/metrics.jsonl (one object per logged step) and optional tensorboard."""
+
+    def __init__(self, output_dir: Path, tensorboard: bool, *, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
+            if tensorboard:
+                self.writer = _tensorboard_writer(output_dir / "tensorboard")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def _tensorboard_writer(directory: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(directory))
+
+
+class Progress:
+    """A rich progress bar: step, loss, lr, tokens/s, peak memory and ETA."""
+
+    def __init__(self, console: Console, total: int, start: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self.bar = RichProgress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(), console=console, disable=console.quiet,
+        )
+        self.task = self.bar.add_task("train", total=total, completed=start, stats="")
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def update(self, step: int, record: dict) -> None:
+        stats = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s  "
+                 f"mem {record['peak_memory_gb']:.2f} GB")
+        self.bar.update(self.task, completed=step, stats=stats)
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+

@@ -1,0 +1,13 @@
+"""The program every launcher starts: python, accelerate launch, torchrun or deepspeed.
+
+    python launch/train.py RECIPE [section.key=value ...] [--dry-run] [--resume]
+    accelerate launch --multi_gpu --num_processes 2 launch/train.py RECIPE
+    torchrun --nproc_per_node 2 launch/train.py RECIPE
+    deepspeed --num_gpus 2 launch/train.py RECIPE
+"""
+import sys
+
+from harness.cli import train_main
+
+if __name__ == "__main__":
+    sys.exit(train_main(sys.argv[1:]))

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random LLaMA models, the offline byte tokenizer, shared data.
+
+Markers: `slow` tests run only with --runslow; `gpu` tests run only where CUDA exists.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_BOOKS = ROOT.parent / "shared" / "data" / "books"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    skip_gpu = pytest.mark.skip(reason="gpu: needs CUDA")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+def tiny_llama_config(**overrides):
+    """A 2-layer LLaMA (hidden 64, 4 heads, 2 KV heads, 1k window) over the byte vocab."""
+    from transformers import LlamaConfig
+
+    settings = dict(
+        vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        rope_theta=10000.0, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        tie_word_embeddings=False,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+@pytest.fixture
+def tiny_config():
+    return tiny_llama_config()
+
+
+@pytest.fixture
+def tiny_model():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+@pytest.fixture
+def byte_tokenizer():
+    from harness.tokenizer import byte_tokenizer as build
+
+    return build()
+
+
+@pytest.fixture
+def book_path():
+    """Path of a public-domain book from ../shared/data; skips where shared/ is absent."""
+    path = SHARED_BOOKS / "news_from_nowhere.txt"
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path} (only on development and CI machines)")
+    return path

