@@ -44,28 +44,40 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "bench" / "results" / "plan_validation.json"
 TINY = "recipes/tiny_cpu.toml"
-SMOL_SHAPE = ("model.init_config={vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, "
-              "num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, "
-              "tie_word_embeddings=true, bos_token_id=0, eos_token_id=1, pad_token_id=2}")
-SMOL = (SMOL_SHAPE, "adapter.r=64")  # r = 64 as in the paper and recipes/smollm2_135m_16k.toml
+
+
+def smol_shape(layers: int = 30) -> str:
+    """An init_config override with SmolLM2-135M's shape (random weights take the same memory)."""
+    return ("model.init_config={vocab_size=49152, hidden_size=576, intermediate_size=1536, "
+            f"num_hidden_layers={layers}, num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, "
+            "rope_theta=100000.0, tie_word_embeddings=true, bos_token_id=0, eos_token_id=1, pad_token_id=2}")
+
+
+SMOL = (smol_shape(), "adapter.r=64")  # r = 64 as in the paper and recipes/smollm2_135m_16k.toml
 CONFIGS = [  # (name, recipe, overrides, sequence length)
     *[(f"tiny s2-sdpa L={n}", TINY, (), n) for n in (512, 2048, 8192, 16384)],
     ("tiny full-sdpa L=4096", TINY, ("attention.name=\"full\"",), 4096),
+    ("tiny s2-sdpa B=4 L=2048", TINY, ("train.micro_batch_size=4",), 2048),
     *[(f"tiny s2-eager L={n}", TINY, ("attention.kernel=\"eager\"",), n) for n in (1024, 2048)],
     *[(f"tiny full-eager L={n}", TINY, ("attention.name=\"full\"", "attention.kernel=\"eager\""), n) for n in (1024, 2048)],
     ("tiny s2-sdpa no-ckpt L=4096", TINY, ("train.gradient_checkpointing=false",), 4096),
+    ("tiny s2-sdpa dropout=0 L=4096", TINY, ("adapter.dropout=0.0",), 4096),
+    ("tiny full fine-tuning (fp32, no LoRA) L=4096", TINY, ('quantization.name="none"', 'adapter.name="none"'), 4096),
     *[(f"smol135m s2-sdpa L={n}", TINY, SMOL, n) for n in (1024, 2048, 4096)],
     ("smol135m full-sdpa L=2048", TINY, (*SMOL, "attention.name=\"full\""), 2048),
     *[(f"smol135m s2-sdpa unchunked L={n}", TINY, (*SMOL, "train.chunked_loss=false"), n) for n in (1024, 2048)],
+    # SmolLM2's layer shape with 8 layers at 8k: the recomputed layer, not the loss, makes the peak
+    ("smol135m-8-layers s2-sdpa L=8192", TINY, (smol_shape(8), "adapter.r=64"), 8192),
 ]
 MAX_PREDICTED_GIB = 10.0  # skip configs whose predicted peak would exceed this on a shared machine
 
 
 def overrides_for(config: tuple, length: int) -> list[str]:
-    """The config's overrides plus the length: data length, PI target, one step per micro-batch."""
+    """The config's overrides plus the length, a PI target at least the models' 8k window (the
+    rope factor costs no memory), and one micro-batch per step."""
     _, _, extra, _ = config
-    target = max(length, 8192 if extra[:1] == (SMOL_SHAPE,) else 256)  # PI target >= the original window
-    return [*extra, f"data.max_seq_length={length}", f"position.target_length={target}", "train.grad_accum=1"]
+    return [*extra, f"data.max_seq_length={length}", f"position.target_length={max(length, 8192)}",
+            "train.grad_accum=1"]
 
 
 # --------------------------------------------------------------------------- child process
@@ -132,7 +144,7 @@ def train_steps(recipe, engine, steps: int = 2) -> None:
     """Loop._optimizer_step on random tokens: forward, backward, clip + AdamW step."""
     import torch
 
-    vocab = engine.unwrap().model.get_base_model().config.vocab_size
+    vocab = engine.unwrap().model.config.vocab_size  # a PeftModel forwards .config to its base model
     generator = torch.Generator().manual_seed(0)
     shape = (recipe.train.micro_batch_size, recipe.resolved.seq_len)
     for _ in range(steps):
@@ -248,7 +260,7 @@ def print_table(rows: list[dict]) -> None:
         static = f"{mib('predicted_static_bytes', row)} / {mib('static_bytes', row)}"
         table.add_row(row["config"], mib("predicted_bytes", row), mib("allocator_bytes", row), error,
                       mib("rss_bytes", row), row["peak_phase"], static)
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 def main(argv=None) -> None:

@@ -81,8 +81,8 @@ def card_named(name: str) -> Card:
 
 def custom_card(gib: float) -> Card:
     """A card of `gib` GiB, assumed Ampere-class (flash kernels, bf16)."""
-    if not gib > 0:
-        raise PlanError(f"--gib {gib}: the card memory must be a positive number of GiB")
+    if not (gib > 0 and math.isfinite(gib)):
+        raise PlanError(f"--gib {gib:g}: the card memory must be a positive number of GiB")
     return Card(f"{gib:g} GiB", int(gib * 1024), (8, 0), bf16=True)
 
 
@@ -147,7 +147,8 @@ def model_shape(recipe: Recipe, config_path: str | os.PathLike | None = None) ->
     for candidate in _config_files(name):
         if candidate.is_file():
             return ModelShape.from_config(_read_json(candidate), str(candidate))
-    basename = name.rstrip("/").split("/")[-1].split(".")[0].lower()  # SmolLM2-135M-Instruct.Q4_1.gguf -> smollm2-135m-instruct
+    # "pypi:.../SmolLM2-135M-Instruct.Q4_1.gguf" -> "smollm2-135m-instruct"
+    basename = name.rstrip("/").split("/")[-1].split(".")[0].lower()
     key = next((k for k in KNOWN_SHAPES if k.lower() == name.lower() or k.lower().split("/")[-1] == basename), None)
     if key:
         return ModelShape.from_config(KNOWN_SHAPES[key], f"built-in shape of {key}")
@@ -167,7 +168,8 @@ def _config_files(name: str) -> list[Path]:
     if name.endswith(".gguf"):  # harness.base_model converts it to <cache>/gguf/<stem>-<key>/
         files += sorted((cache_root() / "gguf").glob(f"{Path(name).stem}-*/config.json"))
     elif "/" in name and not name.startswith((".", "/", "~", "pypi:")):
-        hub = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+        home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+        hub = os.environ.get("HF_HUB_CACHE") or home / "hub"
         snapshots = Path(hub) / f"models--{name.replace('/', '--')}" / "snapshots"
         files += sorted(snapshots.glob("*/config.json"))
     return files
@@ -190,7 +192,7 @@ class Dtypes:
     """Element sizes (bytes) of the tensors that matter, as the code produces them."""
 
     base_weights: int  # unquantized weights (embeddings, norms, lm_head, or all with quantization none)
-    lora: int  # LoRA parameters and their gradients
+    lora: int  # trainable parameters (LoRA; every weight for full fine-tuning) and their gradients
     stream: int  # residual stream: embedding output, checkpointed hidden states
     linear: int  # outputs of the projections: MLP intermediates, q/k/v before attention
     attention: int  # q/k/v/out as the attention kernel saves them
@@ -216,6 +218,7 @@ class Setup:
     device: str  # cuda | cpu
     card: Card | None
     batch: int
+    grad_accum: int
     seq_len: int
     group: int  # S2 group size, 0 for full attention
     quant: str  # nf4 | int8 | none
@@ -239,14 +242,16 @@ def resolve_setup(recipe: Recipe, shape: ModelShape, *, device: str, card: Card 
     cuda = device == "cuda"
     seq = seq_len or recipe.resolved.seq_len
     if seq <= 0:
-        raise PlanError("the sequence length is unknown: set data.max_seq_length or position.target_length, or pass --seq-len")
+        raise PlanError("the sequence length is unknown: set data.max_seq_length or position.target_length, "
+                        "or pass --seq-len")
     compute_name = _device_dtype(recipe.quantization.compute_dtype, cuda, card)
     precision = _precision(recipe.train.precision, compute_name, cuda, card)
     deepspeed = _zero(recipe) if recipe.engine.name == "deepspeed" else None
     autocast = cuda and deepspeed is None and precision in ("bf16", "fp16")
     adapter = recipe.adapter
     return Setup(
-        shape=shape, device=device, card=card, batch=recipe.train.micro_batch_size, seq_len=seq,
+        shape=shape, device=device, card=card, batch=recipe.train.micro_batch_size,
+        grad_accum=recipe.train.grad_accum, seq_len=seq,
         group=_group_size(recipe, seq), quant=recipe.quantization.name, double_quant=recipe.quantization.double_quant,
         compute=BYTES[compute_name], autocast=autocast, deepspeed=deepspeed,
         optimizer=_optimizer(recipe, cuda, deepspeed),
@@ -317,7 +322,7 @@ def _dtypes(recipe: Recipe, cuda: bool, card: Card | None, precision: str, deeps
         auto = BYTES[_device_dtype(recipe.quantization.compute_dtype, cuda, card)] if cuda else 4
         loaded = BYTES[recipe.model.dtype] if recipe.model.dtype != "auto" else auto
         base = 4 if quantized else loaded  # prepare_model_for_kbit_training casts them to fp32
-        lora = 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype)
+        lora = 4 if recipe.adapter.name == "lora" else base  # peft keeps adapter weights in fp32
     stream = base  # the embedding output
     # Linear4bit returns its input's dtype (the norm output, = stream); nn.Linear under autocast the autocast dtype.
     linear = half if autocast and not quantized else stream
@@ -403,33 +408,50 @@ def layer_saved_per_token(setup: Setup) -> dict[str, int]:
     """
     s, t = setup.shape, setup.dtypes
     q_dim, kv_dim = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    lora = {name: _lora_saved(setup, i) for name, (i, _) in s.linears().items()}
+    linears = _linear_saves(setup)
     # RMSNorm saves its fp32 input (hidden.to(float32)) and rsqrt (B, L, 1): for the input norm
-    # that is the layer input itself when the stream is fp32 (no new memory), else a copy.
-    input_norm = (s.hidden * 4 if t.stream != 4 else 0) + 4
-    post_norm = s.hidden * 4 + 4  # the residual sum h, or its fp32 copy
+    # that is the layer input itself when the stream is fp32 (no new memory), else a copy; a
+    # trained norm weight also saves the normalised input it multiplies.
+    normalised = s.hidden * t.stream if _norms_train(setup) else 0
+    input_norm = (s.hidden * 4 if t.stream != 4 else 0) + 4 + normalised
+    post_norm = s.hidden * 4 + 4 + normalised  # the residual sum h, or its fp32 copy
     return {
-        "attention block": input_norm + sum(lora[n] for n in ("q_proj", "k_proj", "v_proj"))
+        "attention block": input_norm + sum(linears.get(n, 0) for n in ("q_proj", "k_proj", "v_proj"))
         + (q_dim + 2 * kv_dim) * t.attention,  # q, k after RoPE and v, saved by the kernel
-        "mlp block": lora["o_proj"] + post_norm + sum(lora[n] for n in ("gate_proj", "up_proj", "down_proj"))
+        "mlp block": post_norm + sum(linears.get(n, 0) for n in ("o_proj", "gate_proj", "up_proj", "down_proj"))
         + 3 * s.intermediate * t.linear,  # gate out (SiLU input), act(gate) and up (the product's inputs)
         "attention output": _attention_saved_per_token(setup),
     }
 
 
-def _lora_saved(setup: Setup, in_features: int) -> int:
-    """peft LoRA on a 4-bit linear: result = base(x) + lora_B(lora_A(dropout(x))) * scale.
+def _norms_train(setup: Setup) -> bool:
+    return setup.rank == 0 or setup.trainable_norms
 
-    MatMul4Bit saves no activation (only the packed weight), so the LoRA branch is all:
-    the dropout mask, the dropped input (saved by lora_A) and lora_A's (B, L, r) output
-    (saved by lora_B). With dropout 0 peft uses nn.Identity and lora_A saves x itself,
-    a copy only when autocast casts it.
+
+# Linear layers that read the same input tensor (the norm outputs, the attention output, the product).
+_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def _linear_saves(setup: Setup) -> dict[str, int]:
+    """Bytes per token saved by the trained linear layers, by layer name.
+
+    peft LoRA on a 4-bit linear: result = base(x) + lora_B(lora_A(dropout(x))) * scale.
+    MatMul4Bit saves no activation (only the packed weight), so the LoRA branch is all: the
+    dropout mask, the dropped input (saved by lora_A) and lora_A's (B, L, r) output (saved by
+    lora_B), each a new tensor per adapted layer. Without dropout (peft's nn.Identity) and
+    without autocast casts, lora_A saves x itself, like the trained linears of full
+    fine-tuning: once per shared input.
     """
-    if setup.rank == 0:
-        return 0
-    t = setup.dtypes
-    x = in_features * (t.mask + t.lora_input) if setup.dropout > 0 else in_features * t.lora_input * setup.autocast
-    return x + setup.rank * t.lora_input
+    s, t = setup.shape, setup.dtypes
+    inputs = {name: i for name, (i, _) in s.linears().items()}
+    trained = setup.targets if setup.rank else ALL_LINEAR
+    if setup.rank and (setup.dropout > 0 or setup.autocast):
+        mask = t.mask if setup.dropout > 0 else 0
+        return {name: inputs[name] * (mask + t.lora_input) + setup.rank * t.lora_input for name in trained}
+    saves = {group[0]: inputs[group[0]] * t.linear for group in _SHARED_INPUTS if set(group) & set(trained)}
+    for name in trained if setup.rank else ():
+        saves[name] = saves.get(name, 0) + setup.rank * t.lora_input  # lora_A's output
+    return saves
 
 
 def _attention_saved_per_token(setup: Setup) -> int:
@@ -476,11 +498,17 @@ def _unshifted_share(shape: ModelShape) -> float:
 
 
 def layer_transient_per_token(setup: Setup) -> int:
-    """Backward transients of the recomputed layer at its peak (MLP end), bytes per token:
-    down_proj's (B, L, I) input and output gradient plus four (B, L, d) tensors (the incoming
-    gradient, the residual sum and the LoRA result and its clone). Calibrated on the CPU."""
+    """Backward transients of the recomputed layer at its peak (the MLP's backward), bytes per
+    token, in the projections' dtype. Fitted to allocator peaks of whole CPU training steps over
+    d = 64..576, I = 2d..6d (bench/plan_validation.py): one (B, L, I) gradient and 3.5 (B, L, d)
+    tensors with LoRA dropout; without it the product act(gate) * up is saved instead of freed
+    after the recompute and its two gradients (LoRA and base) meet: 2 (B, L, I) + d / 2."""
     s = setup.shape
-    return (s.intermediate + 4 * s.hidden) * setup.dtypes.linear
+    if setup.rank and setup.dropout > 0:
+        elements = (2 * s.intermediate + 7 * s.hidden) // 2
+    else:
+        elements = (4 * s.intermediate + s.hidden) // 2
+    return elements * setup.dtypes.linear
 
 
 def dequantize_bytes(setup: Setup) -> int:
@@ -616,55 +644,61 @@ def _static_parts(setup: Setup) -> list[Part]:
     trainable = trainable_params(setup)
     dtypes = setup.dtypes
     kind = {"nf4": "NF4", "int8": "int8", "none": f"{8 * dtypes.base_weights}-bit"}[setup.quant]
+    double = " + double-quant absmax" if setup.quant == "nf4" and setup.double_quant else ""
+    upcast = ", fp32 by prepare_model_for_kbit_training" if dtypes.base_weights == 4 and setup.quant != "none" else ""
+    lora = f"{trainable:,} trainable, {8 * dtypes.lora}-bit" if setup.rank else "full fine-tuning: the weights train"
     parts = [
         Part("weights (quantized linears)" if setup.quant != "none" else "weights (linears)", quantized,
-             note=f"{kind}" + (" + double-quant absmax" if setup.quant == "nf4" and setup.double_quant else "")),
-        Part("weights (embeddings, norms, head)", unquantized, note=f"{8 * dtypes.base_weights}-bit"
-             + (", fp32 after prepare_model_for_kbit_training" if dtypes.base_weights == 4 and setup.quant != "none" else "")),
-        Part("LoRA parameters" if setup.rank else "trainable copies", trainable * dtypes.lora if setup.rank else 0,
-             note=f"{trainable:,} trainable, {8 * dtypes.lora}-bit"),
+             note=kind + double),
+        Part("weights (embeddings, norms, head)", unquantized, note=f"{8 * dtypes.base_weights}-bit{upcast}"),
+        Part("LoRA parameters", trainable * dtypes.lora if setup.rank else 0, note=lora),
     ]
     return parts + _gradient_parts(setup, trainable) + _optimizer_parts(setup, trainable) + _overhead_parts(setup)
 
 
 def _gradient_parts(setup: Setup, trainable: int) -> list[Part]:
     zero = setup.deepspeed
-    if zero is None:  # .grad of every trainable parameter, kept through the step (and across accumulation)
-        return [Part("gradients", trainable * setup.dtypes.lora, note="in the parameters' dtype", dynamic=True)]
+    if zero is None:  # .grad of every trainable parameter, set to None by zero_grad after each step
+        if setup.grad_accum > 1:
+            return [Part("gradients", trainable * setup.dtypes.lora, dynamic=True,
+                         note="accumulated across micro-batches")]
+        return [Part("gradients", trainable * setup.dtypes.lora, phases=("step",), dynamic=True,
+                     note="complete only after the backward")]
     buckets = zero.buckets * zero.bucket * 2  # 16-bit reduce buckets, allocated whole at every backward
+    overlap = ", overlap_comm" if zero.buckets == 2 else ""
     parts = [Part(f"ZeRO-{zero.stage} gradient buckets", buckets, phases=("attention", "mlp", "loss"), dynamic=True,
-                  note=f"{zero.buckets} x {zero.bucket:,} elements (reduce_bucket_size{', overlap_comm' if zero.buckets == 2 else ''})")]
+                  note=f"{zero.buckets} x {zero.bucket:,} elements (reduce_bucket_size{overlap})")]
     if zero.offload_optimizer:
         return parts + [Part("gradients", 0, cpu_bytes=4 * trainable, note="fp32, offloaded to CPU", dynamic=True)]
     return parts + [Part("gradients", 4 * trainable, note="fp32 partition", dynamic=True)]
 
 
 def _optimizer_parts(setup: Setup, trainable: int) -> list[Part]:
-    """Adam: two fp32 moments per trainable parameter (+ an fp32 master copy under DeepSpeed)."""
+    """Adam: two fp32 moments per trainable parameter (+ an fp32 master copy under DeepSpeed).
+    torch and bitsandbytes create the moments at the first step; DeepSpeed at initialisation."""
     moments = 8 * trainable
     zero = setup.deepspeed
     if setup.optimizer == "deepspeed_cpu_adam":
-        return [Part("optimizer states", 0, cpu_bytes=moments + 4 * trainable, dynamic=True,
+        return [Part("optimizer states", 0, cpu_bytes=moments + 4 * trainable,
                      note="ZeRO offload: fp32 master + 2 moments in CPU RAM")]
-    master = 4 * trainable if zero is not None else 0
     if setup.optimizer == "paged_adamw_32bit":
-        parts = [Part("optimizer states (paged)", moments, dynamic=True,
-                      note="bitsandbytes paged memory: on the GPU, evicted to CPU RAM under pressure")]
+        parts = [Part("optimizer states (paged)", moments, dynamic=zero is None,
+                      note="bitsandbytes paged: evicted to CPU RAM under pressure")]
     else:
-        parts = [Part("optimizer states", moments, dynamic=True, note="torch AdamW, 2 x fp32")]
-    if master:
-        parts.append(Part("fp32 master weights", master, note="DeepSpeed mixed precision", dynamic=True))
+        parts = [Part("optimizer states", moments, dynamic=zero is None, note="AdamW, 2 x fp32")]
+    if zero is not None:
+        parts.append(Part("fp32 master weights", 4 * trainable, note="DeepSpeed mixed precision"))
     if setup.optimizer == "adamw" and setup.device == "cuda":
         # foreach AdamW materialises sqrt(exp_avg_sq) for every parameter at once
         parts.append(Part("optimizer step temporaries", 4 * trainable, phases=("step",), dynamic=True,
-                          note="foreach AdamW: one fp32 copy of the moments"))
+                          note="foreach AdamW: sqrt(v), fp32"))
     return parts
 
 
 def _overhead_parts(setup: Setup) -> list[Part]:
     if setup.device != "cuda":
         return []
-    return [Part("CUDA context + allocator", CUDA_OVERHEAD_BYTES, note="constant: context, cuBLAS workspace, slack")]
+    return [Part("CUDA context + allocator", CUDA_OVERHEAD_BYTES, note="constant: context, cuBLAS, allocator slack")]
 
 
 def _activation_parts(setup: Setup) -> list[Part]:
@@ -674,21 +708,26 @@ def _activation_parts(setup: Setup) -> list[Part]:
     attention = saved["attention output"] + scores_saved
     layer_phases = ("attention", "mlp") if setup.checkpointing else ("attention", "mlp", "loss")
     top = "recomputed layer" if setup.checkpointing else "top layer"
-    final = tokens * s.hidden * (4 + 2 * t.stream) + (tokens * s.hidden * t.stream if setup.batch > 1 else 0)
+    # final norm: fp32 input (+ normalised input when trained); its output and that output's gradient;
+    # the (B * (L - 1), d) copy the chunked loss reshapes when B > 1
+    copy = setup.chunked and setup.batch > 1
+    final = tokens * s.hidden * (4 + 2 * t.stream + t.stream * _norms_train(setup) + t.stream * copy)
+    layer_gradients, head_gradient = _gradients_in_backward(setup)
     parts = [
         _held_part(setup, sum(saved.values()) + scores_saved),
         Part(f"{top}: attention block", saved["attention block"], phases=layer_phases, dynamic=True,
-             note="input norm, LoRA q/k/v branches, q/k/v"),
+             note="norm, LoRA q/k/v branches, q/k/v"),
         Part(f"{top}: MLP block", saved["mlp block"], phases=layer_phases[1:], dynamic=True,
-             note="LoRA o/gate/up/down branches, post norm, 3 x (B, L, I)"),
+             note="LoRA o/gate/up/down, norm, 3 x (B, L, I)"),
         Part("backward transients", tokens * layer_transient_per_token(setup), phases=("mlp",), dynamic=True,
-             note="gradients at the MLP's backward"),
-        Part("incoming gradient + dequantized weight", tokens * s.hidden * t.stream + dequantize_bytes(setup),
-             phases=("attention", "mlp"), dynamic=True, note="(B, L, d) and one weight in the compute dtype"),
+             note="MLP backward gradients (fitted)"),
+        Part("gradients in flight + dequantized weight", tokens * s.hidden * t.stream + dequantize_bytes(setup)
+             + layer_gradients, phases=("attention", "mlp"), dynamic=True,
+             note="(B, L, d) grad, one weight, layer grads"),
         Part("attention workspace", attention, phases=layer_phases, dynamic=True, note=_kernel_note(setup)),
         Part("attention backward scores", scores_transient, phases=("attention",), dynamic=True,
-             note="score gradients of the kernels that materialise scores"),
-        Part("logits + loss", final + loss_bytes(setup), phases=("loss",), dynamic=True,
+             note="eager / math kernels"),
+        Part("logits + loss", final + loss_bytes(setup) + head_gradient, phases=("loss",), dynamic=True,
              note=f"chunks of {loss_positions(setup)} positions" if setup.chunked else "full (B, L, V) fp32 logits"),
     ]
     if setup.kernel == "eager-full" and setup.checkpointing:
@@ -696,6 +735,22 @@ def _activation_parts(setup: Setup) -> list[Part]:
         parts.append(Part("causal mask (eager)", tokens * setup.seq_len * t.stream, phases=("attention", "mlp", "loss"),
                           dynamic=True, note="(B, 1, L, L) in the stream dtype"))
     return parts
+
+
+def _gradients_in_backward(setup: Setup) -> tuple[int, int]:
+    """(at the top layer's backward, at the loss's backward): the gradients that exist then
+    where the "gradients" line does not hold them all (no accumulation, no DeepSpeed buckets):
+    the top layer's, and the output head's when it trains (full fine-tuning)."""
+    if setup.grad_accum > 1 or setup.deepspeed is not None:
+        return 0, 0
+    s = setup.shape
+    if setup.rank:
+        layer = lora_params(s, setup.targets, setup.rank) // s.layers + 2 * s.hidden * setup.trainable_norms
+        head = 0
+    else:
+        layer = sum(i * o for i, o in s.linears().values()) + 2 * s.hidden
+        head = s.vocab * s.hidden
+    return (layer + head) * setup.dtypes.lora, head * setup.dtypes.lora
 
 
 def _held_part(setup: Setup, layer_saved: int) -> Part:
@@ -707,12 +762,13 @@ def _held_part(setup: Setup, layer_saved: int) -> Part:
     if setup.checkpointing:
         return Part("checkpointed hidden states", s.layers * tokens * s.hidden * t.stream,
                     phases=("attention", "mlp", "loss"), dynamic=True,
-                    note=f"{s.layers} x (B, L, d), {8 * t.stream}-bit (the residual stream's dtype)")
+                    note=f"{s.layers} x (B, L, d), {8 * t.stream}-bit")
     layer_input = tokens * s.hidden * 4 * (t.stream == 4)  # an fp32 input is what the input norm saves
-    first_layer_saves_less = tokens * (s.hidden * 4 + 4 + 3 * s.hidden * t.mask * (setup.dropout > 0) * bool(setup.rank))
+    masks = 3 * s.hidden * t.mask if setup.rank and setup.dropout > 0 else 0  # q/k/v dropout masks
+    first_layer_saves_less = tokens * (s.hidden * 4 + 4 + masks)
     other_layers = (s.layers - 1) * (layer_saved + layer_input) - first_layer_saves_less * (s.layers > 1)
     return Part("stored activations (other layers)", other_layers + layer_input, phases=("attention", "mlp", "loss"),
-                dynamic=True, note="no gradient checkpointing: every layer keeps what it saved")
+                dynamic=True, note="no checkpointing: all they saved")
 
 
 def _kernel_note(setup: Setup) -> str:

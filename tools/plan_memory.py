@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        render(result, Console())
+        render(result, Console(width=None if sys.stdout.isatty() else 140))  # no 80-column squeeze in pipes
     return 0
 
 
