@@ -59,7 +59,8 @@ CONFIGS = [  # (name, recipe, overrides, sequence length)
     ("tiny full-sdpa L=4096", TINY, ("attention.name=\"full\"",), 4096),
     ("tiny s2-sdpa B=4 L=2048", TINY, ("train.micro_batch_size=4",), 2048),
     *[(f"tiny s2-eager L={n}", TINY, ("attention.kernel=\"eager\"",), n) for n in (1024, 2048)],
-    *[(f"tiny full-eager L={n}", TINY, ("attention.name=\"full\"", "attention.kernel=\"eager\""), n) for n in (1024, 2048)],
+    *[(f"tiny full-eager L={n}", TINY, ("attention.name=\"full\"", "attention.kernel=\"eager\""), n)
+      for n in (1024, 2048)],
     ("tiny s2-sdpa no-ckpt L=4096", TINY, ("train.gradient_checkpointing=false",), 4096),
     ("tiny s2-sdpa dropout=0 L=4096", TINY, ("adapter.dropout=0.0",), 4096),
     ("tiny full fine-tuning (fp32, no LoRA) L=4096", TINY, ('quantization.name="none"', 'adapter.name="none"'), 4096),
@@ -254,7 +255,8 @@ def print_table(rows: list[dict]) -> None:
     mib = lambda key, row: f"{row[key] / 2**20:.1f}" if key in row else "-"  # noqa: E731
     for row in rows:
         if "skipped" in row or "error" in row:
-            table.add_row(row["config"], mib("predicted_bytes", row), row.get("skipped") or row["error"][:60], "", "", "", "")
+            reason = row.get("skipped") or row["error"][:60]
+            table.add_row(row["config"], mib("predicted_bytes", row), reason, "", "", "", "")
             continue
         error = f"{row['error_pct']:+.1f}" if "error_pct" in row else "-"
         static = f"{mib('predicted_static_bytes', row)} / {mib('static_bytes', row)}"
