@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=200 if on_gpu else 2, help="optimizer steps per trained model")
     parser.add_argument("--train-len", type=int, default=16384, help="training sequence length")
     parser.add_argument("--grad-accum", type=int, default=8 if on_gpu else 1)
+    parser.add_argument("--lr", type=float, default=2e-4 if on_gpu else 5e-4,
+                        help="learning rate (the CPU's few steps take a larger one, as the demo does)")
+    parser.add_argument("--warmup", type=int, help="warmup steps (default: steps // 10)")
     parser.add_argument("--seq-lens", default="2048,4096,8192,16384", help="evaluation lengths")
     parser.add_argument("--eval-tokens", type=int, default=16385, help="held-out tokens scored at each length")
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "reproduce")
@@ -65,12 +68,16 @@ def train_split(folder: Path) -> Path:
 
 
 def train(name: str, args: argparse.Namespace, data: Path) -> dict:
-    """One training run; returns its mean tokens/s (after the first step) and peak memory."""
+    """One training run (resumed if interrupted, reused if finished); returns its mean tokens/s
+    (after the first step) and peak memory."""
     output = args.output / name
+    warmup = args.steps // 10 if args.warmup is None else args.warmup
     overrides = [f"data.path=\"{data}\"", f"data.max_seq_length={args.train_len}", f"train.output_dir=\"{output}\"",
-                 f"train.max_steps={args.steps}", f"train.grad_accum={args.grad_accum}", "train.save_every=0",
-                 "train.overwrite=true", *TRAINED[name]]
-    subprocess.run([sys.executable, "launch/train.py", SMOLLM2, *overrides], cwd=ROOT, check=True)
+                 f"train.max_steps={args.steps}", f"train.grad_accum={args.grad_accum}", f"train.lr={args.lr}",
+                 f"train.warmup_steps={warmup}", "train.save_every=1", "train.keep_checkpoints=1",
+                 "train.resume=\"auto\"", *TRAINED[name]]
+    if not (output / "final").is_dir():
+        subprocess.run([sys.executable, "launch/train.py", SMOLLM2, *overrides], cwd=ROOT, check=True)
     steps = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if "tokens_per_s" in s]
     timed = steps[1:] or steps
@@ -81,6 +88,8 @@ def train(name: str, args: argparse.Namespace, data: Path) -> dict:
 def evaluate(name: str, args: argparse.Namespace, adapter: str | None, rope_factor: float) -> dict[int, float]:
     """Perplexity per length on the held-out book, through tools/eval_ppl.py."""
     report = args.output / f"{name}.ppl.json"
+    if report.is_file():  # finished in an earlier, interrupted run of this benchmark
+        return {r["seq_len"]: r["ppl"] for r in json.loads(report.read_text())["results"]}
     command = [sys.executable, "tools/eval_ppl.py", "--model", BASE, "--data", str(BOOKS / HELD_OUT),
                "--seq-lens", args.seq_lens, "--max-tokens", str(args.eval_tokens), "--json", str(report),
                "--rope-factor", str(rope_factor), "--adapter", adapter or "none"]

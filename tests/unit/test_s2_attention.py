@@ -248,6 +248,16 @@ def test_causal_attention_equals_torch_sdpa_is_causal(case):
         assert_matches(causal_attention(q, k, v, kernel=kernel), expected)
 
 
+def test_sdpa_kernel_keeps_only_its_inputs_for_backward():
+    """Memory: S2 by SDPA saves q, k, v and nothing else (no per-call outputs or their concatenation),
+    so its peak stays at full attention's: the output and the input gradients, once each."""
+    q, k, v = (x.requires_grad_() for x in qkv_of(heads=8, kv_heads=4, seq_len=64))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = shift_short_attention(q, k, v, 16, kernel="sdpa")
+    assert {t.untyped_storage().data_ptr() for t in saved} == {x.untyped_storage().data_ptr() for x in (q, k, v)}
+
+
 # ---------------------------------------------------------------------------- errors
 
 
