@@ -776,7 +776,7 @@ def _held_part(setup: Setup, layer_saved: int) -> Part:
 def _kernel_note(setup: Setup) -> str:
     group = f", G = {setup.group}" if setup.group else ""
     return {
-        "fused": f"fused kernel: output + logsumexp{group}",
+        "fused": f"piecewise SDPA: its output{group}" if setup.group else "fused kernel: output + logsumexp",
         "math": f"SDPA math fallback: (B, H, L, {'G' if setup.group else 'L'}) scores{group}",
         "eager-full": "eager: (B, H, L, L) scores",
         "eager-s2": f"S2 eager kernel: dense (B, H, L, L) masked scores{group}",

@@ -26,8 +26,8 @@ Semantics of `shift_short_attention(query, key, value, G, ...)`:
 * With G == L the unshifted half is exactly `causal_attention`.
 
 Kernels (`kernel=`): "eager" builds the dense (L, L) mask per half of the heads (the readable
-reference); "sdpa" runs torch SDPA on grouped views, one call per (KV head, run of equal
-groups), with is_causal=True when there is no padding or packing and otherwise a boolean (G, G)
+reference); "sdpa" runs torch SDPA on grouped views, one call per piece (runs of whole
+groups times runs of whole KV heads), with is_causal=True when there is no padding or packing and otherwise a boolean (G, G)
 mask per group; it writes one output and recomputes each call in backward, so its peak memory
 stays at full attention's (see _PiecewiseSDPA); "flash" runs flash-attn's
 varlen kernel with one varlen sequence per (row, group, document); "auto" picks "flash" for
@@ -88,7 +88,7 @@ def shift_short_attention(query, key, value, group_size, attention_mask=None, po
     kernel = _select_kernel(kernel, query)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if kernel == "sdpa":
-        pieces = _sdpa_pieces(query.shape[1], key.shape[1], query.shape[2], group_size, tokens)
+        pieces = _sdpa_pieces(query.shape, key.shape[1], group_size, tokens)
         return _zero_padding(_PiecewiseSDPA.apply(query, key, value, pieces, scaling), tokens)
     halves = _split_heads(query, key, value)
     run = _KERNELS[kernel]
@@ -272,18 +272,36 @@ class _Piece(NamedTuple):
     mask: torch.Tensor | None  # (B * n, 1, block, block) bool, or None for plain causal blocks
 
 
-def _sdpa_pieces(heads, kv_heads, seq_len, group_size, tokens: _Tokens) -> list[_Piece]:
-    """The pieces of S2: for each half of the heads and each of its segments, one piece per KV head
-    (with the query heads that share it; MQA: the half's query heads)."""
+# A piece's query holds at most 1/PIECE_SHARE of the query's elements (one KV head and one group at
+# the least): the backward's transients (a few piece-sized tensors: the recomputed output, the
+# piece's gradients, the kernel's buffers) then stay a few percent of one (B, L, H, D) tensor.
+PIECE_SHARE = 128
+
+
+def _sdpa_pieces(query_shape, kv_heads, group_size, tokens: _Tokens) -> list[_Piece]:
+    """The SDPA calls of S2 for a query of `query_shape` (B, H, L, D): per half of the heads and
+    per segment of equal groups, runs of whole groups times runs of whole KV heads (with the
+    query heads that share them; MQA: the half's query heads), within the piece budget."""
+    batch, heads, seq_len, dim = query_shape
+    budget = batch * heads * seq_len * dim // PIECE_SHARE
     pieces = []
     for (q_half, kv_half), shift in zip(_head_halves(heads, kv_heads), (0, group_size // 2)):
-        per_kv = (q_half.stop - q_half.start) // (kv_half.stop - kv_half.start)
+        half_kv = kv_half.stop - kv_half.start
+        per_kv = (q_half.stop - q_half.start) // half_kv  # query heads per KV head
         for start, length, block in _segments(seq_len, group_size, shift):
-            mask = _block_mask(tokens, start, length, block)
-            for kv in range(kv_half.start, kv_half.stop):
-                q_start = q_half.start + (kv - kv_half.start) * per_kv
-                pieces.append(_Piece(slice(q_start, q_start + per_kv), slice(kv, kv + 1),
-                                     slice(start, start + length), block, mask))
+            group_elements = batch * per_kv * block * dim  # one KV head's queries over one group
+            groups = length // block
+            groups_per_piece = max(1, min(groups, budget // group_elements))
+            kv_per_piece = max(1, min(half_kv, budget // (group_elements * groups))) if groups_per_piece == groups else 1
+            for first_group in range(0, groups, groups_per_piece):
+                piece_start = start + first_group * block
+                piece_tokens = slice(piece_start, piece_start + min(groups_per_piece, groups - first_group) * block)
+                mask = _block_mask(tokens, piece_tokens.start, piece_tokens.stop - piece_tokens.start, block)
+                for kv in range(kv_half.start, kv_half.stop, kv_per_piece):
+                    kv_stop = min(kv + kv_per_piece, kv_half.stop)
+                    q_start = q_half.start + (kv - kv_half.start) * per_kv
+                    pieces.append(_Piece(slice(q_start, q_start + (kv_stop - kv) * per_kv), slice(kv, kv_stop),
+                                         piece_tokens, block, mask))
     return pieces
 
 
@@ -318,13 +336,18 @@ class _PiecewiseSDPA(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         grads = [x.new_zeros(x.shape[0], x.shape[2], x.shape[1], x.shape[3]).transpose(1, 2) for x in (q, k, v)]
         for piece in ctx.pieces:
-            inputs = [x.detach().requires_grad_() for x in _piece_inputs(q, k, v, piece)]
-            with torch.enable_grad():
-                out = _sdpa_blocks(*inputs, piece.block, piece.mask, ctx.scaling)
-            piece_grads = torch.autograd.grad(out, inputs, grad_out[:, piece.tokens, piece.q_heads])
-            for grad_view, piece_grad in zip(_piece_inputs(*grads, piece), piece_grads):
-                grad_view += piece_grad
+            _add_piece_gradients(grads, (q, k, v), grad_out, piece, ctx.scaling)
         return *grads, None, None
+
+
+def _add_piece_gradients(grads, qkv, grad_out, piece: _Piece, scaling) -> None:
+    """Recompute one piece and add its q, k, v gradients into `grads`; its transients die on return."""
+    inputs = [x.detach().requires_grad_() for x in _piece_inputs(*qkv, piece)]
+    with torch.enable_grad():
+        out = _sdpa_blocks(*inputs, piece.block, piece.mask, scaling)
+    piece_grads = torch.autograd.grad(out, inputs, grad_out[:, piece.tokens, piece.q_heads])
+    for grad_view, piece_grad in zip(_piece_inputs(*grads, piece), piece_grads):
+        grad_view += piece_grad
 
 
 def flash_varlen_layout(valid, doc, group_size, shift):
