@@ -31,7 +31,8 @@ last peak x 2.2 (or its last wall time x 2.2) would pass --budget-gb (--timeout-
 lengths are "skipped"; --others-max-length runs the peers of longqlora only up to a length, and
 --merge adds a run's cells to an earlier results file (a subset run on a busy machine).
 A run whose RSS passes the budget is killed ("over budget"). The harness's memory planner
-(harness.memory.plan), where it imports, adds its prediction for each cell. Results: a rich
+(harness.memory.plan), where it imports, adds its prediction for each cell and, for measured
+cells, its error (on the CPU: the RSS before the step + the planned dynamic tensors). Results: a rich
 table (peak GB and the ratio to longqlora at the same L), bench/results/memory.json with a
 machine record, and bench/results/memory.png (peak against L).
 """
@@ -165,10 +166,8 @@ def benchmark(args) -> list[dict]:
             else:
                 row = {"config": config, "length": length, **run_one(config, length, args)}
                 last[config] = row
-            row.update(planned(config, length, args))
             rows.append(row)
             print(f"L={length:>6} {config:<20} {_summary(row)}", file=sys.stderr, flush=True)
-    add_ratios(rows)
     return rows
 
 
@@ -216,9 +215,21 @@ def merged(path: Path, rows: list[dict]) -> list[dict]:
     new = {(r["config"], r["length"]) for r in rows}
     old = [r for r in json.loads(path.read_text())["rows"] if (r["config"], r["length"]) not in new]
     order = {name: index for index, name in enumerate(CONFIGS)}
-    rows = sorted(old + rows, key=lambda r: (r["length"], order[r["config"]]))
-    add_ratios(rows)
-    return rows
+    return sorted(old + rows, key=lambda r: (r["length"], order[r["config"]]))
+
+
+def add_plans(rows: list[dict], args) -> None:
+    """The current planner's view of every cell, and its error where the cell was measured.
+
+    On the CPU the planner predicts tensors; the process (Python, libraries, glibc) is not
+    one, so its estimate of the peak RSS is the RSS measured just before the step (process +
+    weights) plus its dynamic part. On a GPU its allocated bytes are compared directly."""
+    for row in rows:
+        row.update(planned(row["config"], row["length"], args))
+        if row["status"] == "ok" and "plan_peak_bytes" in row:
+            predicted = row["plan_peak_bytes"] if args.cuda else row["before_bytes"] + row["plan_dynamic_bytes"]
+            row["plan_predicted_bytes"] = predicted
+            row["plan_error_pct"] = 100 * (predicted / row["peak_bytes"] - 1)
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -258,7 +269,7 @@ def print_table(rows: list[dict], record: dict, verdicts: dict) -> None:
     lengths = sorted({r["length"] for r in rows})
     what = "max_memory_allocated" if "CPU" not in record["device"] else "peak RSS"
     table = Table(title=f"One training step, SmolLM2-135M, B=1: {what} in GB (x longqlora), the step's increment "
-                        f"over the RSS before it, the planner's peak (+ its dynamic part); {record['device']}",
+                        f"over the RSS before it, the planner's prediction (its error); {record['device']}",
                   show_lines=True)
     table.add_column("config")
     for length in lengths:
@@ -277,11 +288,13 @@ def print_table(rows: list[dict], record: dict, verdicts: dict) -> None:
 
 
 def _cell(row: dict) -> str:
-    """peak (x longqlora), what the step added to the RSS before it, and the planner's peak (+ dynamic part)."""
-    plan = (f"\nplan {gb(row['plan_peak_bytes'])} (+{gb(row['plan_dynamic_bytes'])})"
-            if "plan_peak_bytes" in row else "")
+    """peak (x longqlora), what the step added to the RSS before it, and the planner's prediction
+    (its error; for cells not measured: its peak + dynamic part)."""
     if row["status"] != "ok":
+        plan = f"\nplan {gb(row['plan_peak_bytes'])} (+{gb(row['plan_dynamic_bytes'])})" if "plan_peak_bytes" in row else ""
         return row["status"] + plan
+    plan = (f"\nplan {gb(row['plan_predicted_bytes'])} ({row['plan_error_pct']:+.0f}%)"
+            if "plan_predicted_bytes" in row else "")
     ratio = f" (x{row['vs_longqlora']:.2f})" if "vs_longqlora" in row else ""
     return f"{gb(row['peak_bytes'])}{ratio}\nstep +{gb(row['peak_bytes'] - row['before_bytes'])}{plan}"
 
@@ -350,6 +363,8 @@ def main(argv=None) -> None:
     rows = benchmark(args)
     if args.merge:
         rows = merged(args.output, rows)
+    add_ratios(rows)
+    add_plans(rows, args)
     verdicts = targets(rows, args)
     print_table(rows, record, verdicts)
     config = {"recipe": SMOLLM2, "batch": 1, "lengths": args.lengths, "configs": args.configs,
@@ -358,7 +373,8 @@ def main(argv=None) -> None:
               "memory": "CPU: RSS before the step and the step's peak RSS (VmHWM reset after building); "
                         "maxrss_bytes = ru_maxrss of the whole process. GPU: max_memory_allocated",
               "plan": "harness.memory.plan(recipe, device): peak_bytes on the CPU (allocated_bytes on a GPU); "
-                      "peft-plain planned as full attention + unchunked loss"}
+                      "peft-plain planned as full attention + unchunked loss; plan_predicted_bytes = before_bytes + "
+                      "plan_dynamic_bytes on the CPU (the process is not a tensor), plan_peak_bytes on a GPU"}
     write_results(args.output, record, config, rows)
     plot(rows, verdicts, args.output.with_suffix(".png"), record)
 
