@@ -32,6 +32,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.backends.s2 import PIECE_SHARE
 from harness.loss import chunk_tokens_for
 from harness.recipe import Recipe, find_relative
 
@@ -474,26 +475,29 @@ def attention_scores_bytes(setup: Setup) -> tuple[int, int]:
         eager-full  transformers' eager attention: K = L, and GQA's repeat_kv copies of k, v
         eager-s2    harness S2 "eager" kernel: dense (L, L) masked scores per half, K = L,
                     plus two (B, L, L) bool masks: S2 saves nothing here over full attention
-        math        SDPA's math fallback: K = G per group for S2 (the 1/4 of S2), else L
+        math        SDPA's math fallback, K = L; for S2 (piecewise SDPA) nothing is saved and the
+                    backward holds the scores, probabilities and their gradients of one piece
     """
     if setup.kernel == "fused":
         return 0, 0
     s, b, seq = setup.shape, setup.batch, setup.seq_len
-    keys = setup.group if setup.kernel == "math" and setup.group else seq
-    scores = b * s.heads * seq * keys
+    if setup.kernel == "math" and setup.group:
+        piece_queries = max(b * s.heads * seq // PIECE_SHARE, b * (s.heads // s.kv_heads) * setup.group)
+        return 0, 3 * 4 * piece_queries * setup.group
+    scores = b * s.heads * seq * seq
     per_score = 4 + (setup.dtypes.attention if setup.dtypes.attention != 4 else 0)
     saved = scores * per_score
     if setup.kernel == "eager-s2":
         saved += 2 * b * seq * seq  # the ~allowed masks saved by masked_fill, one per half
     if setup.kernel.startswith("eager") and s.kv_heads != s.heads:
         saved += 2 * b * seq * (s.heads - s.kv_heads) * s.head_dim * setup.dtypes.attention  # repeated k, v
-    share = _unshifted_share(s) if setup.group and setup.kernel != "eager-full" else 1.0
+    share = _unshifted_share(s) if setup.kernel == "eager-s2" else 1.0
     return saved, int(2 * 4 * scores * share)
 
 
 def _unshifted_share(shape: ModelShape) -> float:
     """The larger of S2's two head parts, as a share of the heads: ceil(H_kv / 2) of the KV
-    heads (ceil(H / 2) query heads for MQA), as harness.backends.s2._split_heads splits them."""
+    heads (ceil(H / 2) query heads for MQA), as harness.backends.s2._head_halves splits them."""
     if shape.kv_heads == 1:
         return math.ceil(shape.heads / 2) / shape.heads
     return math.ceil(shape.kv_heads / 2) / shape.kv_heads

@@ -237,18 +237,24 @@ def _sdpa_kernel(q, k, v, group_size, shift, tokens: _Tokens, scaling):
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
+def _blocks(x, block):
+    """(B, h, n * block, D) -> (B * n, h, block, D); a view when the memory layout allows."""
+    return x.transpose(1, 2).reshape(-1, block, x.shape[1], x.shape[-1]).transpose(1, 2)
+
+
+def _unblocks(x, batch):
+    """(B * n, h, block, D) -> (B, n * block, h, D)."""
+    return x.transpose(1, 2).reshape(batch, -1, x.shape[1], x.shape[-1])
+
+
 def _sdpa_blocks(q, k, v, block, mask, scaling):
     """Causal attention inside each run of `block` tokens: (B, h, n * block, D) -> (B, n * block, h, D)."""
-    batch, heads, length, dim = q.shape
-
-    def blocks(x):  # (B, h, n * block, D) -> (B * n, h, block, D); a view when the memory layout allows
-        return x.transpose(1, 2).reshape(-1, block, x.shape[1], dim).transpose(1, 2)
-
+    heads = q.shape[1]
     if mask is not None and heads != k.shape[1]:  # masked fused kernels may lack GQA (as in transformers)
         k, v = k.repeat_interleave(heads // k.shape[1], dim=1), v.repeat_interleave(heads // k.shape[1], dim=1)
-    out = F.scaled_dot_product_attention(blocks(q), blocks(k), blocks(v), attn_mask=mask, is_causal=mask is None,
-                                         scale=scaling, enable_gqa=heads != k.shape[1])
-    return out.transpose(1, 2).reshape(batch, length, heads, dim)
+    out = F.scaled_dot_product_attention(_blocks(q, block), _blocks(k, block), _blocks(v, block), attn_mask=mask,
+                                         is_causal=mask is None, scale=scaling, enable_gqa=heads != k.shape[1])
+    return _unblocks(out, q.shape[0])
 
 
 def _block_mask(tokens: _Tokens, start, length, block):
@@ -313,41 +319,86 @@ def _piece_inputs(q, k, v, piece: _Piece):
 class _PiecewiseSDPA(torch.autograd.Function):
     """S2 by SDPA, one piece at a time: q (B, H, L, D), k, v (B, H_kv, L, D) -> (B, L, H, D).
 
-    Forward writes every piece into one (B, L, H, D) output and saves only q, k, v; backward
-    recomputes the pieces one by one and adds their gradients into dq, dk, dv laid out
-    (B, L, H, D) like the projections' outputs. The attention then holds its output and its
-    input gradients once, plus one piece: autograd over separate SDPA calls keeps every call's
-    output besides their concatenation and concatenates the gradients (1.24x the peak of full
-    attention at 16k). The price is one more S2 forward (1/4 of full attention's FLOPs)."""
+    Forward writes every piece into one (B, L, H, D) output; backward adds each piece's
+    gradients into dq, dk, dv laid out (B, L, H, D) like the projections' outputs. The
+    attention then holds its output and its input gradients once, plus one piece: autograd
+    over separate SDPA calls keeps every call's output besides their concatenation and
+    concatenates the gradients (1.24x the peak of full attention at 16k).
+
+    On the CPU the pieces run torch's own CPU flash-attention pair (the kernels behind SDPA
+    there): forward saves each piece's logsumexp (B, h, L) and backward reads the output back
+    from the one buffer. Elsewhere backward recomputes each piece through SDPA (one more S2
+    forward, 1/4 of full attention's FLOPs) and saves nothing but q, k, v."""
 
     @staticmethod
     def forward(ctx, q, k, v, pieces, scaling):
         batch, heads, seq_len, dim = q.shape
         out = q.new_empty(batch, seq_len, heads, dim)
+        cpu_flash = _cpu_flash_available(q)
+        logsumexps = []
         for piece in pieces:
-            out[:, piece.tokens, piece.q_heads] = _sdpa_blocks(*_piece_inputs(q, k, v, piece), piece.block,
-                                                               piece.mask, scaling)
-        ctx.save_for_backward(q, k, v)
+            if cpu_flash:
+                piece_out, logsumexp = _cpu_flash_forward(*_piece_inputs(q, k, v, piece), piece, scaling)
+                logsumexps.append(logsumexp)
+            else:
+                piece_out = _sdpa_blocks(*_piece_inputs(q, k, v, piece), piece.block, piece.mask, scaling)
+            out[:, piece.tokens, piece.q_heads] = piece_out
+        ctx.save_for_backward(q, k, v, out, *logsumexps)
         ctx.pieces, ctx.scaling = pieces, scaling
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v = ctx.saved_tensors
+        q, k, v, out, *logsumexps = ctx.saved_tensors
         grads = [x.new_zeros(x.shape[0], x.shape[2], x.shape[1], x.shape[3]).transpose(1, 2) for x in (q, k, v)]
-        for piece in ctx.pieces:
-            _add_piece_gradients(grads, (q, k, v), grad_out, piece, ctx.scaling)
+        for index, piece in enumerate(ctx.pieces):
+            state = (out, logsumexps[index]) if logsumexps else None
+            _add_piece_gradients(grads, (q, k, v), grad_out, state, piece, ctx.scaling)
         return *grads, None, None
 
 
-def _add_piece_gradients(grads, qkv, grad_out, piece: _Piece, scaling) -> None:
-    """Recompute one piece and add its q, k, v gradients into `grads`; its transients die on return."""
-    inputs = [x.detach().requires_grad_() for x in _piece_inputs(*qkv, piece)]
-    with torch.enable_grad():
-        out = _sdpa_blocks(*inputs, piece.block, piece.mask, scaling)
-    piece_grads = torch.autograd.grad(out, inputs, grad_out[:, piece.tokens, piece.q_heads])
+def _cpu_flash_available(q) -> bool:
+    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _add_piece_gradients(grads, qkv, grad_out, state, piece: _Piece, scaling) -> None:
+    """Add one piece's q, k, v gradients into `grads`: from its saved (output, logsumexp) state,
+    else by recomputing it. The piece's transients die on return."""
+    inputs = _piece_inputs(*qkv, piece)
+    piece_grad_out = grad_out[:, piece.tokens, piece.q_heads]  # (B, length, h, D)
+    if state is not None:
+        out, logsumexp = state
+        piece_grads = _cpu_flash_backward(piece_grad_out, *inputs, out[:, piece.tokens, piece.q_heads], logsumexp,
+                                          piece, scaling)
+    else:
+        inputs = [x.detach().requires_grad_() for x in inputs]
+        with torch.enable_grad():
+            piece_out = _sdpa_blocks(*inputs, piece.block, piece.mask, scaling)
+        piece_grads = torch.autograd.grad(piece_out, inputs, piece_grad_out)
     for grad_view, piece_grad in zip(_piece_inputs(*grads, piece), piece_grads):
         grad_view += piece_grad
+
+
+def _cpu_flash_forward(q, k, v, piece: _Piece, scaling):
+    """q (B, h, length, D), k, v (B, h_kv, length, D) -> output (B, length, h, D), logsumexp."""
+    out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _blocks(q, piece.block), _blocks(k, piece.block), _blocks(v, piece.block), 0.0, piece.mask is None,
+        attn_mask=_additive_mask(piece.mask, q.dtype), scale=scaling)
+    return _unblocks(out, q.shape[0]), logsumexp
+
+
+def _cpu_flash_backward(grad_out, q, k, v, out, logsumexp, piece: _Piece, scaling):
+    """grad_out, out (B, length, h, D) -> gradients of q, k, v as (B, h(_kv), length, D)."""
+    token_major = [_blocks(x.transpose(1, 2), piece.block) for x in (grad_out, out)]
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        token_major[0], _blocks(q, piece.block), _blocks(k, piece.block), _blocks(v, piece.block), token_major[1],
+        logsumexp, 0.0, piece.mask is None, attn_mask=_additive_mask(piece.mask, q.dtype), scale=scaling)
+    return [_unblocks(grad, q.shape[0]).transpose(1, 2) for grad in grads]
+
+
+def _additive_mask(mask, dtype):
+    """The CPU flash kernel takes a float mask: 0 where allowed, -inf elsewhere (None stays None)."""
+    return None if mask is None else torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def flash_varlen_layout(valid, doc, group_size, shift):

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from harness.backends.s2 import PIECE_SHARE
 from harness.memory import CARDS, PlanError, attention_scores_bytes, model_shape, plan, resolve_setup
 from harness.recipe import load_recipe
 from tests.conftest import ROOT
@@ -87,18 +88,23 @@ def test_activations_grow_linearly_in_the_sequence_length():
     assert sizes[0].peak_bytes < sizes[1].peak_bytes < sizes[2].peak_bytes
 
 
-def test_s2_math_scores_are_a_quarter_of_full_attention():
-    """S2 splits attention into groups of G = L/4: a score-materialising kernel (SDPA's math
-    fallback, here GQA on a V100) then holds (B, H, L, G) scores instead of (B, H, L, L)."""
+def test_s2_math_kernel_saves_no_scores():
+    """SDPA's math fallback (here GQA on a V100) materialises scores. Full attention saves (B, H, L, L)
+    of them; S2's piecewise SDPA saves none and holds one piece's (one KV head's queries over
+    one group, or 1/PIECE_SHARE of the queries) during backward."""
     def scores(name):
         r = load_recipe("recipes/tiny_cpu.toml", list(at_length(4096, SMOL_SHAPE, f'attention.name="{name}"')))
         setup = resolve_setup(r, model_shape(r), device="cuda", card=CARDS["v100-32gb"], seq_len=None)
         assert setup.kernel == "math"
-        return attention_scores_bytes(setup)
+        return attention_scores_bytes(setup), setup
 
-    s2, full = scores("s2"), scores("full")
-    assert s2[0] * 4 == full[0]
-    assert s2[1] < full[1] / 4  # backward: only one head part's score gradients at a time
+    (s2_saved, s2_backward), setup = scores("s2")
+    (full_saved, full_backward), _ = scores("full")
+    shape = setup.shape
+    one_piece = max(shape.heads * 4096 // PIECE_SHARE, shape.heads // shape.kv_heads * 1024) * 1024
+    assert (s2_saved, s2_backward) == (0, 3 * 4 * one_piece)
+    assert full_saved == shape.heads * 4096 * 4096 * (4 + setup.dtypes.attention % 4)
+    assert s2_backward < full_backward / 16
 
 
 def test_s2_eager_kernel_is_dense():
