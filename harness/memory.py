@@ -457,11 +457,11 @@ def _linear_saves(setup: Setup) -> dict[str, int]:
 
 def _attention_saved_per_token(setup: Setup) -> int:
     """Fused kernels (SDPA flash / memory-efficient, flash-attn, torch's CPU flash) save
-    their output (B, L, H*D) and the fp32 logsumexp (B, H, L); S2's piecewise SDPA keeps only
-    its one output (it recomputes the logsumexp in backward); the score-materialising
-    kernels are counted by `attention_scores_bytes`."""
+    their output (B, L, H*D) and the fp32 logsumexp (B, H, L); S2's piecewise SDPA keeps its one
+    output and, on the CPU, the logsumexp (on a GPU it recomputes it in backward); the
+    score-materialising kernels are counted by `attention_scores_bytes`."""
     s = setup.shape
-    logsumexp = s.heads * 4 if setup.kernel == "fused" and not setup.group else 0
+    logsumexp = s.heads * 4 if setup.kernel == "fused" and not (setup.group and setup.device == "cuda") else 0
     return s.heads * s.head_dim * setup.dtypes.attention + logsumexp
 
 

@@ -26,12 +26,12 @@ Semantics of `shift_short_attention(query, key, value, G, ...)`:
 * With G == L the unshifted half is exactly `causal_attention`.
 
 Kernels (`kernel=`): "eager" builds the dense (L, L) mask per half of the heads (the readable
-reference); "sdpa" runs torch SDPA on grouped views, one call per piece (runs of whole
-groups times runs of whole KV heads), with is_causal=True when there is no padding or packing and otherwise a boolean (G, G)
-mask per group; it writes one output and recomputes each call in backward, so its peak memory
-stays at full attention's (see _PiecewiseSDPA); "flash" runs flash-attn's
-varlen kernel with one varlen sequence per (row, group, document); "auto" picks "flash" for
-fp16/bf16 CUDA tensors on Ampere+ when flash-attn is installed, else "sdpa".
+reference); "sdpa" runs torch SDPA on grouped views, one call per piece (runs of whole groups
+times runs of whole KV heads), with is_causal=True when there is no padding or packing and
+otherwise a boolean (G, G) mask per group; it writes all pieces into one output and their
+gradients into one dq, dk, dv, so its peak memory stays at full attention's (_PiecewiseSDPA);
+"flash" runs flash-attn's varlen kernel with one varlen sequence per (row, group, document);
+"auto" picks "flash" for fp16/bf16 CUDA tensors on Ampere+ when flash-attn is installed, else "sdpa".
 
 `s2_attention_forward` plugs this into transformers' AttentionInterface: S2 when the module is
 training (or `S2Settings.at_inference`), full causal attention otherwise. With a KV cache
