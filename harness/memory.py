@@ -231,6 +231,7 @@ class Setup:
     dtypes: Dtypes
     kernel: str  # fused | math | eager-full | eager-s2 (what actually runs)
     checkpointing: bool
+    offload_activations: bool  # GPU: checkpointed hidden states wait in CPU RAM (save_on_cpu)
     chunked: bool
     targets: tuple[str, ...]  # adapted linear layers
     rank: int  # LoRA r; 0 = no adapter (full fine-tuning)
@@ -258,6 +259,7 @@ def resolve_setup(recipe: Recipe, shape: ModelShape, *, device: str, card: Card 
         optimizer=_optimizer(recipe, cuda, deepspeed),
         dtypes=_dtypes(recipe, cuda, card, precision, deepspeed is not None, autocast),
         kernel=_kernel(recipe, shape, cuda, card), checkpointing=recipe.train.gradient_checkpointing,
+        offload_activations=cuda and recipe.train.offload_activations,
         chunked=recipe.train.chunked_loss, targets=_targets(adapter.target_modules) if adapter.name == "lora" else (),
         rank=adapter.r if adapter.name == "lora" else 0, dropout=adapter.dropout,
         trainable_embeddings=adapter.name == "lora" and adapter.trainable_embeddings,
@@ -765,6 +767,10 @@ def _held_part(setup: Setup, layer_saved: int) -> Part:
     does not require grad under non-reentrant checkpointing or none, so its input norm and its
     q/k/v dropout masks are not saved."""
     s, t, tokens = setup.shape, setup.dtypes, setup.batch * setup.seq_len
+    if setup.checkpointing and setup.offload_activations:  # in CPU RAM; the layer in backward fetches its own
+        one_layer = tokens * s.hidden * t.stream
+        return Part("checkpointed hidden states", one_layer, phases=("attention", "mlp", "loss"), dynamic=True,
+                    cpu_bytes=s.layers * one_layer, note=f"{s.layers} x (B, L, d) in pinned CPU RAM, one on the GPU")
     if setup.checkpointing:
         return Part("checkpointed hidden states", s.layers * tokens * s.hidden * t.stream,
                     phases=("attention", "mlp", "loss"), dynamic=True,
@@ -837,11 +843,11 @@ def suggestions(recipe: Recipe, shape: ModelShape, device: str, card: Card, curr
         out.append(f"{text}: {_gib(peak)}")
         if peak <= card.total_bytes:
             return out
-    held = _replan(best, shape, device, card, current.seq_len).part_bytes("checkpointed hidden states")
-    if held:
-        out.append(f"offload the checkpointed hidden states to CPU RAM (not in the harness; e.g. "
-                   f"torch.autograd.graph.save_on_cpu): {_gib(peak - held)}")
-        if peak - held <= card.total_bytes:
+    if device == "cuda" and best.train.gradient_checkpointing and not best.train.offload_activations:
+        best = _with(best, "train", offload_activations=True)
+        peak = _replan(best, shape, device, card, current.seq_len).peak_bytes
+        out.append(f"offload the checkpointed hidden states to CPU RAM (train.offload_activations=true): {_gib(peak)}")
+        if peak <= card.total_bytes:
             return out
     longest = longest_fitting(best, shape, device, card)
     out.append(f"train on shorter sequences: up to {longest} tokens fit" if longest

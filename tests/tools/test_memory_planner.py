@@ -126,6 +126,18 @@ def test_offloaded_optimizer_takes_no_gpu_memory():
     assert on_gpu.part_bytes("optimizer states") == 8 * on_gpu.trainable_params
 
 
+def test_offloaded_activations_leave_one_layer_input_on_the_gpu():
+    """train.offload_activations (save_on_cpu) moves the N checkpointed (B, L, d) hidden states to
+    CPU RAM; the layer in backward brings its own back."""
+    kept = plan(recipe("llama2_7b_8k", *at_length(32768)))
+    offloaded = plan(recipe("llama2_7b_8k", *at_length(32768), "train.offload_activations=true"))
+    held = kept.part_bytes("checkpointed hidden states")
+    assert held // (32 * 32768 * 4096) in (2, 4)  # 32 layers x (1, L, d) in a 16- or 32-bit stream
+    assert offloaded.part_bytes("checkpointed hidden states") == held // 32
+    assert offloaded.peak_bytes == kept.peak_bytes - held + held // 32
+    assert offloaded.cpu_bytes == kept.cpu_bytes + held
+
+
 # --------------------------------------------------------------------------- the paper's claims
 
 def test_llama2_13b_12k_fits_a_v100_32gb():
