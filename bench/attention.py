@@ -9,6 +9,7 @@ the transformers LLaMA attention hands them over. Methods:
     full      torch SDPA, is_causal=True (what transformers' "sdpa" attention runs)
     s2-sdpa   shift_short_attention(kernel="sdpa"), G = ratio * L
     s2-eager  shift_short_attention(kernel="eager"): dense (L, L) masks, the readable reference
+    s2-flash  shift_short_attention(kernel="flash"): flash-attn varlen (CUDA, where it is installed)
 
 Time: one subprocess per length runs every method on the same inputs, `warmup` times each, then
 `repeats` rounds that take turns between the methods, so that load from other processes on a
@@ -28,6 +29,7 @@ bench/results/attention.json give S2 / full ratios of time and memory.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -45,9 +47,10 @@ from bench.common import current_rss  # noqa: E402
 from bench.common import machine as common_machine  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 32, 128
-METHODS = ("full", "s2-sdpa", "s2-eager")
-RESULTS = Path(__file__).resolve().parent / "results" / "attention.json"
 CUDA = torch.cuda.is_available()
+FLASH = CUDA and importlib.util.find_spec("flash_attn") is not None
+METHODS = ("full", "s2-sdpa", "s2-eager") + (("s2-flash",) if FLASH else ())
+RESULTS = Path(__file__).resolve().parent / "results" / "attention.json"
 DEVICE, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
 
 

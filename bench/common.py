@@ -1,6 +1,7 @@
-"""Helpers shared by bench/memory.py and bench/train_step.py.
+"""Helpers shared by the benchmarks under bench/.
 
     record = machine()                      # where the numbers came from
+    weights = random_llama2_dir("llama2-7b")  # bf16 random weights of a published LLaMA2 shape
     result = run_child(command, env=..., budget_bytes=..., timeout_s=...)
     write_results(path, record, config, rows)
 
@@ -23,6 +24,12 @@ RESULTS_DIR = ROOT / "bench" / "results"
 SMOLLM2 = "recipes/smollm2_135m_16k.toml"
 GB = 1e9  # memory is reported in GB (10^9 bytes), as the issue's table states it
 POLL_S = 0.2  # how often the parent samples a child's RSS against the budget
+LLAMA2_SHAPES = {  # name -> (hidden, intermediate, layers, heads) of the published LLaMA2 configs (MHA)
+    "llama2-7b": (4096, 11008, 32, 32),
+    "llama2-13b": (5120, 13824, 40, 40),
+    "llama-tiny": (64, 160, 2, 4),  # smoke runs of the GPU benchmarks on a CPU
+}
+LLAMA2_CONTEXT = 4096
 
 
 # --------------------------------------------------------------------------- machine record
@@ -50,6 +57,52 @@ def _total_ram() -> int:
         if line.startswith("MemTotal:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+# --------------------------------------------------------------------------- LLaMA2-shaped models
+
+def llama2_config(name: str) -> dict:
+    hidden, intermediate, layers, heads = LLAMA2_SHAPES[name]
+    return {"vocab_size": 32000, "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+            "max_position_embeddings": LLAMA2_CONTEXT, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def llama2_overrides(weights: Path, target_length: int) -> tuple[str, ...]:
+    """Recipe overrides that swap SmolLM2 for a LLaMA2-shaped checkpoint, PI 4k -> target_length."""
+    return (f'model.name_or_path="{weights}"', 'model.tokenizer="builtin:bytes"',
+            f"model.original_context={LLAMA2_CONTEXT}", f"position.target_length={target_length}")
+
+
+def random_llama2_dir(name: str) -> Path:
+    """A bf16 checkpoint of random weights in LLaMA2 shape `name`, written once under the harness cache.
+
+    Random weights take the memory and time of real ones. They are drawn on the GPU where there
+    is one (a 13B model in seconds; the harness's own "random" models are fp32 and drawn on the
+    CPU, which takes minutes and twice the disk at this size)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from harness.base_model import cache_root
+
+    target = cache_root() / "random-bf16" / name
+    if (target / "config.json").is_file():
+        return target
+    tmp = target.with_name(f".{name}.partial")  # renamed to `target` once complete
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # drawn in bf16: half the memory of fp32 then a cast
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(LlamaConfig(**llama2_config(name), dtype="bfloat16"))
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.save_pretrained(tmp)
+    del model
+    torch.cuda.empty_cache()  # a no-op without CUDA
+    tmp.rename(target)
+    return target
 
 
 # --------------------------------------------------------------------------- inside a child

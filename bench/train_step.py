@@ -23,8 +23,9 @@ warm-up; RSS includes the Python runtime and libraries), torch.cuda.max_memory_a
 GPU. Ratios are against (a) at the same L. Results: a rich table and
 bench/results/train_step.json with a machine record.
 
---model llama2-7b swaps in a random-init model of LLaMA2-7B's shape (4k window, PI x2 to 8k)
-for GPU runs; random weights cost the same time and memory as real ones.
+--model llama2-7b / llama2-13b swaps in random bf16 weights of that shape (4k window, PI to
+the longest length; bench.common.random_llama2_dir) for GPU runs; random weights cost the same
+time and memory as real ones.
 """
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (GB, RESULTS_DIR, SMOLLM2, child_env, current_rss, emit, gb, length_label,  # noqa: E402
-                          machine, peak_rss, reset_peak_rss, run_child, write_results)
+from bench.common import (GB, LLAMA2_SHAPES, RESULTS_DIR, SMOLLM2, child_env, current_rss, emit, gb,  # noqa: E402
+                          length_label, llama2_config, llama2_overrides, machine, peak_rss, random_llama2_dir,
+                          reset_peak_rss, run_child, write_results)
 
 SETUPS = {  # name -> recipe overrides, in the order of the table; the first is the baseline
     "bf16-lora-full": ('quantization.name="none"', 'model.dtype="bf16"', 'attention.name="full"'),
@@ -47,15 +49,8 @@ SETUPS = {  # name -> recipe overrides, in the order of the table; the first is 
 }
 BASELINE = "bf16-lora-full"
 FP32_FALLBACK = 'model.dtype="fp32"'
-LLAMA2_7B = (
-    'model.name_or_path="random"', 'model.tokenizer="builtin:bytes"', "model.original_context=4096",
-    "model.init_config={vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, "
-    "num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rope_theta=10000.0, "
-    "tie_word_embeddings=false, bos_token_id=1, eos_token_id=2, pad_token_id=0}",
-    "position.target_length=8192",
-)
-MODELS = {"smollm2-135m": (), "llama2-7b": LLAMA2_7B}
-DEFAULT_LENGTHS = {"smollm2-135m": [1024, 2048, 4096], "llama2-7b": [8192]}
+MODELS = ("smollm2-135m", "llama2-7b", "llama2-13b")  # LLaMA2: random bf16 weights (bench.common)
+DEFAULT_LENGTHS = {"smollm2-135m": [1024, 2048, 4096], "llama2-7b": [8192], "llama2-13b": [8192]}
 
 
 # --------------------------------------------------------------------------- child: timed steps
@@ -109,18 +104,39 @@ def train_step(engine, batch: dict) -> float:
     return loss.item()
 
 
-def measure(overrides: list[str], length: int, steps: int, gpu_cap_gib: float | None) -> dict:
+def measure(model_name: str, overrides: list[str], length: int, steps: int, gpu_cap_gib: float | None) -> dict:
     """Child process: one warm-up step, then `steps` timed ones; their times and peak memory."""
+    overrides = [*model_overrides(model_name, length), *overrides, f"data.max_seq_length={length}"]
+    cap_gpu_memory(gpu_cap_gib)
+    recipe, engine, model = build(overrides)
+    return timed_steps(engine, model, length, steps)
+
+
+def model_overrides(model_name: str, target_length: int) -> tuple[str, ...]:
+    """SmolLM2 (the recipe's own model) or a LLaMA2 shape, its random weights built on first use."""
+    if model_name == "smollm2-135m":
+        return ()
+    return llama2_overrides(random_llama2_dir(model_name), target_length)
+
+
+def cap_gpu_memory(gib: float | None) -> None:
+    """torch.cuda.set_per_process_memory_fraction: this process may allocate `gib` GiB of the card."""
+    import torch
+
+    if torch.cuda.is_available() and gib:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / torch.cuda.mem_get_info()[1]))
+
+
+def timed_steps(engine, model, length: int, steps: int) -> dict:
+    """A warm-up step (first-call kernels, optimizer states), then `steps` timed ones at `length`."""
     import torch
 
     cuda = torch.cuda.is_available()
-    if cuda and gpu_cap_gib:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_cap_gib * 2**30 / torch.cuda.mem_get_info()[1]))
-    recipe, engine, model = build([*overrides, f"data.max_seq_length={length}"])
     batch = random_batch(model, length, engine.device)
     try:
-        train_step(engine, batch)  # warm-up: first-call kernels, optimizer states
+        train_step(engine, batch)
         if cuda:
+            torch.cuda.empty_cache()  # what an earlier, longer or shorter, step left cached
             torch.cuda.reset_peak_memory_stats()
         else:
             reset_peak_rss()
@@ -154,7 +170,7 @@ def benchmark(args) -> list[dict]:
 
 def run_setup(setup: str, length: int, args) -> dict:
     """One (setup, L) child; bf16 that fails on a CPU is measured again with fp32 weights."""
-    overrides = [*MODELS[args.model], *SETUPS[setup]]
+    overrides = list(SETUPS[setup])
     result = run_once(overrides, length, args)
     if setup == BASELINE and result["status"].startswith("error") and not args.cuda:
         failure = result["status"]
@@ -163,7 +179,7 @@ def run_setup(setup: str, length: int, args) -> dict:
 
 
 def run_once(overrides: list[str], length: int, args) -> dict:
-    command = [sys.executable, __file__, "--child", str(length), "--steps", str(args.steps)]
+    command = [sys.executable, __file__, "--child", str(length), "--steps", str(args.steps), "--model", args.model]
     if args.gpu_cap_gib:
         command += ["--gpu-cap-gib", str(args.gpu_cap_gib)]
     command += ["--", *overrides]
@@ -227,16 +243,16 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        emit(measure(args.overrides, args.child, args.steps, args.gpu_cap_gib))
+        emit(measure(args.model, args.overrides, args.child, args.steps, args.gpu_cap_gib))
         return
     record = machine()
     args.cuda = "CPU" not in record["device"]
-    if args.model == "llama2-7b" and not args.cuda:
-        parser.error("--model llama2-7b is a GPU benchmark (a 7B model on this CPU would take hours per step)")
+    if args.model != "smollm2-135m" and not args.cuda:
+        parser.error(f"--model {args.model} is a GPU benchmark (a step on this CPU would take hours)")
     args.lengths = sorted(args.lengths or DEFAULT_LENGTHS[args.model])
     rows = benchmark(args)
     print_table(rows, record, args)
-    config = {"model": args.model, "recipe": SMOLLM2, "model_overrides": list(MODELS[args.model]),
+    config = {"model": args.model, "recipe": SMOLLM2, "model_config": llama2_config(args.model) if args.model in LLAMA2_SHAPES else None,
               "setups": {name: list(SETUPS[name]) for name in args.setups}, "lengths": args.lengths,
               "batch": 1, "steps": args.steps, "warmup_steps": 1, "gpu_cap_gib": args.gpu_cap_gib,
               "step": "forward (CausalLMLoss) + backward + engine.step (clip, AdamW, scheduler)",

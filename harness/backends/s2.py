@@ -88,7 +88,7 @@ def shift_short_attention(query, key, value, group_size, attention_mask=None, po
     kernel = _select_kernel(kernel, query)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if kernel == "sdpa":
-        pieces = _sdpa_pieces(query.shape, key.shape[1], group_size, tokens)
+        pieces = _sdpa_pieces(query.shape, key.shape[1], group_size, tokens, query.device.type)
         return _zero_padding(_PiecewiseSDPA.apply(query, key, value, pieces, scaling), tokens)
     halves = _split_heads(query, key, value)
     run = _KERNELS[kernel]
@@ -281,15 +281,26 @@ class _Piece(NamedTuple):
 # A piece's query holds at most 1/PIECE_SHARE of the query's elements (one KV head and one group at
 # the least): the backward's transients (a few piece-sized tensors: the recomputed output, the
 # piece's gradients, the kernel's buffers) then stay a few percent of one (B, L, H, D) tensor.
+# On the CPU a piece may hold CPU_PIECE_FLOOR elements even so: smaller pieces save a few MiB and
+# cost one threaded kernel call each, which a busy CPU makes slow (a 512-token LLaMA-shaped query
+# on 2 loaded cores: 50 s of backward in 128 pieces, 0.6 s in one). GPUs keep the share alone: on
+# SDPA's math fallback (V100 with GQA) a piece's transient holds its (queries, G) scores.
 PIECE_SHARE = 128
+CPU_PIECE_FLOOR = 2**20
 
 
-def _sdpa_pieces(query_shape, kv_heads, group_size, tokens: _Tokens) -> list[_Piece]:
+def piece_budget(query_elements: int, device_type: str) -> int:
+    """The most query elements one SDPA piece may hold."""
+    share = query_elements // PIECE_SHARE
+    return max(share, CPU_PIECE_FLOOR) if device_type == "cpu" else share
+
+
+def _sdpa_pieces(query_shape, kv_heads, group_size, tokens: _Tokens, device_type: str) -> list[_Piece]:
     """The SDPA calls of S2 for a query of `query_shape` (B, H, L, D): per half of the heads and
     per segment of equal groups, runs of whole groups times runs of whole KV heads (with the
     query heads that share them; MQA: the half's query heads), within the piece budget."""
     batch, heads, seq_len, dim = query_shape
-    budget = batch * heads * seq_len * dim // PIECE_SHARE
+    budget = piece_budget(batch * heads * seq_len * dim, device_type)
     pieces = []
     for (q_half, kv_half), shift in zip(_head_halves(heads, kv_heads), (0, group_size // 2)):
         half_kv = kv_half.stop - kv_half.start

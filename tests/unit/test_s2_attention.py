@@ -169,8 +169,47 @@ def test_sdpa_piece_sizes_and_backward_paths_match_dense_reference(case, piece_s
     both backward paths: torch's CPU flash pair, and recomputing through SDPA (GPUs)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(s2, "PIECE_SHARE", piece_share)
+        patch.setattr(s2, "CPU_PIECE_FLOOR", 0)  # else these small queries are one piece per segment
         patch.setattr(s2, "_cpu_flash_available", lambda q: cpu_flash)
         assert_s2_matches_reference(case, ["sdpa"])
+
+
+def test_small_queries_on_the_cpu_run_in_few_pieces():
+    """A LLaMA-shaped 512-token query: 2M elements, under two CPU floors. On the CPU it is cut only
+    into its halves' segments (4 pieces); on a GPU, into 1/PIECE_SHARE of it each: one KV head x one
+    group, or two KV heads x one of the shifted half's G/2 partial groups (16 x 4 + 16 x 3 + 2 x 8)."""
+    shape, group_size = (1, 32, 512, 128), 128
+    tokens = s2._tokens(None, None, torch.empty(shape))
+    assert len(s2._sdpa_pieces(shape, 32, group_size, tokens, "cpu")) == 4
+    assert len(s2._sdpa_pieces(shape, 32, group_size, tokens, "cuda")) == 16 * 4 + 16 * 3 + 2 * 8
+
+
+GPU_TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 8e-2}  # atol = rtol; values and gradients are O(1)
+
+
+@pytest.mark.gpu
+@settings(max_examples=30, deadline=None)
+@given(case=attention_cases())
+def test_cuda_kernels_match_dense_reference(case):
+    """On a GPU: sdpa in fp32 and in bf16 (as training runs it), and flash where flash-attn is
+    installed, against the float64 CPU reference."""
+    runs = [("sdpa", torch.float32), ("sdpa", torch.bfloat16)]
+    runs += [("flash", torch.bfloat16)] if importlib.util.find_spec("flash_attn") else []
+    qkv = make_qkv(case, requires_grad=True)
+    weights = output_weights(case)
+    expected, expected_grads = output_and_grads(
+        lambda q, k, v: reference_attention(q, k, v, case["group_size"], case["valid"], case["positions"]),
+        qkv, weights)
+    valid, positions = (None if t is None else t.cuda() for t in (case["valid"], case["positions"]))
+    for kernel, dtype in runs:
+        on_gpu = [t.detach().to("cuda", dtype).requires_grad_() for t in qkv]
+        out, grads = output_and_grads(
+            lambda q, k, v: shift_short_attention(q, k, v, case["group_size"], valid, positions, kernel=kernel),
+            on_gpu, weights.to("cuda", dtype))
+        tolerance = GPU_TOLERANCE[dtype]
+        for actual, reference in zip((out, *grads), (expected, *expected_grads)):
+            torch.testing.assert_close(actual.cpu().double(), reference, atol=tolerance, rtol=tolerance,
+                                       msg=lambda m: f"{kernel} {dtype}: {m}")
 
 
 @CASES
