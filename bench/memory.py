@@ -58,7 +58,8 @@ HARNESS_CONFIGS = {  # recipe overrides that switch one mechanism off
     "-release_cpu_memory": ("train.release_cpu_memory=false",),
 }
 # What the planner is asked for peft-plain: the same tensors as full attention + full logits.
-PLAN_EQUIVALENT = {"peft-plain": HARNESS_CONFIGS["-s2"] + HARNESS_CONFIGS["-chunked_loss"]}
+PLAN_EQUIVALENT = {"peft-plain": HARNESS_CONFIGS["-s2"] + HARNESS_CONFIGS["-chunked_loss"]
+                   + ("train.fp32_frozen_weights=true",)}  # prepare_model_for_kbit_training
 CONFIGS = ("longqlora", "-s2", "-release_cpu_memory", "-chunked_loss", "peft-plain", "-checkpointing")
 LENGTHS = (2048, 4096, 8192, 16384, 32768)
 GROWTH = 2.2  # memory and time from L to 2L: linear terms x2, plus attention / logits headroom

@@ -324,7 +324,7 @@ def _dtypes(recipe: Recipe, cuda: bool, card: Card | None, precision: str, deeps
         # harness.model._weights_dtype: model.dtype, else the compute dtype on GPUs, fp32 on the CPU
         auto = BYTES[_device_dtype(recipe.quantization.compute_dtype, cuda, card)] if cuda else 4
         loaded = BYTES[recipe.model.dtype] if recipe.model.dtype != "auto" else auto
-        base = 4 if quantized else loaded  # prepare_model_for_kbit_training casts them to fp32
+        base = 4 if quantized and recipe.train.fp32_frozen_weights else loaded  # peft's k-bit preparation casts
         lora = 4 if recipe.adapter.name == "lora" else base  # peft keeps adapter weights in fp32
     stream = base  # the embedding output
     # Linear4bit returns its input's dtype (the norm output, = stream); nn.Linear under autocast the autocast dtype.
@@ -653,12 +653,11 @@ def _static_parts(setup: Setup) -> list[Part]:
     dtypes = setup.dtypes
     kind = {"nf4": "NF4", "int8": "int8", "none": f"{8 * dtypes.base_weights}-bit"}[setup.quant]
     double = " + double-quant absmax" if setup.quant == "nf4" and setup.double_quant else ""
-    upcast = ", fp32 by prepare_model_for_kbit_training" if dtypes.base_weights == 4 and setup.quant != "none" else ""
     lora = f"{trainable:,} trainable, {8 * dtypes.lora}-bit" if setup.rank else "full fine-tuning: the weights train"
     parts = [
         Part("weights (quantized linears)" if setup.quant != "none" else "weights (linears)", quantized,
              note=kind + double),
-        Part("weights (embeddings, norms, head)", unquantized, note=f"{8 * dtypes.base_weights}-bit{upcast}"),
+        Part("weights (embeddings, norms, head)", unquantized, note=f"{8 * dtypes.base_weights}-bit"),
         Part("LoRA parameters", trainable * dtypes.lora if setup.rank else 0, note=lora),
     ]
     return parts + _gradient_parts(setup, trainable) + _optimizer_parts(setup, trainable) + _overhead_parts(setup)

@@ -46,7 +46,7 @@ def build_model(recipe: Recipe, *, training: bool = True, with_adapter: bool = T
     model = _load_weights(base, config, quantization, dtype=_weights_dtype(cfg.dtype, recipe), trust=cfg.trust_remote_code)
     implementation = _backend_call(recipe, "attention", model)
     if training:
-        _prepare_for_training(model, quantized=quantization is not None,
+        _prepare_for_training(model, upcast=quantization is not None and recipe.train.fp32_frozen_weights,
                               checkpointing=recipe.train.gradient_checkpointing)
     if with_adapter:
         model = _backend_call(recipe, "adapter", model)
@@ -100,10 +100,13 @@ def _load_weights(base: str, config, quantization, *, dtype: torch.dtype, trust:
     )
 
 
-def _prepare_for_training(model, *, quantized: bool, checkpointing: bool) -> None:
-    """Freeze the base; fp32 norms for k-bit training; non-reentrant checkpointing."""
+def _prepare_for_training(model, *, upcast: bool, checkpointing: bool) -> None:
+    """Non-reentrant checkpointing; with `upcast`, peft's k-bit preparation (frozen base, fp32
+    embeddings, norms and head). Without it the frozen weights keep model.dtype: the residual
+    stream, and so every checkpointed hidden state, stays 16-bit on GPUs (half the activation
+    memory), while RMSNorm still computes in fp32 and the adapter and the loss stay fp32."""
     kwargs = {"use_reentrant": False}
-    if quantized:
+    if upcast:
         from peft import prepare_model_for_kbit_training
 
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=kwargs)

@@ -126,6 +126,7 @@ class TrainConfig:
     chunked_loss: bool = True  # head + cross-entropy in chunks: no full fp32 logits
     release_cpu_memory: bool = True  # CPU: freed tensors go back to the OS (harness.cpu_memory)
     offload_activations: bool = False  # GPU: keep checkpointed activations in pinned CPU memory
+    fp32_frozen_weights: bool = False  # QLoRA: peft's fp32 cast of embeddings, norms, head (fp32 residual stream)
     log_every: int = 1
     eval_every: int = 0
     eval_batches: int = 0  # 0 = the whole held-out split

@@ -88,7 +88,8 @@ def shift_short_attention(query, key, value, group_size, attention_mask=None, po
     kernel = _select_kernel(kernel, query)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if kernel == "sdpa":
-        pieces = _sdpa_pieces(query.shape, key.shape[1], group_size, tokens, query.device.type)
+        budget = piece_budget(query.numel(), query.device.type, _math_fallback(query, key, tokens))
+        pieces = _sdpa_pieces(query.shape, key.shape[1], group_size, tokens, budget)
         return _zero_padding(_PiecewiseSDPA.apply(query, key, value, pieces, scaling), tokens)
     halves = _split_heads(query, key, value)
     run = _KERNELS[kernel]
@@ -278,29 +279,41 @@ class _Piece(NamedTuple):
     mask: torch.Tensor | None  # (B * n, 1, block, block) bool, or None for plain causal blocks
 
 
-# A piece's query holds at most 1/PIECE_SHARE of the query's elements (one KV head and one group at
-# the least): the backward's transients (a few piece-sized tensors: the recomputed output, the
-# piece's gradients, the kernel's buffers) then stay a few percent of one (B, L, H, D) tensor.
-# On the CPU a piece may hold CPU_PIECE_FLOOR elements even so: smaller pieces save a few MiB and
-# cost one threaded kernel call each, which a busy CPU makes slow (a 512-token LLaMA-shaped query
-# on 2 loaded cores: 50 s of backward in 128 pieces, 0.6 s in one). GPUs keep the share alone: on
-# SDPA's math fallback (V100 with GQA) a piece's transient holds its (queries, G) scores.
+# How much of the query one SDPA piece holds. Small pieces bound the backward's transients (a few
+# piece-sized tensors: the recomputed output, the piece's gradients, the kernel's buffers, and on
+# SDPA's math fallback the piece's (queries, G) scores); each piece costs kernel calls.
+# - CPU: 1/PIECE_SHARE of the query (one KV head x one group at the least), but CPU_PIECE_FLOOR
+#   elements even so: a busy CPU makes many small threaded calls slow (a 512-token LLaMA-shaped
+#   query on 2 loaded cores: 50 s of backward in 128 pieces, 0.6 s in one).
+# - GPU, fused kernels: the whole query (one piece per half and segment). The transients are a
+#   few (B, L, H/2, D) tensors of one layer; 1/128 pieces made S2 24x slower than full attention
+#   at 8k on an H100 (launch-bound), whole ones 3x faster.
+# - GPU, math fallback (GQA before Ampere, or fp32 GQA): 1/PIECE_SHARE, as the scores are per piece.
 PIECE_SHARE = 128
 CPU_PIECE_FLOOR = 2**20
 
 
-def piece_budget(query_elements: int, device_type: str) -> int:
+def piece_budget(query_elements: int, device_type: str, math_fallback: bool) -> int:
     """The most query elements one SDPA piece may hold."""
     share = query_elements // PIECE_SHARE
-    return max(share, CPU_PIECE_FLOOR) if device_type == "cpu" else share
+    if device_type == "cpu":
+        return max(share, CPU_PIECE_FLOOR)
+    return share if math_fallback else query_elements
 
 
-def _sdpa_pieces(query_shape, kv_heads, group_size, tokens: _Tokens, device_type: str) -> list[_Piece]:
+def _math_fallback(query, key, tokens: _Tokens) -> bool:
+    """Whether CUDA SDPA runs its math kernel: unmasked GQA goes through enable_gqa, which only the
+    flash kernel takes among the fused ones (Ampere or newer, 16-bit); masked GQA repeats k, v."""
+    if not (query.is_cuda and query.shape[1] != key.shape[1] and tokens.plain):
+        return False
+    return query.dtype == torch.float32 or torch.cuda.get_device_capability(query.device) < (8, 0)
+
+
+def _sdpa_pieces(query_shape, kv_heads, group_size, tokens: _Tokens, budget: int) -> list[_Piece]:
     """The SDPA calls of S2 for a query of `query_shape` (B, H, L, D): per half of the heads and
     per segment of equal groups, runs of whole groups times runs of whole KV heads (with the
-    query heads that share them; MQA: the half's query heads), within the piece budget."""
+    query heads that share them; MQA: the half's query heads), each within `budget` query elements."""
     batch, heads, seq_len, dim = query_shape
-    budget = piece_budget(batch * heads * seq_len * dim, device_type)
     pieces = []
     for (q_half, kv_half), shift in zip(_head_halves(heads, kv_heads), (0, group_size // 2)):
         half_kv = kv_half.stop - kv_half.start

@@ -174,14 +174,17 @@ def test_sdpa_piece_sizes_and_backward_paths_match_dense_reference(case, piece_s
         assert_s2_matches_reference(case, ["sdpa"])
 
 
-def test_small_queries_on_the_cpu_run_in_few_pieces():
-    """A LLaMA-shaped 512-token query: 2M elements, under two CPU floors. On the CPU it is cut only
-    into its halves' segments (4 pieces); on a GPU, into 1/PIECE_SHARE of it each: one KV head x one
-    group, or two KV heads x one of the shifted half's G/2 partial groups (16 x 4 + 16 x 3 + 2 x 8)."""
+def test_piece_counts_of_a_small_llama_query():
+    """A LLaMA-shaped 512-token query (2M elements, under two CPU floors) with G = 128. On the CPU,
+    and on a GPU's fused kernels, it is cut only into its halves' segments (4 pieces: 1 unshifted,
+    3 shifted). On SDPA's math fallback, into 1/PIECE_SHARE of it each: one KV head x one group,
+    or two KV heads x one of the shifted half's G/2 partial groups (16 x 4 + 16 x 3 + 2 x 8)."""
     shape, group_size = (1, 32, 512, 128), 128
     tokens = s2._tokens(None, None, torch.empty(shape))
-    assert len(s2._sdpa_pieces(shape, 32, group_size, tokens, "cpu")) == 4
-    assert len(s2._sdpa_pieces(shape, 32, group_size, tokens, "cuda")) == 16 * 4 + 16 * 3 + 2 * 8
+    counts = {(device, fallback): len(s2._sdpa_pieces(shape, 32, group_size, tokens,
+                                                      s2.piece_budget(math.prod(shape), device, fallback)))
+              for device, fallback in (("cpu", False), ("cuda", False), ("cuda", True))}
+    assert counts == {("cpu", False): 4, ("cuda", False): 4, ("cuda", True): 16 * 4 + 16 * 3 + 2 * 8}
 
 
 GPU_TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 8e-2}  # atol = rtol; values and gradients are O(1)
