@@ -136,3 +136,22 @@ def test_summary_counts_packed_4bit_storage(capsys):
     build_model(tiny("attention.name=\"full\""), console=Console(width=120))
     out = capsys.readouterr().out
     assert "uint8" in out and "trainable" in out and "Estimated memory" in out
+
+
+@pytest.mark.parametrize("upcast, stream", [(False, torch.bfloat16), (True, torch.float32)])
+def test_frozen_weights_set_the_residual_stream_dtype(upcast, stream):
+    """QLoRA with 16-bit weights: by default the embeddings, norms and head keep model.dtype, so the
+    hidden states that checkpointing saves (each layer's input) are 16-bit; train.fp32_frozen_weights
+    restores peft's fp32 cast, and with it an fp32 stream. LoRA weights are fp32 either way."""
+    recipe = tiny("attention.name=\"full\"", "model.dtype=\"bf16\"", "quantization.compute_dtype=\"bf16\"",
+                  f"train.fp32_frozen_weights={str(upcast).lower()}")
+    model = build_model(recipe).model
+    inner = model.base_model.model.model
+    layer_inputs = []
+    inner.layers[1].register_forward_pre_hook(lambda module, args, kwargs: layer_inputs.append(args[0] if args else
+                                                                                               kwargs["hidden_states"]),
+                                              with_kwargs=True)
+    model(input_ids=torch.randint(3, 260, (1, 16)))
+    assert inner.embed_tokens.weight.dtype == inner.norm.weight.dtype == stream
+    assert layer_inputs[0].dtype == stream
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
