@@ -215,3 +215,16 @@ def test_cli_json(capsys):
 def test_cli_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     code, out = run_cli(capsys, *argv)
     assert code == 2 and message in out.err and out.err.count("\n") == 1
+
+
+def test_fp32_frozen_weights_double_the_checkpointed_hidden_states():
+    """As measured on an H100 (bench/results/memory_gpu.json): LLaMA2-7B at 32k without ZeRO fits
+    32 GiB with a 16-bit residual stream (21.5 GiB measured), not with peft's fp32 cast (OOM)."""
+    def hidden_states(*extra):
+        r = recipe("llama2_7b_8k", *at_length(32768), 'engine.name="accelerate"', "train.micro_batch_size=1", *extra)
+        result = plan(r, gpu_gib=32)
+        return result, next(p.bytes for p in result.parts if p.name == "checkpointed hidden states")
+
+    (bf16, bf16_states), (fp32, fp32_states) = hidden_states(), hidden_states("train.fp32_frozen_weights=true")
+    assert bf16_states == 32 * 32768 * 4096 * 2 and fp32_states == 2 * bf16_states
+    assert bf16.fits and not fp32.fits
