@@ -252,7 +252,8 @@ def main(argv=None) -> None:
     args.lengths = sorted(args.lengths or DEFAULT_LENGTHS[args.model])
     rows = benchmark(args)
     print_table(rows, record, args)
-    config = {"model": args.model, "recipe": SMOLLM2, "model_config": llama2_config(args.model) if args.model in LLAMA2_SHAPES else None,
+    llama2 = llama2_config(args.model) if args.model in LLAMA2_SHAPES else None
+    config = {"model": args.model, "recipe": SMOLLM2, "model_config": llama2,
               "setups": {name: list(SETUPS[name]) for name in args.setups}, "lengths": args.lengths,
               "batch": 1, "steps": args.steps, "warmup_steps": 1, "gpu_cap_gib": args.gpu_cap_gib,
               "step": "forward (CausalLMLoss) + backward + engine.step (clip, AdamW, scheduler)",
