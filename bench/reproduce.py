@@ -121,7 +121,7 @@ def print_table(rows: list[dict], lengths: list[int]) -> None:
         table.add_row(row["name"], *(f"{row['ppl'][n]:.2f}" for n in lengths),
                       *((f"{row['tokens_per_s']:.0f}", f"{row['peak_memory_gb']:.2f}", f"{row['speed_vs_lora']:.2f}",
                          f"{row['memory_vs_lora']:.2f}") if trained else ("-",) * 4))
-    Console().print(table)
+    Console(width=120).print(table)  # full column names also when output is not a terminal
 
 
 def plot(rows: list[dict], lengths: list[int], path: Path) -> None:
@@ -146,7 +146,7 @@ def main(argv=None) -> None:
     lengths = [int(n) for n in args.seq_lens.split(",")]
     rows = run(args)
     print_table(rows, lengths)
-    config = {key: str(value) for key, value in vars(args).items()}
+    config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     write_results(RESULTS_DIR / "reproduce.json", machine(), config, rows)
     plot(rows, lengths, RESULTS_DIR / "reproduce.png")
 
