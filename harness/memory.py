@@ -319,14 +319,15 @@ def _dtypes(recipe: Recipe, cuda: bool, card: Card | None, precision: str, deeps
     quantized = recipe.quantization.name != "none"
     half = BYTES[precision]
     if deepspeed and half == 2:
-        base = lora = 2  # DeepSpeed casts every floating parameter to fp16/bf16, LoRA included
+        base = lora = stream = 2  # DeepSpeed casts every floating parameter to fp16/bf16, LoRA included
     else:
         # harness.model._weights_dtype: model.dtype, else the compute dtype on GPUs, fp32 on the CPU
         auto = BYTES[_device_dtype(recipe.quantization.compute_dtype, cuda, card)] if cuda else 4
         loaded = BYTES[recipe.model.dtype] if recipe.model.dtype != "auto" else auto
         base = 4 if quantized and recipe.train.fp32_frozen_weights else loaded  # peft's k-bit preparation casts
         lora = 4 if recipe.adapter.name == "lora" else base  # peft keeps adapter weights in fp32
-    stream = base  # the embedding output
+        extras = recipe.adapter.name == "lora" and (recipe.adapter.trainable_embeddings or recipe.adapter.trainable_norms)
+        stream = 4 if extras else base  # the embedding output; trainable embeddings / norms are fp32 (adapter.py)
     # Linear4bit returns its input's dtype (the norm output, = stream); nn.Linear under autocast the autocast dtype.
     linear = half if autocast and not quantized else stream
     return Dtypes(

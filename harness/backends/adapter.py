@@ -27,7 +27,11 @@ def lora_adapter(model, *, r: int = 64, alpha: int = 16, dropout: float = 0.05,
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias=bias,
         task_type="CAUSAL_LM", modules_to_save=extra or None,
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    for parameter in model.parameters():
+        if parameter.requires_grad:  # trainable copies of 16-bit embeddings / norms: fp32 for AdamW, like LoRA
+            parameter.data = parameter.data.float()
+    return model
 
 
 @register("adapter", "none", description="Full fine-tuning: every weight trainable (unquantized bases only)")

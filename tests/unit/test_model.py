@@ -155,3 +155,12 @@ def test_frozen_weights_set_the_residual_stream_dtype(upcast, stream):
     assert inner.embed_tokens.weight.dtype == inner.norm.weight.dtype == stream
     assert layer_inputs[0].dtype == stream
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_trainable_embeddings_and_norms_train_in_fp32_over_16_bit_weights():
+    recipe = tiny("attention.name=\"full\"", "model.dtype=\"bf16\"", "quantization.compute_dtype=\"bf16\"",
+                  "adapter.trainable_embeddings=true", "adapter.trainable_norms=true")
+    model = build_model(recipe).model
+    trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    assert any("embed_tokens.modules_to_save" in name for name in trainable)
+    assert set(trainable.values()) == {torch.float32}
