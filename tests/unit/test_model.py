@@ -148,9 +148,11 @@ def test_frozen_weights_set_the_residual_stream_dtype(upcast, stream):
     model = build_model(recipe).model
     inner = model.base_model.model.model
     layer_inputs = []
-    inner.layers[1].register_forward_pre_hook(lambda module, args, kwargs: layer_inputs.append(args[0] if args else
-                                                                                               kwargs["hidden_states"]),
-                                              with_kwargs=True)
+
+    def record_input(module, args, kwargs):
+        layer_inputs.append(args[0] if args else kwargs["hidden_states"])
+
+    inner.layers[1].register_forward_pre_hook(record_input, with_kwargs=True)
     model(input_ids=torch.randint(3, 260, (1, 16)))
     assert inner.embed_tokens.weight.dtype == inner.norm.weight.dtype == stream
     assert layer_inputs[0].dtype == stream
