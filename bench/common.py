@@ -84,25 +84,22 @@ def random_llama2_dir(name: str) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from harness.base_model import cache_root
+    from harness.base_model import _atomic_build, cache_root
 
-    target = cache_root() / "random-bf16" / name
-    if (target / "config.json").is_file():
-        return target
-    tmp = target.with_name(f".{name}.partial")  # renamed to `target` once complete
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # drawn in bf16: half the memory of fp32 then a cast
-    try:
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = LlamaForCausalLM(LlamaConfig(**llama2_config(name), dtype="bfloat16"))
-    finally:
-        torch.set_default_dtype(default_dtype)
-    model.save_pretrained(tmp)
-    del model
-    torch.cuda.empty_cache()  # a no-op without CUDA
-    tmp.rename(target)
-    return target
+    def build(tmp: Path) -> None:
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # drawn in bf16: half the memory of fp32 then a cast
+        try:
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = LlamaForCausalLM(LlamaConfig(**llama2_config(name), dtype="bfloat16"))
+        finally:
+            torch.set_default_dtype(default_dtype)
+        model.save_pretrained(tmp)
+        del model
+        torch.cuda.empty_cache()  # a no-op without CUDA
+
+    return _atomic_build(cache_root() / "random-bf16" / name, build)
 
 
 # --------------------------------------------------------------------------- inside a child

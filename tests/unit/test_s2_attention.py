@@ -140,12 +140,16 @@ def assert_matches(actual, expected):
 # ---------------------------------------------------------------------------- dense reference
 
 
+def reference_output_and_grads(case, qkv, weights):
+    return output_and_grads(
+        lambda q, k, v: reference_attention(q, k, v, case["group_size"], case["valid"], case["positions"]),
+        qkv, weights)
+
+
 def assert_s2_matches_reference(case, kernels):
     qkv = make_qkv(case, requires_grad=True)
     weights = output_weights(case)
-    expected, expected_grads = output_and_grads(
-        lambda q, k, v: reference_attention(q, k, v, case["group_size"], case["valid"], case["positions"]),
-        qkv, weights)
+    expected, expected_grads = reference_output_and_grads(case, qkv, weights)
     for kernel in kernels:
         out, grads = output_and_grads(
             lambda q, k, v: shift_short_attention(q, k, v, case["group_size"], case["valid"], case["positions"],
@@ -200,9 +204,7 @@ def test_cuda_kernels_match_dense_reference(case):
     runs += [("flash", torch.bfloat16)] if importlib.util.find_spec("flash_attn") else []
     qkv = make_qkv(case, requires_grad=True)
     weights = output_weights(case)
-    expected, expected_grads = output_and_grads(
-        lambda q, k, v: reference_attention(q, k, v, case["group_size"], case["valid"], case["positions"]),
-        qkv, weights)
+    expected, expected_grads = reference_output_and_grads(case, qkv, weights)
     valid, positions = (None if t is None else t.cuda() for t in (case["valid"], case["positions"]))
     for kernel, dtype in runs:
         on_gpu = [t.detach().to("cuda", dtype).requires_grad_() for t in qkv]
