@@ -23,9 +23,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from harness.errors import HarnessError
 
 
-class BaseModelError(ValueError):
+class BaseModelError(HarnessError, ValueError):
     pass
 
 

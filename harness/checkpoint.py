@@ -29,10 +29,6 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
 
-class CheckpointError(RuntimeError):
-    pass
-
-
 def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints, oldest first."""
     if not output_dir.is_dir():

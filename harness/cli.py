@@ -39,15 +39,9 @@ def train_main(argv: list[str]) -> int:
 
 def harness_errors() -> tuple[type[Exception], ...]:
     """Errors that carry a user-facing message: printed, never shown as a traceback."""
-    from harness.base_model import BaseModelError
-    from harness.checkpoint import CheckpointError
-    from harness.data import DataError
-    from harness.demo import DemoError
-    from harness.engines import EngineError
-    from harness.registry import BackendError
-    from harness.train import TrainError
+    from harness.errors import HarnessError
 
-    return (RecipeError, BackendError, BaseModelError, DataError, DemoError, EngineError, CheckpointError, TrainError)
+    return (HarnessError,)
 
 
 def recipe_table(recipe: Recipe) -> Table:

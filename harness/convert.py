@@ -45,6 +45,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from harness.errors import HarnessError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -59,12 +60,14 @@ TOLERANCES = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2}
 VERIFY_TOKENS = 128  # sampled token ids in the verification forward pass
 
 
-class ConvertError(Exception):
+class ConvertError(HarnessError):
     """Unusable input; the message is one line that names the input and the fix."""
 
 
-class VerifyError(Exception):
+class VerifyError(HarnessError):
     """The merged model's logits differ from base + adapter by more than the tolerance."""
+
+    exit_code = 1
 
 
 @dataclass

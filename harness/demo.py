@@ -20,6 +20,7 @@ import sysconfig
 from pathlib import Path
 
 import torch
+from harness.errors import HarnessError
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_135m_16k.toml"
 MIN_DOCUMENT_BYTES = 60_000
@@ -27,7 +28,7 @@ HELD_OUT = ("pydoc.py", "turtle.py", "typing.py")  # ~400 KB of code and prose, 
 EVAL_LENGTHS = (2048, 4096, 8192, 16384)
 
 
-class DemoError(ValueError):
+class DemoError(HarnessError, ValueError):
     pass
 
 

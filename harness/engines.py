@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from harness.errors import HarnessError
 
 
-class EngineError(RuntimeError):
+class EngineError(HarnessError, RuntimeError):
     """The launch and the recipe disagree; the message says how to launch instead."""
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from harness.backends.s2 import PIECE_SHARE
 from harness.loss import chunk_tokens_for
 from harness.recipe import Recipe, find_relative
+from harness.errors import HarnessError
 
 GIB = 2**30
 MIB = 2**20
@@ -47,7 +48,7 @@ SEARCH_STEP = 1024  # longest-sequence search: multiples of this many tokens
 SEARCH_LIMIT = 1024 * SEARCH_STEP  # ... up to 1M tokens
 
 
-class PlanError(ValueError):
+class PlanError(HarnessError, ValueError):
     """A plan that cannot be made; the message says what to pass instead."""
 
 

@@ -20,6 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from harness.errors import HarnessError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,7 +30,7 @@ else:  # pragma: no cover
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
-class RecipeError(ValueError):
+class RecipeError(HarnessError, ValueError):
     """A recipe that cannot be used; the message names the file, the key and the fix."""
 
 
@@ -151,6 +152,7 @@ class Resolved:
     rope_factor: float = 0.0
     seq_len: int = 0
     group_size: int = 0  # S2 group size at seq_len (0 for full attention)
+    weights_dtype: str = ""  # what the frozen unquantized weights trained in (harness.policy); "" = not recorded
     world_size: int = 1
     effective_batch_size: int = 0  # sequences per optimizer step
     tokens_per_step: int = 0

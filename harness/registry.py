@@ -19,6 +19,7 @@ import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
 from typing import Callable
+from harness.errors import HarnessError
 
 KINDS = ("position", "quantization", "attention", "adapter", "engine", "data")
 ENTRY_POINT_GROUP = "harness.backends"
@@ -34,7 +35,7 @@ _BUILTIN_MODULES = (
 )
 
 
-class BackendError(ValueError):
+class BackendError(HarnessError, ValueError):
     """A backend was named that does not exist or cannot run on this machine."""
 
 

@@ -35,9 +35,10 @@ from harness.engines import Hyper, resolve_precision
 from harness.loss import CausalLMLoss
 from harness.model import build_model
 from harness.recipe import Recipe, find_relative, resolve
+from harness.errors import HarnessError
 
 
-class TrainError(RuntimeError):
+class TrainError(HarnessError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 
 from harness.registry import register
+from harness.errors import HarnessError
 
 
-class PositionError(ValueError):
+class PositionError(HarnessError, ValueError):
     pass
 
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from typing import Any
+from harness.errors import HarnessError
 
 logger = logging.getLogger("harness.data")
 
 
-class DataError(ValueError):
+class DataError(HarnessError, ValueError):
     """The data cannot be used as configured; the message names the input and the fix."""
 
 

@@ -12,11 +12,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from harness.errors import HarnessError
 
 TEXT_SUFFIXES = (".txt", ".md")
 
 
-class UsageError(Exception):
+class UsageError(HarnessError):
     """One line for stderr that names the argument, its value and what is wrong."""
 
 

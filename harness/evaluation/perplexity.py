@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from harness.errors import HarnessError
 
 PROTOCOLS = ("strided", "longlora")
 # Sequence positions whose fp32 log-probabilities are held at once: 2048 x a 32k vocab is
@@ -36,7 +37,7 @@ _SCORE_CHUNK = 2048
 Progress = Callable[[int, int], None]  # (scored tokens done, scored tokens in all)
 
 
-class EvaluationError(ValueError):
+class EvaluationError(HarnessError, ValueError):
     """Arguments that cannot describe an evaluation (the message names them)."""
 
 

@@ -1,0 +1,157 @@
+"""Every choice that depends on the hardware, made once, as pure functions of a Device.
+
+    device = Device.current()                       # training, eval and convert: this machine
+    device = CARDS["v100-32gb"].device              # the memory planner: a described card
+    compute_dtype("auto", device)                   # -> "fp16" on a V100
+
+Training, the memory planner, evaluation and convert all ask these functions, so a plan for
+a V100 makes exactly the choices a run on a V100 makes. Dtypes are names: "bf16", "fp16",
+"fp32". The rules, with their reasons:
+
+    compute dtype       "auto": bf16 where the card has it, fp16 on older cards (V100, T4),
+                        fp32 on the CPU (no native bf16 on most CPUs: emulated, many times slower)
+    precision           "auto": the compute dtype on a GPU, fp32 on the CPU
+    frozen weights      model.dtype; "auto": the compute dtype on a GPU, fp32 on the CPU
+    optimizer           "auto": DeepSpeed's CPU Adam when ZeRO offloads the optimizer, paged
+                        AdamW on a GPU, AdamW on the CPU (paged optimizers page GPU memory)
+    S2 group size       attention.group_size, else group_ratio x L rounded down to even, at
+                        least 2 and at most L
+    attention kernel    "auto": flash-attn on CUDA cards of compute capability 8.0 (Ampere) or
+                        newer, in 16-bit, when installed; SDPA otherwise. flash-attn has no
+                        kernels below sm80: on a V100 or T4 it would crash.
+    SDPA math fallback  torch's fused SDPA kernels take grouped-query attention (enable_gqa)
+                        only in flash form: 16-bit on Ampere or newer. Unmasked GQA elsewhere on
+                        CUDA runs the math kernel, which materialises the scores.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from harness.errors import HarnessError
+
+FLASH_CAPABILITY = (8, 0)  # flash-attn 2 and SDPA's flash kernel need Ampere or newer
+HALF = ("bf16", "fp16")
+
+
+class PolicyError(HarnessError, ValueError):
+    """A setting this device cannot honour; the message names the key and what to use."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the choices depend on: the kind of device, its CUDA capability and bf16 support."""
+
+    type: str = "cpu"  # cuda | cpu
+    capability: tuple[int, int] = (0, 0)  # CUDA compute capability; (0, 0) on the CPU
+    bf16: bool = False
+
+    @property
+    def cuda(self) -> bool:
+        return self.type == "cuda"
+
+    @classmethod
+    def current(cls) -> Device:
+        """This process's device: the current CUDA device, else the CPU."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return CPU
+        return cls("cuda", tuple(torch.cuda.get_device_capability()), bool(torch.cuda.is_bf16_supported()))
+
+
+CPU = Device()
+
+
+def compute_dtype(name: str, device: Device) -> str:
+    """The dtype bitsandbytes dequantizes into and the projections compute in."""
+    if name != "auto":
+        return name
+    if not device.cuda:
+        return "fp32"
+    return "bf16" if device.bf16 else "fp16"
+
+
+def precision(name: str, quant_compute: str, device: Device) -> str:
+    """train.precision: the autocast / DeepSpeed dtype."""
+    if name != "auto":
+        return name
+    if not device.cuda:
+        return "fp32"
+    if quant_compute == "bf16" and not device.bf16:
+        return "fp16"
+    return compute_dtype(quant_compute, device)
+
+
+def frozen_weights_dtype(model_dtype: str, quant_compute: str, device: Device) -> str:
+    """model.dtype: what the unquantized (frozen) weights load in."""
+    if model_dtype != "auto":
+        return model_dtype
+    if not device.cuda:
+        return "fp32"
+    return compute_dtype(quant_compute, device)
+
+
+def optimizer(name: str, device: Device, *, offloaded: bool) -> str:
+    """train.optimizer: adamw | paged_adamw_32bit | deepspeed_cpu_adam."""
+    if offloaded:
+        return "deepspeed_cpu_adam"  # an offloaded optimizer steps on the CPU: DeepSpeed's CPU Adam
+    if name == "auto":
+        name = "paged_adamw_32bit" if device.cuda else "adamw"
+    if name == "paged_adamw_32bit" and not device.cuda:
+        return "adamw"  # the same math; nothing to page on the CPU
+    return name
+
+
+def s2_group_size(seq_len: int, group_ratio: float = 0.25, group_size: int = 0) -> int:
+    """S2's group size G for a sequence of `seq_len` tokens (attention.group_size / group_ratio).
+
+    A fixed group_size must be even and >= 2. A batch shorter than it (short documents in
+    truncate mode) gets groups of its own length, rounded down to even: S2 needs G <= L."""
+    if group_size < 0 or group_size % 2 or group_size == 1:
+        raise PolicyError(f"attention.group_size = {group_size} must be even and >= 2 (shifted heads move by half "
+                          f"a group), or 0 to use attention.group_ratio")
+    if group_size == 0:
+        if not 0 < group_ratio <= 1:
+            raise PolicyError(f"attention.group_ratio = {group_ratio} must be in (0, 1]; the paper uses 0.25")
+        group_size = int(seq_len * group_ratio) // 2 * 2
+    return max(2, min(group_size, seq_len // 2 * 2))
+
+
+def flash_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def flash_usable(device: Device, dtype: str, installed: bool) -> bool:
+    """flash-attn can run here: installed, CUDA, sm80 or newer, 16-bit tensors."""
+    return installed and device.cuda and device.capability >= FLASH_CAPABILITY and dtype in HALF
+
+
+def attention_kernel(name: str, device: Device, dtype: str, *, installed: bool) -> str:
+    """attention.kernel: "auto" -> "flash" where flash_usable, else "sdpa"; an explicit "flash"
+    that cannot run here is refused with the reason."""
+    if name == "auto":
+        return "flash" if flash_usable(device, dtype, installed) else "sdpa"
+    if name == "flash" and not flash_usable(device, dtype, installed):
+        raise PolicyError(f"attention.kernel = \"flash\" cannot run here: {_flash_missing(device, dtype, installed)}. "
+                          f"Use attention.kernel = \"sdpa\" (or \"auto\")")
+    return name
+
+
+def _flash_missing(device: Device, dtype: str, installed: bool) -> str:
+    if not installed:
+        return "flash-attn is not installed (pip install 'longqlora-harness[flash]')"
+    if not device.cuda:
+        return "flash-attn needs a CUDA GPU"
+    if device.capability < FLASH_CAPABILITY:
+        return f"flash-attn needs compute capability 8.0 (Ampere) or newer, this card has {device.capability}"
+    return f"flash-attn computes in bf16 or fp16, not {dtype}"
+
+
+def sdpa_math_fallback(device: Device, dtype: str, *, gqa: bool, masked: bool) -> bool:
+    """Whether CUDA SDPA runs its math kernel: unmasked GQA goes through enable_gqa, which only
+    the flash kernel takes among the fused ones (Ampere or newer, 16-bit); masked GQA repeats
+    k and v first and stays fused."""
+    if not (device.cuda and gqa and not masked):
+        return False
+    return dtype not in HALF or device.capability < FLASH_CAPABILITY
