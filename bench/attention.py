@@ -56,12 +56,13 @@ DEVICE, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
 
 def attention(method: str, ratio: float):
     """fn(q, k, v) -> (B, L, H, D) for `method`."""
-    from harness.backends.s2 import resolve_group_size, shift_short_attention
+    from harness.backends.s2 import shift_short_attention
+    from harness.policy import s2_group_size
 
     if method == "full":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
     kernel = method.removeprefix("s2-")
-    return lambda q, k, v: shift_short_attention(q, k, v, resolve_group_size(q.shape[2], ratio), kernel=kernel)
+    return lambda q, k, v: shift_short_attention(q, k, v, s2_group_size(q.shape[2], ratio), kernel=kernel)
 
 
 def estimated_bytes(method: str, length: int) -> int:

@@ -31,6 +31,7 @@ as real ones. Results go to bench/results/plan_validation.json with a machine re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -123,18 +124,17 @@ def static_bytes(model) -> int:
 
 def build(recipe_path: str, overrides: list[str]):
     """(recipe, engine, trainable static bytes) wired as harness.train.train does."""
-    from harness.engines import AccelerateEngine, Hyper, resolve_precision
+    from harness.backends.accelerate_engine import AccelerateEngine
     from harness.loss import CausalLMLoss
     from harness.model import build_model
     from harness.recipe import load_recipe
-    from harness.train import make_optimizer, make_scheduler
+    from harness.train import hyper_of, make_optimizer, make_scheduler
 
     recipe = load_recipe(recipe_path, overrides)
     built = build_model(recipe, training=True)
     engine = AccelerateEngine()
     engine.setup()
-    hyper = Hyper(recipe.train.micro_batch_size, 1, recipe.train.max_grad_norm,
-                  resolve_precision(recipe.train.precision, recipe.quantization.compute_dtype))
+    hyper = dataclasses.replace(hyper_of(recipe), grad_accum=1)
     module = CausalLMLoss(built.model, chunked=recipe.train.chunked_loss)
     engine.prepare(module, lambda params: make_optimizer(recipe, engine, hyper, params),
                    lambda optimizer: make_scheduler(recipe, optimizer, 10), hyper)

@@ -30,6 +30,7 @@ time and memory as real ones.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -60,11 +61,11 @@ def build(overrides: list[str]):
     import torch
 
     from harness.cpu_memory import release_freed_memory
-    from harness.engines import AccelerateEngine, Hyper, resolve_precision
+    from harness.backends.accelerate_engine import AccelerateEngine
     from harness.loss import CausalLMLoss
     from harness.model import build_model
     from harness.recipe import load_recipe
-    from harness.train import make_optimizer, make_scheduler
+    from harness.train import hyper_of, make_optimizer, make_scheduler
 
     recipe = load_recipe(ROOT / SMOLLM2, [*overrides, "train.grad_accum=1"])
     if recipe.train.release_cpu_memory and not torch.cuda.is_available():
@@ -73,8 +74,7 @@ def build(overrides: list[str]):
     built = build_model(recipe, training=True)
     engine = AccelerateEngine()
     engine.setup()
-    hyper = Hyper(1, 1, recipe.train.max_grad_norm,
-                  resolve_precision(recipe.train.precision, recipe.quantization.compute_dtype))
+    hyper = dataclasses.replace(hyper_of(recipe), micro_batch_size=1, grad_accum=1)
     module = CausalLMLoss(built.model, chunked=recipe.train.chunked_loss)
     engine.prepare(module, lambda params: make_optimizer(recipe, engine, hyper, params),
                    lambda optimizer: make_scheduler(recipe, optimizer, 100), hyper)

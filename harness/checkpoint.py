@@ -1,40 +1,33 @@
-"""Checkpoints: atomic save, retention, resume and the final export.
+"""Checkpoints of a training run: the collective write, retention, RNG and trainer state.
 
-    <output_dir>/checkpoint-<step>/     adapter (PEFT format: adapter_config.json +
-                                        adapter_model.safetensors, embeddings/norms included),
-                                        optimizer.pt or deepspeed/, trainer_state.json (step,
-                                        data position, metrics), rng-<rank>.pt, recipe.toml,
-                                        rope_parameters.json
-    <output_dir>/final/                 adapter + recipe.toml + rope_parameters.json
-
-Every directory is written as `.<name>.tmp-<pid>` and renamed into place only when complete,
-so a crash or a full disk never leaves a half-written checkpoint that resume would trust,
-and never touches the previous one.
+The layout and the file names are harness.rundir's. A checkpoint directory is filled by every
+rank in one temporary sibling and renamed into place by rank 0 only once all ranks are done,
+so a crash or a full disk never leaves a half-written checkpoint that resume would trust, and
+never touches the previous one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import random
-import re
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from harness.recipe import Recipe, save_recipe
+from harness import atomic, rundir
 
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "trainer_state.json"
+COLLECTIVE_TAG = "ranks"  # one temporary name that every rank of a launch agrees on
 
 
 def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints, oldest first."""
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT.match(p.name))]
-    return sorted((step, path) for step, path in found if (path / STATE_FILE).is_file())
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := rundir.CHECKPOINT_NAME.match(p.name))]
+    return sorted((step, path) for step, path in found if (path / rundir.STATE_FILE).is_file())
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -42,44 +35,34 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def temporary_dir(final: Path) -> Path:
-    return final.parent / f".{final.name}.tmp"
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Rename a finished temporary directory into place (replacing an older one)."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def write_model_files(directory: Path, model, recipe: Recipe) -> None:
-    """Adapter (rank 0, already gathered), resolved recipe and rope parameters."""
-    model.save_pretrained(directory, safe_serialization=True)
-    save_recipe(recipe, directory / "recipe.toml")
-    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-    rope = {
-        "rope_parameters": config.rope_parameters,
-        "max_position_embeddings": config.max_position_embeddings,
-        "original_context": recipe.resolved.original_context,
-    }
-    (directory / "rope_parameters.json").write_text(json.dumps(rope, indent=2), encoding="utf-8")
+@contextlib.contextmanager
+def collective_dir(final: Path, engine) -> Iterator[Path]:
+    """A temporary directory that every rank writes into; published as `final` by rank 0 once
+    all ranks have left the block. On an error the temporary directory is removed."""
+    tmp = atomic.temporary_sibling(final, COLLECTIVE_TAG)
+    try:
+        if engine.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        engine.barrier()
+        yield tmp
+        engine.barrier()
+        if engine.rank == 0:
+            atomic.publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_trainer_state(directory: Path, state: dict, rank: int) -> None:
-    torch.save(rng_state(), directory / f"rng-{rank}.pt")
+    torch.save(rng_state(), rundir.rng_file(directory, rank))
     if rank == 0:
-        (directory / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+        (directory / rundir.STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
 
 
 def read_trainer_state(directory: Path, rank: int) -> dict:
-    state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
-    rng_file = directory / f"rng-{rank}.pt"
+    state = json.loads((directory / rundir.STATE_FILE).read_text(encoding="utf-8"))
+    rng_file = rundir.rng_file(directory, rank)
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state
@@ -111,5 +94,5 @@ def load_adapter_weights(model, directory: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(directory / "adapter_model.safetensors"))
+    weights = load_file(str(directory / rundir.ADAPTER_WEIGHTS))
     set_peft_model_state_dict(model, weights)

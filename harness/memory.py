@@ -32,6 +32,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import policy
 from harness.backends.s2 import PIECE_SHARE
 from harness.loss import chunk_tokens_for
 from harness.recipe import Recipe, find_relative
@@ -64,6 +65,11 @@ class Card:
     @property
     def total_bytes(self) -> int:
         return self.total_mib * MIB
+
+    @property
+    def device(self) -> policy.Device:
+        """What harness.policy decides by: the planner makes the choices a run on this card makes."""
+        return policy.Device("cuda", self.capability, self.bf16)
 
 
 CARDS = {card.name: card for card in (
@@ -241,25 +247,38 @@ class Setup:
     trainable_norms: bool
 
 
+GENERIC_GPU = policy.Device("cuda", (8, 0), bf16=True)  # a card the plan does not name: Ampere-class
+
+
+def planned_device(device: str, card: Card | None) -> policy.Device:
+    if device != "cuda":
+        return policy.CPU
+    return card.device if card is not None else GENERIC_GPU
+
+
 def resolve_setup(recipe: Recipe, shape: ModelShape, *, device: str, card: Card | None, seq_len: int | None) -> Setup:
+    """The choices a run of `recipe` makes on the planned device, asked of harness.policy."""
     cuda = device == "cuda"
+    target = planned_device(device, card)
     seq = seq_len or recipe.resolved.seq_len
     if seq <= 0:
         raise PlanError("the sequence length is unknown: set data.max_seq_length or position.target_length, "
                         "or pass --seq-len")
-    compute_name = _device_dtype(recipe.quantization.compute_dtype, cuda, card)
-    precision = _precision(recipe.train.precision, compute_name, cuda, card)
+    compute_name = policy.compute_dtype(recipe.quantization.compute_dtype, target)
+    precision = policy.precision(recipe.train.precision, recipe.quantization.compute_dtype, target)
     deepspeed = _zero(recipe) if recipe.engine.name == "deepspeed" else None
     autocast = cuda and deepspeed is None and precision in ("bf16", "fp16")
+    dtypes = _dtypes(recipe, target, precision, deepspeed is not None, autocast)
     adapter = recipe.adapter
     return Setup(
         shape=shape, device=device, card=card, batch=recipe.train.micro_batch_size,
         grad_accum=recipe.train.grad_accum, seq_len=seq,
         group=_group_size(recipe, seq), quant=recipe.quantization.name, double_quant=recipe.quantization.double_quant,
         compute=BYTES[compute_name], autocast=autocast, deepspeed=deepspeed,
-        optimizer=_optimizer(recipe, cuda, deepspeed),
-        dtypes=_dtypes(recipe, cuda, card, precision, deepspeed is not None, autocast),
-        kernel=_kernel(recipe, shape, cuda, card), checkpointing=recipe.train.gradient_checkpointing,
+        optimizer=policy.optimizer(recipe.train.optimizer, target,
+                                   offloaded=deepspeed is not None and deepspeed.offload_optimizer),
+        dtypes=dtypes,
+        kernel=_kernel(recipe, shape, target, dtypes), checkpointing=recipe.train.gradient_checkpointing,
         offload_activations=cuda and recipe.train.offload_activations,
         chunked=recipe.train.chunked_loss, targets=_targets(adapter.target_modules) if adapter.name == "lora" else (),
         rank=adapter.r if adapter.name == "lora" else 0, dropout=adapter.dropout,
@@ -268,31 +287,9 @@ def resolve_setup(recipe: Recipe, shape: ModelShape, *, device: str, card: Card 
     )
 
 
-def _device_dtype(name: str, cuda: bool, card: Card | None) -> str:
-    """harness.backends.quantization.device_dtype for the planned device: "auto" is bf16 where
-    the card has it, fp16 on older cards, fp32 on the CPU."""
-    if name != "auto":
-        return name
-    if not cuda:
-        return "fp32"
-    return "bf16" if card is None or card.bf16 else "fp16"
-
-
-def _precision(precision: str, compute: str, cuda: bool, card: Card | None) -> str:
-    """harness.engines.resolve_precision for the planned device: "auto" follows the compute
-    dtype (fp16 for bf16 on cards without bf16), fp32 on the CPU."""
-    if precision != "auto":
-        return precision
-    if not cuda:
-        return "fp32"
-    return "fp16" if compute == "bf16" and card is not None and not card.bf16 else compute
-
-
 def _group_size(recipe: Recipe, seq_len: int) -> int:
-    if recipe.attention.name != "s2":
-        return 0
-    size = recipe.attention.group_size or int(seq_len * recipe.attention.group_ratio) // 2 * 2
-    return min(max(size, 2), seq_len)
+    attention = recipe.attention
+    return policy.s2_group_size(seq_len, attention.group_ratio, attention.group_size) if attention.name == "s2" else 0
 
 
 def _zero(recipe: Recipe) -> Zero:
@@ -306,25 +303,13 @@ def _zero(recipe: Recipe) -> Zero:
                 buckets=(2 if overlap else 1) if stage in (1, 2) and contiguous else 0)
 
 
-def _optimizer(recipe: Recipe, cuda: bool, zero: Zero | None) -> str:
-    """harness.train.make_optimizer's choice."""
-    if zero is not None and zero.offload_optimizer:
-        return "deepspeed_cpu_adam"
-    name = recipe.train.optimizer
-    if name == "auto":
-        name = "paged_adamw_32bit" if cuda else "adamw"
-    return "adamw" if name == "paged_adamw_32bit" and not cuda else name
-
-
-def _dtypes(recipe: Recipe, cuda: bool, card: Card | None, precision: str, deepspeed: bool, autocast: bool) -> Dtypes:
+def _dtypes(recipe: Recipe, device: policy.Device, precision: str, deepspeed: bool, autocast: bool) -> Dtypes:
     quantized = recipe.quantization.name != "none"
     half = BYTES[precision]
     if deepspeed and half == 2:
         base = lora = stream = 2  # DeepSpeed casts every floating parameter to fp16/bf16, LoRA included
     else:
-        # harness.model._weights_dtype: model.dtype, else the compute dtype on GPUs, fp32 on the CPU
-        auto = BYTES[_device_dtype(recipe.quantization.compute_dtype, cuda, card)] if cuda else 4
-        loaded = BYTES[recipe.model.dtype] if recipe.model.dtype != "auto" else auto
+        loaded = BYTES[policy.frozen_weights_dtype(recipe.model.dtype, recipe.quantization.compute_dtype, device)]
         base = 4 if quantized and recipe.train.fp32_frozen_weights else loaded  # peft's k-bit preparation casts
         lora = 4 if recipe.adapter.name == "lora" else base  # peft keeps adapter weights in fp32
         extras = recipe.adapter.name == "lora" and (recipe.adapter.trainable_embeddings or recipe.adapter.trainable_norms)
@@ -335,19 +320,20 @@ def _dtypes(recipe: Recipe, cuda: bool, card: Card | None, precision: str, deeps
         base_weights=base, lora=lora, stream=stream, linear=linear,
         attention=half if autocast else linear,  # sdpa / matmul under autocast save cast copies
         lora_input=half if autocast else lora,  # lora_A casts its input to its own dtype without autocast
-        mask=1 if cuda else linear,
+        mask=1 if device.cuda else linear,
     )
 
 
-def _kernel(recipe: Recipe, shape: ModelShape, cuda: bool, card: Card | None) -> str:
-    """What the attention backend runs. torch's SDPA takes GQA (enable_gqa) only on its flash
-    and math backends, so a GQA model on a pre-Ampere card falls back to math."""
-    kernel, s2 = recipe.attention.kernel, recipe.attention.name == "s2"
+def _kernel(recipe: Recipe, shape: ModelShape, device: policy.Device, dtypes: Dtypes) -> str:
+    """What the attention backend runs (harness.policy.attention_kernel and sdpa_math_fallback):
+    fused | math | eager-full | eager-s2. The plan assumes flash-attn is installed where it can
+    run; it costs what SDPA's fused kernels cost. Training data is unpadded and unpacked."""
+    dtype = "fp32" if dtypes.attention == 4 else "bf16"  # the rules ask only "16-bit or not"
+    kernel = policy.attention_kernel(recipe.attention.kernel, device, dtype, installed=True)
     if kernel == "eager":
-        return "eager-s2" if s2 else "eager-full"
+        return "eager-s2" if recipe.attention.name == "s2" else "eager-full"
     gqa = shape.kv_heads != shape.heads
-    old_card = cuda and card is not None and card.capability < (8, 0)
-    return "math" if kernel in ("auto", "sdpa") and gqa and old_card else "fused"
+    return "math" if kernel == "sdpa" and policy.sdpa_math_fallback(device, dtype, gqa=gqa, masked=False) else "fused"
 
 
 def _targets(modules: list[str]) -> tuple[str, ...]:

@@ -15,11 +15,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from harness import registry
+from harness import policy, registry, rundir
 from harness.backends.position import original_context_of
-from harness.backends.quantization import TORCH_DTYPES, device_dtype
+from harness.backends.quantization import TORCH_DTYPES
 from harness.base_model import materialize
-from harness.recipe import Recipe, RecipeError, read_saved_recipe
+from harness.recipe import Recipe, RecipeError
 from harness.tokenizer import load_tokenizer
 
 
@@ -30,6 +30,7 @@ class BuiltModel:
     original_context: int
     rope_factor: float
     attention_implementation: str
+    weights_dtype: str  # what the frozen unquantized weights loaded in (harness.policy.frozen_weights_dtype)
 
 
 def build_model(recipe: Recipe, *, training: bool = True, with_adapter: bool = True,
@@ -43,7 +44,8 @@ def build_model(recipe: Recipe, *, training: bool = True, with_adapter: bool = T
     _check_target(recipe, original)
     factor = _backend_call(recipe, "position", config, original_context=original)
     quantization = _backend_call(recipe, "quantization")
-    model = _load_weights(base, config, quantization, dtype=_weights_dtype(cfg.dtype, recipe), trust=cfg.trust_remote_code)
+    weights_dtype = policy.frozen_weights_dtype(cfg.dtype, recipe.quantization.compute_dtype, policy.Device.current())
+    model = _load_weights(base, config, quantization, dtype=TORCH_DTYPES[weights_dtype], trust=cfg.trust_remote_code)
     implementation = _backend_call(recipe, "attention", model)
     if training:
         _prepare_for_training(model, upcast=quantization is not None and recipe.train.fp32_frozen_weights,
@@ -52,7 +54,7 @@ def build_model(recipe: Recipe, *, training: bool = True, with_adapter: bool = T
         model = _backend_call(recipe, "adapter", model)
     if console is not None:
         print_summary(model, console)
-    return BuiltModel(model, tokenizer, original, factor, implementation)
+    return BuiltModel(model, tokenizer, original, factor, implementation, weights_dtype)
 
 
 def _backend_call(recipe: Recipe, kind: str, *args, **extra):
@@ -79,15 +81,6 @@ def _load_config(base: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-
-
-def _weights_dtype(name: str, recipe: Recipe) -> torch.dtype:
-    """model.dtype; "auto" follows the quantization compute dtype on GPUs, fp32 on the CPU."""
-    if name != "auto":
-        return TORCH_DTYPES[name]
-    if not torch.cuda.is_available():
-        return torch.float32
-    return TORCH_DTYPES[device_dtype(recipe.quantization.compute_dtype)]
 
 
 def _load_weights(base: str, config, quantization, *, dtype: torch.dtype, trust: bool):
@@ -191,7 +184,7 @@ def load_for_eval(model_path: str, *, adapter: str | None = None, load_in_4bit: 
     built = build_model(recipe, training=False, with_adapter=False)
     model = built.model
     if adapter:
-        model = _attach_adapter(model, adapter)
+        model = rundir.attach_adapter(model, adapter)
     label = Path(model_path or recipe.model.name_or_path).name + (f"+{Path(adapter).name}" if adapter else "")
     label += f"+PI x{rope_factor:g}" if rope_factor and not adapter else ""
     return model.eval(), built.tokenizer, label
@@ -207,25 +200,8 @@ def _eval_recipe(model_path: str, adapter: str | None) -> Recipe:
     from harness.recipe import ModelConfig
 
     if adapter:
-        saved = Path(adapter) / "recipe.toml"
-        if not saved.is_file():
-            raise RecipeError(f"--adapter {adapter}: no recipe.toml in it; pass a checkpoint or final/ directory written by the harness")
-        recipe = read_saved_recipe(saved)
+        recipe = rundir.read_recipe(adapter)
         if model_path:
             recipe = replace(recipe, model=replace(recipe.model, name_or_path=model_path))
         return recipe
     return Recipe(model=ModelConfig(name_or_path=model_path))
-
-
-def _attach_adapter(model, adapter: str):
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, adapter)
-    except RuntimeError as error:
-        if "size mismatch" in str(error):
-            raise RecipeError(
-                f"--adapter {adapter} was trained for a different base model (weight shapes differ); "
-                f"pass the base it was made for with --model"
-            ) from None
-        raise

@@ -55,12 +55,26 @@ class Device:
         """This process's device: the current CUDA device, else the CPU."""
         import torch
 
-        if not torch.cuda.is_available():
+        return cls.of(torch.device("cuda", torch.cuda.current_device())) if torch.cuda.is_available() else CPU
+
+
+    @classmethod
+    def of(cls, device) -> Device:
+        """The Device of a torch.device (a tensor's), e.g. `Device.of(query.device)`."""
+        import torch
+
+        if device.type != "cuda":
             return CPU
-        return cls("cuda", tuple(torch.cuda.get_device_capability()), bool(torch.cuda.is_bf16_supported()))
+        return cls("cuda", tuple(torch.cuda.get_device_capability(device)), bool(torch.cuda.is_bf16_supported()))
 
 
 CPU = Device()
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 -> "bf16" (the names these functions use)."""
+    return DTYPE_NAMES.get(str(dtype).removeprefix("torch."), str(dtype))
 
 
 def compute_dtype(name: str, device: Device) -> str:

@@ -343,6 +343,11 @@ def _check_lengths(recipe: Recipe, where: str) -> None:
         raise RecipeError(f"{where}attention.group_ratio = {attention.group_ratio} must be in (0, 1]; the paper uses 0.25")
     if attention.group_size and attention.group_size % 2:
         raise RecipeError(f"{where}attention.group_size = {attention.group_size} must be even (shifted heads move by half a group)")
+    seq_len = recipe.resolved.seq_len
+    if attention.name == "s2" and seq_len and attention.group_size > seq_len:
+        raise RecipeError(f"{where}attention.group_size = {attention.group_size} is longer than the training sequence "
+                          f"of {seq_len} tokens: choose a group of at most {seq_len // 2 * 2} tokens, or 0 to use "
+                          f"attention.group_ratio")
     if not 0 <= recipe.data.eval_fraction < 1:
         raise RecipeError(f"{where}data.eval_fraction = {recipe.data.eval_fraction} must be in [0, 1)")
 
@@ -399,8 +404,12 @@ def find_relative(name: str, recipe_source: str, *, key: str, where: str = "") -
 
 # --------------------------------------------------------------------------- resolution
 
-def resolve(recipe: Recipe, *, world_size: int | None = None, original_context: int | None = None) -> Recipe:
-    """Fill `recipe.resolved`: rope factor, sequence length, S2 group size, batch sizes."""
+def resolve(recipe: Recipe, *, world_size: int | None = None, original_context: int | None = None,
+            weights_dtype: str = "") -> Recipe:
+    """Fill `recipe.resolved`: rope factor, sequence length, S2 group size, batch sizes, and
+    (from training) the dtype the frozen weights were loaded in."""
+    from harness import policy
+
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     original = original_context or recipe.model.original_context or _local_original_context(recipe.model)
     position = recipe.position
@@ -408,13 +417,17 @@ def resolve(recipe: Recipe, *, world_size: int | None = None, original_context: 
     factor = position.factor
     if not factor and original and position.name != "none":
         factor = float(math.ceil(position.target_length / original))
+    attention = recipe.attention
     group_size = 0
-    if recipe.attention.name == "s2" and seq_len:
-        group_size = recipe.attention.group_size or _even(int(seq_len * recipe.attention.group_ratio))
+    if attention.name == "s2" and seq_len:
+        try:
+            group_size = policy.s2_group_size(seq_len, attention.group_ratio, attention.group_size)
+        except policy.PolicyError as error:
+            raise RecipeError(f"{recipe.source + ': ' if recipe.source else ''}{error}") from None
     effective = recipe.train.micro_batch_size * recipe.train.grad_accum * world_size
     resolved = Resolved(
         original_context=original, rope_factor=factor, seq_len=seq_len, group_size=group_size,
-        world_size=world_size, effective_batch_size=effective, tokens_per_step=effective * seq_len,
+        weights_dtype=weights_dtype or recipe.resolved.weights_dtype, world_size=world_size, effective_batch_size=effective, tokens_per_step=effective * seq_len,
     )
     return dataclasses.replace(recipe, resolved=resolved)
 
@@ -433,16 +446,11 @@ def _local_original_context(model: ModelConfig) -> int:
     return 0
 
 
-def _even(n: int) -> int:
-    return max(2, n - n % 2)
-
-
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
     """Write the resolved recipe as TOML (atomically: temp file, then rename)."""
     import tomli_w
 
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    from harness import atomic
+
     header = f"# Resolved recipe{f' from {recipe.source}' if recipe.source else ''}; load it with harness.recipe.load_recipe\n"
-    tmp.write_text(header + tomli_w.dumps(recipe.to_dict()), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, header + tomli_w.dumps(recipe.to_dict()))

@@ -30,7 +30,8 @@ _BUILTIN_MODULES = (
     "harness.backends.quantization",
     "harness.backends.attention",
     "harness.backends.adapter",
-    "harness.backends.engine",
+    "harness.backends.accelerate_engine",
+    "harness.backends.deepspeed_engine",
     "harness.data.backends",
 )
 

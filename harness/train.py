@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import resource
 import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from rich.console import Console
 
-from harness import checkpoint, registry
+from harness import checkpoint, policy, registry, rundir
 from harness.cpu_memory import release_freed_memory
-from harness.engines import Hyper, resolve_precision
+from harness.backends.engine import Engine, Hyper
 from harness.loss import CausalLMLoss
 from harness.model import build_model
 from harness.recipe import Recipe, find_relative, resolve
@@ -44,8 +44,10 @@ class TrainError(HarnessError, RuntimeError):
 
 # --------------------------------------------------------------------------- entry point
 
-def train(recipe: Recipe) -> Path:
-    """Run a recipe to the end (or to a signal); returns the output directory."""
+def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) -> Path:
+    """Run a recipe to the end (or to a signal); returns the output directory.
+
+    `after_step(step)` is called after every optimizer step (tests use it to send signals)."""
     if recipe.train.release_cpu_memory and not torch.cuda.is_available():
         release_freed_memory()
     engine = _build_engine(recipe)
@@ -56,27 +58,27 @@ def train(recipe: Recipe) -> Path:
     seed_everything(recipe.train.seed + engine.rank)
 
     built = build_model(recipe, training=True, console=console)
-    recipe = resolve(recipe, world_size=engine.world_size, original_context=built.original_context)
+    recipe = resolve(recipe, world_size=engine.world_size, original_context=built.original_context,
+                     weights_dtype=built.weights_dtype)
     data = _rank_zero_first(engine, lambda: _build_data(recipe, built.tokenizer))  # one tokenizer run fills the cache
     if engine.rank == 0:
         from harness.data.report import print_length_stats
 
         print_length_stats(data.stats, console=console)
 
-    hyper = Hyper(recipe.train.micro_batch_size, recipe.train.grad_accum, recipe.train.max_grad_norm,
-                  resolve_precision(recipe.train.precision, recipe.quantization.compute_dtype))
+    hyper = hyper_of(recipe)
     module = CausalLMLoss(built.model, chunked=recipe.train.chunked_loss)
     engine.prepare(module, lambda params: make_optimizer(recipe, engine, hyper, params),
                    lambda optimizer: make_scheduler(recipe, optimizer, total_steps(recipe, len(data.train), engine)),
                    hyper)
-    loop = Loop(recipe, engine, built, data, console)
+    loop = Loop(recipe, engine, built, data, console, after_step=after_step)
     if resume_from is not None:
         loop.resume(resume_from)
     loop.run()
     return output_dir
 
 
-def _build_engine(recipe: Recipe):
+def _build_engine(recipe: Recipe) -> Engine:
     backend = registry.get("engine", recipe.engine.name, key="engine.name")
     kwargs = registry.table_kwargs(backend, recipe.engine)
     if kwargs.get("deepspeed_config"):
@@ -113,7 +115,7 @@ def seed_everything(seed: int) -> None:
 def _prepare_output_dir(output_dir: Path, recipe: Recipe, engine) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run; never clobbers a run silently."""
     latest = checkpoint.latest_checkpoint(output_dir)
-    has_run = latest is not None or (output_dir / "final").exists() or (output_dir / "metrics.jsonl").exists()
+    has_run = any((output_dir / name).exists() for name in (rundir.FINAL_DIR, rundir.METRICS_FILE)) or latest is not None
     if recipe.train.resume == "auto" and latest is not None:
         return latest
     if has_run and not recipe.train.overwrite and recipe.train.resume != "auto":
@@ -142,16 +144,16 @@ def _check_writable(output_dir: Path) -> None:
 
 # --------------------------------------------------------------------------- optimizer
 
-def make_optimizer(recipe: Recipe, engine, hyper: Hyper, params):
-    """train.optimizer; "auto" = DeepSpeed CPU Adam when offloading, paged AdamW on GPU, else AdamW."""
-    name = recipe.train.optimizer
-    offloading = engine.name == "deepspeed" and engine.offloads_optimizer(hyper)
-    if name == "auto":
-        name = "deepspeed_cpu_adam" if offloading else "paged_adamw_32bit" if torch.cuda.is_available() else "adamw"
-    if offloading and name != "deepspeed_cpu_adam":
-        name = "deepspeed_cpu_adam"  # an offloaded optimizer runs on the CPU: DeepSpeed's CPU Adam
-    if name == "paged_adamw_32bit" and not torch.cuda.is_available():
-        name = "adamw"  # paged optimizers page GPU memory; on the CPU plain AdamW is the same math
+def hyper_of(recipe: Recipe) -> Hyper:
+    """The engine's settings: batch shape, clipping and the precision harness.policy picks here."""
+    train = recipe.train
+    precision = policy.precision(train.precision, recipe.quantization.compute_dtype, policy.Device.current())
+    return Hyper(train.micro_batch_size, train.grad_accum, train.max_grad_norm, precision)
+
+
+def make_optimizer(recipe: Recipe, engine: Engine, hyper: Hyper, params):
+    """train.optimizer, as harness.policy.optimizer chooses it for this device and engine."""
+    name = policy.optimizer(recipe.train.optimizer, policy.Device.current(), offloaded=engine.offloads_optimizer(hyper))
     kwargs = dict(lr=recipe.train.lr, weight_decay=recipe.train.weight_decay, betas=(0.9, 0.999))
     if name == "deepspeed_cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -187,7 +189,8 @@ def total_steps(recipe: Recipe, num_samples: int, engine) -> int:
 class Loop:
     """State of one run: step counter, data order, metrics; run() is the loop itself."""
 
-    def __init__(self, recipe: Recipe, engine, built, data, console: Console):
+    def __init__(self, recipe: Recipe, engine, built, data, console: Console, *,
+                 after_step: Callable[[int], None] | None = None):
         from harness.data.collate import Collator
         from harness.data.order import ResumableOrder
 
@@ -198,6 +201,7 @@ class Loop:
         self.total = total_steps(recipe, len(data.train), engine)
         self.step = 0
         self.stop_signal: str | None = None
+        self.after_step = after_step or (lambda step: None)
 
     def resume(self, directory: Path) -> None:
         state = checkpoint.read_trainer_state(directory, self.engine.rank)
@@ -222,7 +226,7 @@ class Loop:
                     metrics.write(record)
                 self._maybe_evaluate(metrics)
                 self._maybe_checkpoint()
-                _test_hook_signal(self.step)
+                self.after_step(self.step)
         metrics.close()
         if self.stop_signal is not None:
             self.save_checkpoint()
@@ -295,24 +299,17 @@ class Loop:
             self.save_checkpoint()
 
     def save_checkpoint(self) -> None:
-        """checkpoint-<step>/, written to a temporary directory and renamed when complete."""
-        final = self.output_dir / f"checkpoint-{self.step}"
-        tmp = checkpoint.temporary_dir(final)
+        """checkpoint-<step>/, filled by every rank in a temporary directory, published when complete."""
+        final = rundir.checkpoint_dir(self.output_dir, self.step)
         state = {"step": self.step, "data": self.order.state_dict(), "total_steps": self.total}
         try:
+            with checkpoint.collective_dir(final, self.engine) as tmp:
+                self.engine.save_state(tmp)
+                checkpoint.write_trainer_state(tmp, state, self.engine.rank)
+                self._write_model_files(tmp)
             if self.engine.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-            self.engine.barrier()
-            self.engine.save_state(tmp)
-            checkpoint.write_trainer_state(tmp, state, self.engine.rank)
-            self._write_model_files(tmp)
-            self.engine.barrier()
-            if self.engine.rank == 0:
-                checkpoint.publish(tmp, final)
                 checkpoint.prune(self.output_dir, self.recipe.train.keep_checkpoints)
         except OSError as error:
-            shutil.rmtree(tmp, ignore_errors=True)
             previous = checkpoint.latest_checkpoint(self.output_dir)
             kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
             raise TrainError(f"could not write checkpoint {final}: {error.strerror or error}; {kept}. "
@@ -321,23 +318,16 @@ class Loop:
 
     def _write_model_files(self, directory: Path) -> None:
         peft_model = self.engine.unwrap().model
-        with _gathered(self.engine, peft_model):
+        with self.engine.gathered(peft_model):
             if self.engine.rank == 0:
-                checkpoint.write_model_files(directory, peft_model, self.recipe)
+                rundir.write_model_files(directory, peft_model, self.recipe)
 
     def export(self) -> None:
         """<output_dir>/final: the adapter, loadable by peft.PeftModel.from_pretrained."""
-        final = self.output_dir / "final"
-        tmp = checkpoint.temporary_dir(final)
-        if self.engine.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.engine.barrier()
-        self._write_model_files(tmp)
-        self.engine.barrier()
-        if self.engine.rank == 0:
-            checkpoint.publish(tmp, final)
-            self.console.print(f"[green]Adapter written to {final}[/]")
+        final = self.output_dir / rundir.FINAL_DIR
+        with checkpoint.collective_dir(final, self.engine) as tmp:
+            self._write_model_files(tmp)
+        self.console.print(f"[green]Adapter written to {final}[/]")
 
 
 def _activation_offload(enabled: bool):
@@ -347,17 +337,6 @@ def _activation_offload(enabled: bool):
 
     if enabled and torch.cuda.is_available():
         return torch.autograd.graph.save_on_cpu(pin_memory=True)
-    return contextlib.nullcontext()
-
-
-def _gathered(engine, model):
-    """ZeRO-3 shards parameters: gather the trainable ones before reading them."""
-    import contextlib
-
-    if engine.name == "deepspeed" and any(hasattr(p, "ds_id") for p in model.parameters()):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad], modifier_rank=None)
     return contextlib.nullcontext()
 
 
@@ -383,12 +362,6 @@ class _signals:
             signal.signal(sig, handler)
 
 
-def _test_hook_signal(step: int) -> None:
-    """HARNESS_SIGTERM_AT_STEP=N sends this process SIGTERM after step N (resume tests)."""
-    if os.environ.get("HARNESS_SIGTERM_AT_STEP") == str(step):
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 # --------------------------------------------------------------------------- reporting
 
 def peak_memory_gb() -> float:
@@ -406,7 +379,7 @@ class MetricsLog:
         self.writer = None
         if enabled:
             output_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
+            self.file = open(output_dir / rundir.METRICS_FILE, "a", encoding="utf-8")
             if tensorboard:
                 self.writer = _tensorboard_writer(output_dir / "tensorboard")
 

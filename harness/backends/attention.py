@@ -1,45 +1,37 @@
 """Attention backends: full attention, or shift short attention (S2) while training.
 
-    full  transformers' own kernels: sdpa, eager, or flash-attn 2 when installed.
-    s2    LongLoRA's shift short attention (kernels in harness.backends.s2), registered
+    full  transformers' own kernels: sdpa, eager, or flash-attn 2 where harness.policy allows.
+    s2    LongLoRA's shift short attention (pure kernels in harness.backends.s2), registered
           with transformers' AttentionInterface as "harness_s2". It reads `module.training`
           on every call: model.train() -> S2 over groups; model.eval() -> full causal
           attention, unless attention.at_inference = true (the paper's ablation).
 
-No library class is patched: the settings travel as an `s2_settings` attribute on each
-attention module, and transformers dispatches on `config._attn_implementation`.
+Both pick their kernel by harness.policy.attention_kernel: "auto" is flash-attn only on CUDA
+cards of compute capability 8.0 or newer, in 16-bit, when it is installed. No library class is
+patched: the settings travel as an `s2_settings` attribute on each attention module, and
+transformers dispatches on `config._attn_implementation`.
 """
 from __future__ import annotations
 
-import importlib.util
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from harness import policy
+from harness.backends.s2 import causal_attention, shift_short_attention
 from harness.registry import BackendError, register
 
 S2_IMPLEMENTATION = "harness_s2"
 _FULL_KERNELS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
 
 
-def __getattr__(name):
-    # `from harness.backends.attention import shift_short_attention` (the public kernel).
-    if name in ("shift_short_attention", "causal_attention"):
-        from harness.backends import s2
-
-        return getattr(s2, name)
-    raise AttributeError(name)
-
-
-def flash_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
-
-
-def _check_flash(kernel: str) -> None:
-    if kernel == "flash" and importlib.util.find_spec("flash_attn") is None:
-        raise BackendError(
-            "attention.kernel = \"flash\" needs flash-attn (CUDA, Ampere or newer). "
-            "Install it with: pip install 'longqlora-harness[flash]', or use attention.kernel = \"sdpa\""
-        )
+@dataclass(frozen=True)
+class S2Settings:
+    group_ratio: float = 0.25
+    group_size: int = 0  # >0: fixed G, overrides ratio
+    kernel: str = "auto"  # "auto": harness.policy, per call, for the tensors' device and dtype
+    at_inference: bool = False  # use S2 also when module.training is False
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
@@ -47,10 +39,15 @@ def attention_modules(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj"))]
 
 
+def model_kernel(kernel: str, model) -> str:
+    """attention.kernel for this model on this machine (harness.policy.attention_kernel)."""
+    return policy.attention_kernel(kernel, policy.Device.current(), policy.dtype_name(model.dtype),
+                                   installed=policy.flash_installed())
+
+
 @register("attention", "full", description="Full causal attention (sdpa / eager / flash-attn 2)")
 def full_attention(model, *, kernel: str = "auto") -> str:
-    _check_flash(kernel)
-    implementation = _FULL_KERNELS["flash" if kernel == "auto" and flash_available() else kernel.replace("auto", "sdpa")]
+    implementation = _FULL_KERNELS[model_kernel(kernel, model)]
     model.set_attn_implementation(implementation)
     return implementation
 
@@ -58,9 +55,8 @@ def full_attention(model, *, kernel: str = "auto") -> str:
 @register("attention", "s2", description="Shift short attention in training, full attention in eval (LongLoRA)")
 def s2_attention(model, *, kernel: str = "auto", group_ratio: float = 0.25, group_size: int = 0,
                  at_inference: bool = False) -> str:
-    from harness.backends.s2 import S2Settings
-
-    _check_flash(kernel)
+    if kernel != "auto":
+        model_kernel(kernel, model)  # an explicit kernel that cannot run here fails now, not mid-step
     register_s2_implementation()
     settings = S2Settings(group_ratio=group_ratio, group_size=group_size, kernel=kernel, at_inference=at_inference)
     modules = attention_modules(model)
@@ -77,7 +73,47 @@ def register_s2_implementation() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-    from harness.backends.s2 import s2_attention_forward
-
     AttentionInterface.register(S2_IMPLEMENTATION, s2_attention_forward)
     AttentionMaskInterface.register(S2_IMPLEMENTATION, flash_attention_mask)
+
+
+# --------------------------------------------------------------------------- transformers glue
+
+def s2_attention_forward(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0,
+                         position_ids=None, **kwargs):
+    """transformers AttentionInterface function (registered with `flash_attention_mask`, so the mask
+    is (B, L_kv) bool or None). query (B, H, L, D), key/value (B, H_kv, L_kv, D) -> ((B, L, H, D), None)."""
+    settings = getattr(module, "s2_settings", None)
+    if not isinstance(settings, S2Settings):
+        raise AttributeError(f"{type(module).__name__} has no s2_settings: set module.s2_settings = S2Settings(...)")
+    if dropout:
+        raise ValueError(f"harness_s2 attention has no dropout; got dropout={dropout} (set attention_dropout=0)")
+    if query.shape[2] != key.shape[2]:  # decoding with a KV cache
+        return _cached_causal_attention(query, key, value, attention_mask, scaling), None
+    seq_len = query.shape[2]
+    if (module.training or settings.at_inference) and seq_len >= 2:  # one token: S2 is causal attention
+        group_size = policy.s2_group_size(seq_len, settings.group_ratio, settings.group_size)
+        out = shift_short_attention(query, key, value, group_size, attention_mask, position_ids,
+                                    kernel=settings.kernel, scaling=scaling)
+    else:
+        out = causal_attention(query, key, value, attention_mask, position_ids, kernel=settings.kernel,
+                               scaling=scaling)
+    return out, None
+
+
+def _cached_causal_attention(query, key, value, attention_mask, scaling):
+    """Causal attention for the last q_len positions of a KV cache (documents are not tracked).
+
+    query (B, H, q_len, D), key/value (B, H_kv, kv_len, D), attention_mask (B, seen) with
+    seen <= kv_len (a static cache has unfilled slots past `seen`) -> (B, q_len, H, D)."""
+    batch, heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    seen = kv_len if attention_mask is None else attention_mask.shape[1]
+    key_valid = torch.zeros(batch, kv_len, dtype=torch.bool, device=query.device)
+    key_valid[:, :seen] = True if attention_mask is None else attention_mask.bool()
+    q_pos = torch.arange(seen - q_len, seen, device=query.device)[:, None]  # (q_len, 1)
+    k_pos = torch.arange(kv_len, device=query.device)[None, :]  # (1, kv_len)
+    allowed = ((k_pos <= q_pos) & key_valid[:, None, :]) | (k_pos == q_pos)  # (B, q_len, kv_len)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None], scale=scaling,
+                                         enable_gqa=heads != key.shape[1])
+    return out.transpose(1, 2)

@@ -1,28 +1,98 @@
-"""Engine backends: who owns the process group, the optimizer step and the state on disk.
+"""The engine kind: who owns the process group, the optimizer step and the state on disk.
 
-    accelerate  single process, DDP (multi-GPU or MULTI_CPU over gloo), FSDP, as configured
-                by `accelerate launch` or torchrun.
-    deepspeed   DeepSpeed ZeRO 2/3 (CPU optimizer offload included), driven through
-                deepspeed.initialize with the JSON file named by engine.deepspeed_config.
+Every engine implements `Engine`, and the training loop speaks only this interface (it never
+asks which engine it has):
 
-The engine classes live in harness.engines; these entries only select and build them.
+    engine.setup()                         process group + device; checks the world size
+    engine.offloads_optimizer(hyper)       whether the optimizer steps on the CPU (ZeRO offload)
+    module = engine.prepare(module, make_optimizer, make_scheduler, hyper)
+    engine.backward(loss, sync=bool)       one micro-batch (sync=False: no gradient all-reduce)
+    grad_norm = engine.step()              clip, optimizer and scheduler step, zero grads
+    engine.save_state(dir) / load_state(dir)   optimizer + scheduler (+ DeepSpeed's own files)
+    with engine.gathered(model): ...       sharded (ZeRO-3) trainable parameters made whole
+
+The engines, one file each: harness.backends.accelerate_engine (single process, DDP, FSDP)
+and harness.backends.deepspeed_engine (ZeRO-2/3, CPU offload).
 """
 from __future__ import annotations
 
-from harness.registry import register
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager, Protocol
+
+import torch
+
+from harness.errors import HarnessError
 
 
-@register("engine", "accelerate", description="accelerate: single process, DDP, FSDP (GPU or CPU/gloo)",
-          requires=(("accelerate", "accelerate>=1.10"),))
-def accelerate_engine():
-    from harness.engines import AccelerateEngine
-
-    return AccelerateEngine()
+class EngineError(HarnessError, RuntimeError):
+    """The launch and the recipe disagree; the message says how to launch instead."""
 
 
-@register("engine", "deepspeed", description="DeepSpeed ZeRO-2/3 with optional CPU offload",
-          requires=(("deepspeed", "deepspeed>=0.17"),))
-def deepspeed_engine(*, deepspeed_config: str):
-    from harness.engines import DeepSpeedEngine
+@dataclass(frozen=True)
+class Hyper:
+    micro_batch_size: int
+    grad_accum: int
+    max_grad_norm: float
+    precision: str  # bf16 | fp16 | fp32 (resolved by harness.policy.precision)
 
-    return DeepSpeedEngine(deepspeed_config)
+
+class Engine(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+    module: torch.nn.Module  # the prepared (wrapped) module, after prepare()
+
+    def setup(self) -> None: ...
+    def offloads_optimizer(self, hyper: Hyper) -> bool: ...
+    def prepare(self, module, make_optimizer: Callable, make_scheduler: Callable, hyper: Hyper): ...
+    def autocast(self) -> ContextManager: ...
+    def backward(self, loss: torch.Tensor, *, sync: bool) -> None: ...
+    def step(self) -> float: ...
+    def unwrap(self) -> torch.nn.Module: ...
+    def lr(self) -> float: ...
+    def save_state(self, directory: Path) -> None: ...
+    def load_state(self, directory: Path) -> None: ...
+    def gathered(self, model) -> ContextManager: ...
+    def barrier(self) -> None: ...
+    def all_mean(self, value: float) -> float: ...
+
+
+# --------------------------------------------------------------------------- shared by the engines
+
+def expected_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class forming_group:
+    """Rendezvous failures become one EngineError that says how to launch."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, (ValueError, RuntimeError)) and not isinstance(error, EngineError):
+            raise EngineError(
+                f"could not form the process group (WORLD_SIZE={expected_world_size()}): {error}. Start the "
+                f"processes with accelerate launch, torchrun or deepspeed, which set MASTER_ADDR, RANK and WORLD_SIZE"
+            ) from None
+        return False
+
+
+def check_group(world_size: int) -> None:
+    expected = expected_world_size()
+    if expected > 1 and world_size != expected:
+        raise EngineError(
+            f"WORLD_SIZE={expected} processes were launched but the process group has {world_size}: each would "
+            f"train alone. Launch through accelerate launch / torchrun / deepspeed so they can rendezvous"
+        )
+
+
+def is_quantized(module) -> bool:
+    """bitsandbytes layers are placed at load time; moving them again would re-quantize."""
+    return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in module.modules())
+
+
+def trainable(module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]

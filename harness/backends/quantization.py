@@ -10,31 +10,24 @@ from __future__ import annotations
 
 import torch
 
+from harness import policy
 from harness.registry import register
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
 BNB = (("bitsandbytes", "bitsandbytes>=0.48"),)
 
 
-def device_dtype(name: str) -> str:
-    """"auto" -> bf16 on GPUs that have it, fp16 on older GPUs (V100, T4), fp32 on the CPU."""
-    if name != "auto":
-        return name
-    if not torch.cuda.is_available():
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
 @register("quantization", "nf4", description="bitsandbytes NF4 4-bit + double quantization (QLoRA)", requires=BNB)
 def nf4_quantization(*, double_quant: bool = True, compute_dtype: str = "bf16", storage_dtype: str = "uint8"):
     from transformers import BitsAndBytesConfig
 
+    device = policy.Device.current()
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=TORCH_DTYPES[device_dtype(compute_dtype)],
-        bnb_4bit_quant_storage=TORCH_DTYPES[device_dtype(storage_dtype)],
+        bnb_4bit_compute_dtype=TORCH_DTYPES[policy.compute_dtype(compute_dtype, device)],
+        bnb_4bit_quant_storage=TORCH_DTYPES[policy.compute_dtype(storage_dtype, device)],
     )
 
 

@@ -31,31 +31,22 @@ times runs of whole KV heads), with is_causal=True when there is no padding or p
 otherwise a boolean (G, G) mask per group; it writes all pieces into one output and their
 gradients into one dq, dk, dv, so its peak memory stays at full attention's (_PiecewiseSDPA);
 "flash" runs flash-attn's varlen kernel with one varlen sequence per (row, group, document);
-"auto" picks "flash" for fp16/bf16 CUDA tensors on Ampere+ when flash-attn is installed, else "sdpa".
+"auto" asks harness.policy.attention_kernel: "flash" for fp16/bf16 CUDA tensors on Ampere or newer
+when flash-attn is installed, else "sdpa".
 
-`s2_attention_forward` plugs this into transformers' AttentionInterface: S2 when the module is
-training (or `S2Settings.at_inference`), full causal attention otherwise. With a KV cache
-(query shorter than key) it runs full causal attention for the last q_len positions (the mask's
-length marks the filled slots of a static cache). Attention dropout is not supported.
+Every function here is a pure tensor function; the transformers glue (the attention
+interface, S2 in training and full attention in eval) is harness.backends.attention.
 """
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from harness import policy
+
 KERNELS = ("auto", "sdpa", "flash", "eager")
-
-
-@dataclass(frozen=True)
-class S2Settings:
-    group_ratio: float = 0.25
-    group_size: int = 0  # >0: fixed G, overrides ratio
-    kernel: str = "auto"
-    at_inference: bool = False  # use S2 also when module.training is False
 
 
 class _Tokens(NamedTuple):
@@ -65,18 +56,6 @@ class _Tokens(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- public API
-
-
-def resolve_group_size(seq_len: int, group_ratio: float = 0.25, group_size: int = 0) -> int:
-    """G for a sequence of `seq_len` tokens: `group_size` if > 0, else ratio * L rounded down to even."""
-    if group_size < 0:
-        raise ValueError(f"group_size must be >= 0 (0 = use group_ratio), got {group_size}")
-    if group_size == 0:
-        if not 0 < group_ratio <= 1:
-            raise ValueError(f"group_ratio must be in (0, 1], got {group_ratio}")
-        group_size = int(seq_len * group_ratio) // 2 * 2
-    _check_group_size(group_size, seq_len)
-    return group_size
 
 
 def shift_short_attention(query, key, value, group_size, attention_mask=None, position_ids=None,
@@ -179,14 +158,13 @@ def _tokens(attention_mask, position_ids, query) -> _Tokens:
 
 
 def _select_kernel(kernel: str, query) -> str:
+    """An explicit kernel runs as asked; "auto" follows harness.policy for the query's device and dtype."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown S2 kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if kernel != "auto":
         return kernel
-    flash_ready = (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-                   and torch.cuda.get_device_capability(query.device)[0] >= 8
-                   and importlib.util.find_spec("flash_attn") is not None)
-    return "flash" if flash_ready else "sdpa"
+    return policy.attention_kernel("auto", policy.Device.of(query.device), policy.dtype_name(query.dtype),
+                                   installed=policy.flash_installed())
 
 
 def _zero_padding(out, tokens: _Tokens):
@@ -302,11 +280,9 @@ def piece_budget(query_elements: int, device_type: str, math_fallback: bool) -> 
 
 
 def _math_fallback(query, key, tokens: _Tokens) -> bool:
-    """Whether CUDA SDPA runs its math kernel: unmasked GQA goes through enable_gqa, which only the
-    flash kernel takes among the fused ones (Ampere or newer, 16-bit); masked GQA repeats k, v."""
-    if not (query.is_cuda and query.shape[1] != key.shape[1] and tokens.plain):
-        return False
-    return query.dtype == torch.float32 or torch.cuda.get_device_capability(query.device) < (8, 0)
+    """Whether CUDA SDPA runs its math kernel on these pieces (harness.policy.sdpa_math_fallback)."""
+    return policy.sdpa_math_fallback(policy.Device.of(query.device), policy.dtype_name(query.dtype),
+                                     gqa=query.shape[1] != key.shape[1], masked=not tokens.plain)
 
 
 def _sdpa_pieces(query_shape, kv_heads, group_size, tokens: _Tokens, budget: int) -> list[_Piece]:
@@ -462,45 +438,3 @@ def _flash_kernel(q, k, v, group_size, shift, tokens: _Tokens, scaling):
 
 
 _KERNELS = {"eager": _eager_kernel, "sdpa": _sdpa_kernel, "flash": _flash_kernel}
-
-
-# ---------------------------------------------------------------------------- transformers
-
-
-def s2_attention_forward(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0,
-                         position_ids=None, **kwargs):
-    """transformers AttentionInterface function (register with `flash_attention_mask`, so the mask
-    is (B, L_kv) bool or None). query (B, H, L, D), key/value (B, H_kv, L_kv, D) -> ((B, L, H, D), None)."""
-    settings = getattr(module, "s2_settings", None)
-    if not isinstance(settings, S2Settings):
-        raise AttributeError(f"{type(module).__name__} has no s2_settings: set module.s2_settings = S2Settings(...)")
-    if dropout:
-        raise ValueError(f"harness_s2 attention has no dropout; got dropout={dropout} (set attention_dropout=0)")
-    if query.shape[2] != key.shape[2]:  # decoding with a KV cache
-        return _cached_causal_attention(query, key, value, attention_mask, scaling), None
-    if module.training or settings.at_inference:
-        group_size = resolve_group_size(query.shape[2], settings.group_ratio, settings.group_size)
-        out = shift_short_attention(query, key, value, group_size, attention_mask, position_ids,
-                                    kernel=settings.kernel, scaling=scaling)
-    else:
-        out = causal_attention(query, key, value, attention_mask, position_ids, kernel=settings.kernel,
-                               scaling=scaling)
-    return out, None
-
-
-def _cached_causal_attention(query, key, value, attention_mask, scaling):
-    """Causal attention for the last q_len positions of a KV cache (documents are not tracked).
-
-    query (B, H, q_len, D), key/value (B, H_kv, kv_len, D), attention_mask (B, seen) with
-    seen <= kv_len (a static cache has unfilled slots past `seen`) -> (B, q_len, H, D)."""
-    batch, heads, q_len, _ = query.shape
-    kv_len = key.shape[2]
-    seen = kv_len if attention_mask is None else attention_mask.shape[1]
-    key_valid = torch.zeros(batch, kv_len, dtype=torch.bool, device=query.device)
-    key_valid[:, :seen] = True if attention_mask is None else attention_mask.bool()
-    q_pos = torch.arange(seen - q_len, seen, device=query.device)[:, None]  # (q_len, 1)
-    k_pos = torch.arange(kv_len, device=query.device)[None, :]  # (1, kv_len)
-    allowed = ((k_pos <= q_pos) & key_valid[:, None, :]) | (k_pos == q_pos)  # (B, q_len, kv_len)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None], scale=scaling,
-                                         enable_gqa=heads != key.shape[1])
-    return out.transpose(1, 2)

@@ -1,0 +1,109 @@
+"""The accelerate engine: single process, DDP (multi-GPU, or MULTI_CPU over gloo) and FSDP, as
+`accelerate launch` or torchrun configure it.
+
+On the CPU it must create `Accelerator(cpu=True)`: without it every process of a multi-process
+launch silently trains alone with world size 1.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from harness import rundir
+from harness.backends.engine import Hyper, check_group, forming_group, is_quantized, trainable
+from harness.registry import register
+
+
+@register("engine", "accelerate", description="accelerate: single process, DDP, FSDP (GPU or CPU/gloo)",
+          requires=(("accelerate", "accelerate>=1.10"),))
+def accelerate_engine():
+    return AccelerateEngine()
+
+
+class AccelerateEngine:
+    """accelerate: single process, DDP or FSDP, GPU or CPU (gloo)."""
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+
+        with forming_group():
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.world_size = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.device = self.accelerator.device
+        check_group(self.world_size)
+
+    def offloads_optimizer(self, hyper: Hyper) -> bool:
+        return False
+
+    def prepare(self, module, make_optimizer: Callable, make_scheduler: Callable, hyper: Hyper):
+        self.hyper = hyper
+        self.scaler = torch.amp.GradScaler("cuda") if hyper.precision == "fp16" and torch.cuda.is_available() else None
+        module = module.to(self.device) if not is_quantized(module) else module
+        optimizer = make_optimizer(trainable(module))
+        scheduler = make_scheduler(optimizer)
+        self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
+        self.scheduler = scheduler
+        return self.module
+
+    def autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.hyper.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None and self.device.type == "cuda")
+
+    def backward(self, loss: torch.Tensor, *, sync: bool) -> None:
+        scaled = loss / self.hyper.grad_accum
+        if self.scaler is not None:
+            scaled = self.scaler.scale(scaled)
+        if sync or self.world_size == 1:
+            scaled.backward()
+        else:
+            with self.accelerator.no_sync(self.module):
+                scaled.backward()
+
+    def step(self) -> float:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(trainable(self.module), self.hyper.max_grad_norm or float("inf"))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def unwrap(self):
+        return self.accelerator.unwrap_model(self.module)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save_state(self, directory: Path) -> None:
+        if self.rank == 0:  # DDP: optimizer state is the same on every rank
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
+            torch.save(state, directory / rundir.OPTIMIZER_FILE)
+
+    def load_state(self, directory: Path) -> None:
+        state = torch.load(directory / rundir.OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def gathered(self, model):
+        return contextlib.nullcontext()  # DDP replicates; FSDP's state dict is gathered by save_pretrained
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def all_mean(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], device=self.device, dtype=torch.float64)
+        return float(self.accelerator.reduce(tensor, reduction="mean"))

@@ -1,0 +1,130 @@
+"""The DeepSpeed engine: ZeRO-2/3 (CPU optimizer offload included), driven through
+deepspeed.initialize with the JSON file named by engine.deepspeed_config.
+
+The harness forms the process group itself (accelerate's DeepSpeed path forms no multi-rank
+group on the CPU). "auto" values in the JSON file are filled from the recipe.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from harness import rundir
+from harness.backends.engine import EngineError, Hyper, check_group, forming_group, is_quantized, trainable
+from harness.registry import register
+
+
+@register("engine", "deepspeed", description="DeepSpeed ZeRO-2/3 with optional CPU offload",
+          requires=(("deepspeed", "deepspeed>=0.17"),))
+def deepspeed_engine(*, deepspeed_config: str):
+    return DeepSpeedEngine(deepspeed_config)
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO-2/3 (CPU optimizer offload included), initialised by the harness."""
+
+    def __init__(self, config_path: str):
+        self.config_path = config_path
+
+    def setup(self) -> None:
+        import deepspeed
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        with forming_group():
+            deepspeed.init_distributed(dist_backend=backend)
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            self.device = torch.device("cuda", local_rank)
+        else:
+            self.device = torch.device("cpu")
+        check_group(self.world_size)
+
+    def config(self, hyper: Hyper) -> dict:
+        """The JSON config with its "auto" values filled from the recipe."""
+        try:
+            config = json.loads(Path(self.config_path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise EngineError(f"engine.deepspeed_config = {self.config_path!r}: cannot read it: {error}") from None
+        fill = {
+            "train_micro_batch_size_per_gpu": hyper.micro_batch_size,
+            "gradient_accumulation_steps": hyper.grad_accum,
+            "gradient_clipping": hyper.max_grad_norm,
+        }
+        for key, value in fill.items():
+            if config.get(key, "auto") == "auto":
+                config[key] = value
+        config.pop("train_batch_size", None)
+        for dtype in ("bf16", "fp16"):
+            section = config.setdefault(dtype, {})
+            if section.get("enabled", "auto") == "auto":
+                section["enabled"] = hyper.precision == dtype
+        return config
+
+    def offloads_optimizer(self, hyper: Hyper) -> bool:
+        zero = self.config(hyper).get("zero_optimization", {})
+        return zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
+
+    def prepare(self, module, make_optimizer: Callable, make_scheduler: Callable, hyper: Hyper):
+        import deepspeed
+
+        self.hyper = hyper
+        module = module.to(self.device) if not is_quantized(module) else module
+        optimizer = make_optimizer(trainable(module))
+        scheduler = make_scheduler(optimizer)
+        self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config(hyper),
+            model_parameters=trainable(module),
+        )
+        return self.module
+
+    def autocast(self):
+        return contextlib.nullcontext()  # DeepSpeed casts the module to its fp16/bf16 itself
+
+    def backward(self, loss: torch.Tensor, *, sync: bool) -> None:
+        self.module.backward(loss)  # divides by gradient_accumulation_steps itself
+        self.module.step()  # a no-op except at the accumulation boundary
+
+    def step(self) -> float:
+        norm = self.module.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def unwrap(self):
+        return self.module.module
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save_state(self, directory: Path) -> None:
+        self.module.save_checkpoint(str(directory / rundir.DEEPSPEED_DIR), tag="state")
+
+    def load_state(self, directory: Path) -> None:
+        self.module.load_checkpoint(str(directory / rundir.DEEPSPEED_DIR), tag="state", load_module_strict=False)
+
+    def gathered(self, model):
+        """ZeRO-3 shards parameters: gather the trainable ones before reading them."""
+        if not any(hasattr(p, "ds_id") for p in model.parameters()):
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(trainable(model), modifier_rank=None)
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def all_mean(self, value: float) -> float:
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return float(tensor) / self.world_size
