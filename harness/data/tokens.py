@@ -13,12 +13,12 @@ of one file (document boundaries are not recorded, so a chunk may span two docum
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from harness import atomic
 from harness.data import DataError, DataSplits, DataStats, logger
 from harness.data.pipeline import check_eval_settings, holdout
 
@@ -38,25 +38,22 @@ def write_tokens(path: str | Path, documents: Iterable[Iterable[int]], vocab_siz
     """
     dtype = np.dtype(np.uint32 if vocab_size > UINT16_MAX_VOCAB else np.uint16)
     path = Path(path)
-    partial_path = path.with_name(path.name + ".partial")
     num_tokens = num_documents = 0
-    with open(partial_path, "wb") as handle:
+    with atomic.atomic_file(path) as partial_path, open(partial_path, "wb") as handle:
         for document in documents:
             ids = np.asarray(document, dtype=np.int64)
             if eos_id is not None:
                 ids = np.append(ids, eos_id)
             outside = ids[(ids < 0) | (ids >= vocab_size)]
             if outside.size:
-                partial_path.unlink()
                 raise DataError(f"document {num_documents} holds token id {int(outside[0])}, outside the "
                                 f"vocabulary of {vocab_size} ids ({tokenizer_name})")
             handle.write(ids.astype(dtype).tobytes())
             num_tokens += ids.size
             num_documents += 1
-    info = {"dtype": dtype.name, "vocab_size": vocab_size, "tokenizer": tokenizer_name,
-            "num_tokens": num_tokens, "num_documents": num_documents}
-    sidecar_path(path).write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(partial_path, path)
+        info = {"dtype": dtype.name, "vocab_size": vocab_size, "tokenizer": tokenizer_name,
+                "num_tokens": num_tokens, "num_documents": num_documents}
+        atomic.write_text(sidecar_path(path), json.dumps(info, indent=2) + "\n")
     return info
 
 

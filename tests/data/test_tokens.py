@@ -24,7 +24,7 @@ def test_round_trip_matches_the_tokenizer(byte_tokenizer, tmp_path):
     tokens = read_tokens(tmp_path / "out.bin")
     assert tokens.dtype == np.uint16 and tokens.tolist() == expected
     assert (tmp_path / "out.bin").stat().st_size == 2 * len(expected)
-    assert not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob(".*.tmp-*"))
 
 
 def test_uint32_when_the_vocabulary_exceeds_65535(tmp_path):
