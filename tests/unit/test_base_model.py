@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 
@@ -14,14 +15,23 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
 
 
-def test_random_base_is_built_once_and_reused(tmp_path):
+def test_random_base_is_built_once_and_reused(monkeypatch):
+    """A second materialize of the same (config, seed) builds nothing: one call of the builder, and the
+    cached weights file keeps its inode and mtime (a rebuild renames a new directory into place)."""
+    builds = []
+    real = base_model._build_into
+    monkeypatch.setattr(base_model, "_build_into", lambda target, build: builds.append(target) or real(target, build))
     config = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
     first = materialize("random", init_config=config, init_seed=1)
-    stamp = (tmp_path / "cache").stat().st_mtime_ns
+    weights = Path(first) / "model.safetensors"
+    identity = (weights.stat().st_ino, weights.stat().st_mtime_ns)
+    assert builds == [Path(first)]
     assert materialize("random", init_config=config, init_seed=1) == first
-    assert materialize("random", init_config=config, init_seed=2) != first
-    assert (tmp_path / "cache").stat().st_mtime_ns >= stamp
+    assert builds == [Path(first)]
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == identity
+    second = materialize("random", init_config=config, init_seed=2)
+    assert second != first and builds == [Path(first), Path(second)]  # another seed is another model
 
 
 def test_interrupted_build_leaves_nothing_and_the_next_run_finishes(tmp_path):
