@@ -37,6 +37,7 @@ class DeepSpeedEngine:
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         with forming_group():
+            _set_single_process_variables()
             deepspeed.init_distributed(dist_backend=backend)
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
@@ -128,3 +129,22 @@ class DeepSpeedEngine:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return float(tensor) / self.world_size
+
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+
+
+def _set_single_process_variables() -> None:
+    """A process that no launcher started (`python launch/train.py`, one-process `accelerate
+    launch`) gets the variables the `deepspeed` launcher would set for a group of one, on a free
+    local port. Without them DeepSpeed looks for MPI (mpi4py) and then asserts on LOCAL_RANK."""
+    if all(name in os.environ for name in LAUNCHER_VARIABLES) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(port))):
+        os.environ.setdefault(name, value)
