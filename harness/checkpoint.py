@@ -37,21 +37,34 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 @contextlib.contextmanager
 def collective_dir(final: Path, engine) -> Iterator[Path]:
-    """A temporary directory that every rank writes into; published as `final` by rank 0 once
-    all ranks have left the block. On an error the temporary directory is removed."""
+    """A temporary directory that every rank writes into, published as `final` by rank 0 with a
+    manifest written last. A write error on any rank (OSError) is voted on, so every rank raises
+    it together instead of waiting at a barrier; the temporary directory is then removed."""
     tmp = atomic.temporary_sibling(final, COLLECTIVE_TAG)
+    if engine.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    engine.barrier()
+    failure = None
     try:
+        yield tmp
+    except OSError as error:
+        failure = error
+    if engine.all_mean(0.0 if failure else 1.0) == 1.0 and engine.rank == 0:
+        failure = _publish(tmp, final)
+    if engine.all_mean(0.0 if failure else 1.0) < 1.0:
         if engine.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        engine.barrier()
-        yield tmp
-        engine.barrier()
-        if engine.rank == 0:
-            atomic.publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise failure or OSError(f"another rank could not write {final}")
+
+
+def _publish(tmp: Path, final: Path) -> OSError | None:
+    try:
+        rundir.write_manifest(tmp)
+        atomic.publish(tmp, final)
+    except OSError as error:
+        return error
+    return None
 
 
 def write_trainer_state(directory: Path, state: dict, rank: int) -> None:

@@ -86,7 +86,7 @@ def read_rope(directory: str | Path) -> dict:
     try:
         rope = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise RunDirError(f"{path}: unreadable: {_first_line(error)}") from None
+        raise RunDirError(f"{path}: unreadable: {first_line(error)}") from None
     if not isinstance(rope, dict) or not {"rope_parameters", "max_position_embeddings"} <= rope.keys():
         raise RunDirError(f"{path}: needs rope_parameters and max_position_embeddings")
     return rope
@@ -102,9 +102,93 @@ def attach_adapter(model, directory: str | Path):
         if "size mismatch" in str(error):
             raise RunDirError(f"{directory}: the adapter was made for a different base model (weight shapes "
                               f"differ); pass the base model it was trained on") from None
-        raise RunDirError(f"{directory}: cannot apply the adapter to this base: {_first_line(error)}") from None
+        raise RunDirError(f"{directory}: cannot apply the adapter to this base: {first_line(error)}") from None
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (a library's multi-line message), or its type's name."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+# --------------------------------------------------------------------------- lock and manifest
+
+LOCK_FILE = ".lock"
+MANIFEST_FILE = "manifest.json"
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held while a run trains into it (rank 0).
+
+    flock on <output_dir>/.lock: the kernel drops it when the process dies, so a killed run
+    never leaves a stale lock. The file holds the owner's PID for the message."""
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / LOCK_FILE
+        self.handle = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunDirError(f"train.output_dir = {str(self.path.parent)!r} is locked by PID {owner}, a run that is "
+                              f"still training into it. Wait for it to finish, or choose another "
+                              f"train.output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.close()  # releases the flock
+            self.handle = None
+
+
+def write_manifest(directory: Path) -> None:
+    """manifest.json: every file below `directory` with its size and SHA-256. Written last, so a
+    directory with a manifest that matches its files is complete."""
+    files = {str(path.relative_to(directory)): _file_record(path) for path in sorted(directory.rglob("*"))
+             if path.is_file() and path.name != MANIFEST_FILE}
+    write_json(directory / MANIFEST_FILE, {"files": files})
+
+
+def verify_manifest(directory: Path) -> None:
+    """RunDirError naming the first file that is missing, of another size or another content."""
+    path = directory / MANIFEST_FILE
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise RunDirError(f"{directory}: its {MANIFEST_FILE} is missing or unreadable ({first_line(error)}); the "
+                          f"directory was not completely written") from None
+    for name, expected in files.items():
+        file = directory / name
+        if not file.is_file():
+            raise RunDirError(f"{file}: missing (listed in {MANIFEST_FILE})")
+        actual = _file_record(file, hash_it=file.stat().st_size == expected["bytes"])
+        if actual["bytes"] != expected["bytes"]:
+            raise RunDirError(f"{file}: {actual['bytes']:,} bytes, {MANIFEST_FILE} says {expected['bytes']:,}: the "
+                              f"file is damaged")
+        if actual["sha256"] != expected["sha256"]:
+            raise RunDirError(f"{file}: its content differs from {MANIFEST_FILE} (SHA-256): the file is damaged")
+
+
+def _file_record(path: Path, *, hash_it: bool = True) -> dict:
+    import hashlib
+
+    digest = hashlib.sha256()
+    if hash_it:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest() if hash_it else ""}

@@ -19,7 +19,7 @@ import json
 import math
 import random
 import resource
-import shutil
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -29,13 +29,14 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from harness import checkpoint, policy, registry, rundir
+from harness import atomic, checkpoint, policy, registry, rundir
 from harness.cpu_memory import release_freed_memory
+from harness.errors import HarnessError
 from harness.backends.engine import Engine, Hyper
 from harness.loss import CausalLMLoss
 from harness.model import build_model
 from harness.recipe import Recipe, find_relative, resolve
-from harness.errors import HarnessError
+from harness.resume import starting_point
 
 
 class TrainError(HarnessError, RuntimeError):
@@ -54,27 +55,28 @@ def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) ->
     engine.setup()
     console = Console(stderr=True, quiet=engine.rank != 0)
     output_dir = Path(recipe.train.output_dir)
-    resume_from = _prepare_output_dir(output_dir, recipe, engine)
-    seed_everything(recipe.train.seed + engine.rank)
+    with _locked(output_dir, engine):
+        resume_from = starting_point(output_dir, recipe, engine, console)
+        seed_everything(recipe.train.seed + engine.rank)
 
-    built = build_model(recipe, training=True, console=console)
-    recipe = resolve(recipe, world_size=engine.world_size, original_context=built.original_context,
-                     weights_dtype=built.weights_dtype)
-    data = _rank_zero_first(engine, lambda: _build_data(recipe, built.tokenizer))  # one tokenizer run fills the cache
-    if engine.rank == 0:
-        from harness.data.report import print_length_stats
+        built = build_model(recipe, training=True, console=console)
+        recipe = resolve(recipe, world_size=engine.world_size, original_context=built.original_context,
+                         weights_dtype=built.weights_dtype)
+        data = _rank_zero_first(engine, lambda: _build_data(recipe, built.tokenizer))  # one tokenizer run fills the cache
+        if engine.rank == 0:
+            from harness.data.report import print_length_stats
 
-        print_length_stats(data.stats, console=console)
+            print_length_stats(data.stats, console=console)
 
-    hyper = hyper_of(recipe)
-    module = CausalLMLoss(built.model, chunked=recipe.train.chunked_loss)
-    engine.prepare(module, lambda params: make_optimizer(recipe, engine, hyper, params),
-                   lambda optimizer: make_scheduler(recipe, optimizer, total_steps(recipe, len(data.train), engine)),
-                   hyper)
-    loop = Loop(recipe, engine, built, data, console, after_step=after_step)
-    if resume_from is not None:
-        loop.resume(resume_from)
-    loop.run()
+        hyper = hyper_of(recipe)
+        module = CausalLMLoss(built.model, chunked=recipe.train.chunked_loss)
+        engine.prepare(module, lambda params: make_optimizer(recipe, engine, hyper, params),
+                       lambda optimizer: make_scheduler(recipe, optimizer, total_steps(recipe, len(data.train), engine)),
+                       hyper)
+        loop = Loop(recipe, engine, built, data, console, after_step=after_step)
+        if resume_from is not None:
+            loop.resume(resume_from)
+        loop.run()
     return output_dir
 
 
@@ -112,23 +114,22 @@ def seed_everything(seed: int) -> None:
 
 # --------------------------------------------------------------------------- run directory
 
-def _prepare_output_dir(output_dir: Path, recipe: Recipe, engine) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; never clobbers a run silently."""
-    latest = checkpoint.latest_checkpoint(output_dir)
-    has_run = any((output_dir / name).exists() for name in (rundir.FINAL_DIR, rundir.METRICS_FILE)) or latest is not None
-    if recipe.train.resume == "auto" and latest is not None:
-        return latest
-    if has_run and not recipe.train.overwrite and recipe.train.resume != "auto":
-        raise TrainError(
-            f"train.output_dir = {str(output_dir)!r} already holds a run. Continue it with --resume "
-            f"(train.resume=\"auto\"), replace it with train.overwrite=true, or choose another train.output_dir"
-        )
+@contextlib.contextmanager
+def _locked(output_dir: Path, engine):
+    """Rank 0 holds the run directory's lock for the whole run; every rank learns whether it got it."""
+    lock, refused = rundir.RunLock(output_dir), None
     if engine.rank == 0:
-        if has_run and recipe.train.overwrite:
-            shutil.rmtree(output_dir)
-        _check_writable(output_dir)
-    engine.barrier()
-    return None
+        try:
+            _check_writable(output_dir)
+            lock.__enter__()
+        except HarnessError as error:
+            refused = error
+    if engine.all_mean(0.0 if refused else 1.0) < 1.0:
+        raise refused or TrainError(f"rank 0 could not lock train.output_dir = {str(output_dir)!r}")
+    try:
+        yield
+    finally:
+        lock.__exit__()
 
 
 def _check_writable(output_dir: Path) -> None:
@@ -209,6 +210,8 @@ class Loop:
         self.engine.load_state(directory)
         self.order.load_state_dict(state["data"])
         self.step = state["step"]
+        if self.engine.rank == 0:
+            drop_metrics_after(self.output_dir / rundir.METRICS_FILE, self.step)
         self.console.print(f"Resumed from {directory} at step {self.step}")
 
     def run(self) -> None:
@@ -238,6 +241,7 @@ class Loop:
     def _optimizer_step(self, batches) -> tuple[float, int]:
         """grad_accum micro-batches -> one optimizer step; returns (mean loss, tokens seen)."""
         self.engine.module.train()
+        self.lr = self.engine.lr()  # the rate this step uses, before the scheduler moves on
         losses, tokens = [], 0
         for micro in range(self.recipe.train.grad_accum):
             batch = {k: v.to(self.engine.device) for k, v in self.collate(self._items(next(batches))).items()}
@@ -258,7 +262,7 @@ class Loop:
     def _record(self, loss: float, tokens: int, seconds: float) -> dict:
         world_tokens = tokens * self.engine.world_size
         return {
-            "step": self.step, "loss": self.engine.all_mean(loss), "lr": self.engine.lr(),
+            "step": self.step, "loss": self.engine.all_mean(loss), "lr": self.lr,
             "grad_norm": self.grad_norm, "tokens_per_s": world_tokens / max(seconds, 1e-9),
             "peak_memory_gb": peak_memory_gb(), "seconds": seconds,
         }
@@ -323,11 +327,39 @@ class Loop:
                 rundir.write_model_files(directory, peft_model, self.recipe)
 
     def export(self) -> None:
-        """<output_dir>/final: the adapter, loadable by peft.PeftModel.from_pretrained."""
+        """<output_dir>/final: the adapter, loadable by peft.PeftModel.from_pretrained. Where it
+        cannot be written (read-only, disk full), the adapter goes to a rescue directory instead."""
         final = self.output_dir / rundir.FINAL_DIR
-        with checkpoint.collective_dir(final, self.engine) as tmp:
-            self._write_model_files(tmp)
+        try:
+            self._export_to(final)
+        except OSError as error:
+            rescue = rescue_dir(self.output_dir)
+            self._export_to(rescue)
+            raise TrainError(f"could not write {final}: {error.strerror or error}. The trained adapter was saved to "
+                             f"{rescue} instead: copy it to {final}, or pass it to the tools as it is") from None
         self.console.print(f"[green]Adapter written to {final}[/]")
+
+    def _export_to(self, directory: Path) -> None:
+        with checkpoint.collective_dir(directory, self.engine) as tmp:
+            self._write_model_files(tmp)
+            if self.engine.rank == 0:
+                rundir.write_json(tmp / rundir.STATE_FILE, {"step": self.step, "finished": True})
+
+
+def rescue_dir(output_dir: Path) -> Path:
+    """Where an export that cannot be written goes: the harness cache, a disk of its own."""
+    from harness.base_model import cache_root
+
+    return cache_root() / "rescued" / f"{output_dir.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Drop the records of steps after `step` (they are trained again after a resume)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+             if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic.write_text(path, "".join(lines))
 
 
 def _activation_offload(enabled: bool):
