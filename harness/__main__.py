@@ -1,4 +1,4 @@
-"""`python -m harness backends` lists the backends; `python -m harness train ...` trains."""
+"""`python -m harness COMMAND ...` and the `harness` console script: see harness.cli."""
 import sys
 
 from harness.cli import main

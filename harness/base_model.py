@@ -11,8 +11,11 @@ that are not one are materialized once into a cache directory and reused afterwa
              dict copied over.
 
 The cache lives under $HARNESS_CACHE (default ~/.cache/harness). Every entry is written to
-a temporary directory and renamed into place, so an interrupted conversion leaves nothing
-half-written and the next run simply converts again.
+a temporary directory and renamed into place (harness.atomic), so an interrupted conversion
+leaves nothing half-written and the next run simply converts again.
+
+Any other name is used as it is: a hub id ("name" or "org/name") or a local HF directory.
+`looks_local` is the one rule for names that can only be local paths, which must exist.
 """
 from __future__ import annotations
 
@@ -20,9 +23,9 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from harness.atomic import atomic_dir
 from harness.errors import HarnessError
 
 
@@ -32,6 +35,14 @@ class BaseModelError(HarnessError, ValueError):
 
 def cache_root() -> Path:
     return Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "harness")).expanduser()
+
+
+def looks_local(name: str) -> bool:
+    """Whether `name` can only be a local path: a .gguf file, a path starting with ".", "/" or "~",
+    or one with two or more "/" (a hub id is "name" or "org/name"; "random" and "pypi:" are neither)."""
+    if name.startswith("pypi:"):
+        return False
+    return name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def materialize(name_or_path: str, *, init_config: dict | None = None, init_seed: int = 0,
@@ -62,21 +73,14 @@ def _atomic_build(target: Path, build, *, marker: str = "config.json") -> Path:
 
 
 def _build_into(target: Path, build) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)
     try:
-        build(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        with atomic_dir(target) as tmp:
+            build(tmp)
     except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise BaseModelError(
             f"could not write the model cache at {target}: {error}. Free disk space or point "
             f"HARNESS_CACHE at a larger disk; the next run starts the conversion again"
         ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

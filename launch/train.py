@@ -4,10 +4,12 @@
     accelerate launch --multi_gpu --num_processes 2 launch/train.py RECIPE
     torchrun --nproc_per_node 2 launch/train.py RECIPE
     deepspeed --num_gpus 2 launch/train.py RECIPE
+
+The command line is harness.cli.train (also `python -m harness train`).
 """
 import sys
 
-from harness.cli import train_main
+from harness.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(train_main(sys.argv[1:]))
+    sys.exit(main())

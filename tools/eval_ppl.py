@@ -3,11 +3,11 @@
     python tools/eval_ppl.py --model runs/tiny/final --data ../shared/data/books --seq-lens 256,512 \
         --json ppl.json --plot ppl.png
 
-See `--help`; the implementation is harness.evaluation.cli.
+See `--help`; the command line is harness.cli.eval_ppl (also `python -m harness eval_ppl`).
 """
 import sys
 
-from harness.evaluation.cli import eval_ppl_main
+from harness.cli.eval_ppl import main
 
 if __name__ == "__main__":
-    sys.exit(eval_ppl_main())
+    sys.exit(main())

@@ -3,11 +3,11 @@
     python tools/passkey.py --model runs/tiny/final --lengths 1024,2048 --depths 0,0.5,1 --trials 5 \
         --json passkey.json --plot passkey.png
 
-See `--help`; the implementation is harness.evaluation.cli.
+See `--help`; the command line is harness.cli.passkey (also `python -m harness passkey`).
 """
 import sys
 
-from harness.evaluation.cli import passkey_main
+from harness.cli.passkey import main
 
 if __name__ == "__main__":
-    sys.exit(passkey_main())
+    sys.exit(main())

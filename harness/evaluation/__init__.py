@@ -4,8 +4,14 @@
     result = evaluate_perplexity(model, token_ids, 8192, protocol="longlora")
     result.ppl, result.nll_sum, result.tokens
 
-The command lines are tools/eval_ppl.py and tools/passkey.py (harness.evaluation.cli).
+    from harness.evaluation import ModelSpec, PplSettings, compare_models
+    records = compare_models([ModelSpec(base), ModelSpec(base, adapter="runs/x/final")], "held_out.txt",
+                             PplSettings(seq_lens=[4096, 8192]))
+
+The command lines are tools/eval_ppl.py and tools/passkey.py (harness.cli.eval_ppl, harness.cli.passkey).
 """
+from harness.evaluation.compare import PplSettings, compare_models
+from harness.evaluation.models import ModelSpec, load_model
 from harness.evaluation.passkey import PasskeyPrompt, PasskeyResult, PasskeyTrial, build_prompt, evaluate_passkey
 from harness.evaluation.perplexity import (
     PROTOCOLS,
@@ -18,10 +24,11 @@ from harness.evaluation.perplexity import (
     strided_perplexity,
     strided_windows,
 )
-from harness.evaluation.report import PplRecord
+from harness.evaluation.report import PplRecord, report_ppl
 
 __all__ = [
-    "PROTOCOLS", "EvaluationError", "PasskeyPrompt", "PasskeyResult", "PasskeyTrial", "PerplexityResult",
-    "PplRecord", "Window", "build_prompt", "evaluate_passkey", "evaluate_perplexity", "longlora_perplexity",
-    "longlora_windows", "strided_perplexity", "strided_windows",
+    "PROTOCOLS", "EvaluationError", "ModelSpec", "PasskeyPrompt", "PasskeyResult", "PasskeyTrial",
+    "PerplexityResult", "PplRecord", "PplSettings", "Window", "build_prompt", "compare_models", "evaluate_passkey",
+    "evaluate_perplexity", "load_model", "longlora_perplexity", "longlora_windows", "report_ppl",
+    "strided_perplexity", "strided_windows",
 ]

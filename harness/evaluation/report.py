@@ -64,6 +64,15 @@ def write_ppl_json(records: Sequence[PplRecord], path: str | Path) -> None:
     Path(path).write_text(json.dumps({"results": [asdict(r) for r in records]}, indent=2) + "\n")
 
 
+def report_ppl(records: Sequence[PplRecord], *, json_path: Path | None = None, plot_path: Path | None = None) -> None:
+    """The table on stdout; the JSON file and the plot where paths are given."""
+    Console().print(ppl_table(records))
+    if json_path:
+        write_ppl_json(records, json_path)
+    if plot_path:
+        plot_ppl(records, plot_path)
+
+
 def plot_ppl(records: Sequence[PplRecord], path: str | Path) -> None:
     """Perplexity against context length, one line per model (log2 x; log y over a wide range)."""
     plt = _pyplot()

@@ -1,28 +1,18 @@
-"""tools/eval_ppl.py and tools/passkey.py end to end on a saved tiny model, and their bad-input errors."""
+"""tools/eval_ppl.py (harness.cli.eval_ppl) end to end on a saved tiny model: data forms, bad-input errors."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from harness.evaluation.cli import eval_ppl_main, passkey_main
+from harness.cli.eval_ppl import main as eval_ppl_main
 from harness.evaluation.perplexity import longlora_perplexity, strided_perplexity
+from tests.conftest import ROOT, tiny_llama_config
 
-ROOT = Path(__file__).resolve().parents[2]
 TEXT = "It was a bright cold day in April, and the clocks were striking thirteen. " * 40  # 2,960 bytes
-
-
-@pytest.fixture
-def model_dir(tmp_path, tiny_model, byte_tokenizer):
-    """The tiny random LLaMA and the byte tokenizer, saved as a Hugging Face directory."""
-    path = tmp_path / "tiny"
-    tiny_model.save_pretrained(path)
-    byte_tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +66,6 @@ def test_eval_ppl_longlora_in_process(model_dir, text_file, tmp_path, capsys):
     assert "256" in capsys.readouterr().out
 
 
-def test_passkey_in_process(model_dir, tmp_path, capsys):
-    code = passkey_main(["--model", str(model_dir), "--lengths", "300,400", "--depths", "0,1", "--trials", "2",
-                         "--json", str(tmp_path / "passkey.json"), "--plot", str(tmp_path / "passkey.png")])
-    assert code == 0
-    saved = json.loads((tmp_path / "passkey.json").read_text())
-    assert (saved["lengths"], saved["depths"], len(saved["trials"])) == ([300, 400], [0.0, 1.0], 8)
-    assert (tmp_path / "passkey.png").exists()
-    assert "Passkey" in capsys.readouterr().out
-
-
 @pytest.mark.parametrize("args,expected", [
     (["--data", "{text}", "--seq-lens", "64,abc"], "argument --seq-lens: '64,abc' is not a comma-separated list"),
     (["--data", "missing.txt"], "--data missing.txt: no such file or directory"),
@@ -101,24 +81,50 @@ def test_eval_ppl_bad_input(model_dir, text_file, args, expected):
         "tools/eval_ppl.py: error: " + expected.replace("{text}", str(text_file)))
 
 
-def test_missing_model_and_bad_depths(tmp_path):
+def test_missing_model(tmp_path):
     out = run_tool("tools/eval_ppl.py", "--model", "./no_such_model", "--data", "x.txt")
     assert (out.returncode, out.stderr) == (2, "tools/eval_ppl.py: error: --model ./no_such_model: no such file or directory\n")
-    out = run_tool("tools/passkey.py", "--model", "m", "--depths", "0,2")
-    assert (out.returncode, out.stderr) == (2, "tools/passkey.py: error: argument --depths: '0,2': every depth must lie in [0, 1]\n")
 
 
-def test_adapter_for_another_base(monkeypatch, model_dir, text_file, tmp_path, capsys):
-    import harness.model
+def test_adapter_for_another_base(model_dir, text_file, tmp_path, capsys):
+    """An adapter made for a base of another width: one line that says so, no traceback."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
 
-    def mismatched(*args, **kwargs):
-        raise RuntimeError("Error(s) in loading state_dict for PeftModelForCausalLM:\n\tsize mismatch for "
-                           "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")
+    from harness.recipe import load_recipe, save_recipe
 
-    monkeypatch.setattr(harness.model, "load_for_eval", mismatched)
-    assert eval_ppl_main(["--model", str(model_dir), "--adapter", str(tmp_path), "--data", str(text_file)]) == 2
-    [line] = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"tools/eval_ppl.py: error: --adapter {tmp_path} does not fit --model {model_dir}")
+    adapter = tmp_path / "other-adapter"
+    other = LlamaForCausalLM(tiny_llama_config(hidden_size=32, intermediate_size=64))
+    get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(adapter)
+    save_recipe(load_recipe(ROOT / "recipes" / "tiny_cpu.toml", ["position.target_length=2048"]), adapter / "recipe.toml")
+    assert eval_ppl_main(["--model", str(model_dir), "--adapter", str(adapter), "--data", str(text_file)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("tools/eval_ppl.py: error: ") and "different base model" in line
+
+
+def test_data_as_training_reads_it(model_dir, text_file, tmp_path, monkeypatch):
+    """A .jsonl file with --text-field and hub:owner/name with --split: the same text, the same perplexity."""
+    import datasets
+
+    def load_dataset(name, split, streaming):
+        assert (name, split, streaming) == ("someone/books", "validation", False)
+        return [{"text": TEXT}]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    (tmp_path / "book.jsonl").write_text(json.dumps({"body": TEXT}) + "\n")
+    common = ["--model", str(model_dir), "--seq-lens", "64", "--max-tokens", "500"]
+    ppl = []
+    for data in (["--data", str(text_file)], ["--data", str(tmp_path / "book.jsonl"), "--text-field", "body"],
+                 ["--data", "hub:someone/books", "--split", "validation"]):
+        assert eval_ppl_main([*common, *data, "--json", str(tmp_path / "ppl.json")]) == 0
+        ppl.append(json.loads((tmp_path / "ppl.json").read_text())["results"][0]["ppl"])
+    assert ppl[0] == ppl[1] == ppl[2]
+
+
+def test_help_states_the_data_grammar():
+    out = run_tool("tools/eval_ppl.py", "--help")
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0 and "hub:owner/name" in text and "(default: test)" in text
 
 
 def test_bin_data_and_its_vocabulary(model_dir, tmp_path, capsys):

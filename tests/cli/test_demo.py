@@ -1,4 +1,4 @@
-"""The demo's data preparation and its bad-input messages (the training itself is slow)."""
+"""`python -m harness demo` (harness.demo, harness.cli.demo): its data, its bad-input messages; the run is slow."""
 from __future__ import annotations
 
 import subprocess

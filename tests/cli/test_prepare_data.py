@@ -1,4 +1,4 @@
-"""tools/prepare_data.py end to end, in a subprocess as a user runs it."""
+"""tools/prepare_data.py (harness.cli.prepare_data) end to end, in a subprocess as a user runs it."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,7 @@ from pathlib import Path
 
 from harness.data.tokens import read_tokens
 from harness.tokenizer import byte_tokenizer
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
 
 
 def prepare(*args):
