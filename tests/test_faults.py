@@ -1,0 +1,215 @@
+"""Fault injection on the tiny recipe: concurrent runs, SIGKILL, damaged checkpoints, failed
+exports and changed recipes. Every case checks the exit (code or error), that the message is
+one line without a traceback, and that no completed step's work is lost.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness import rundir
+from harness.recipe import load_recipe
+from harness.resume import ResumeError, intact_checkpoint
+from harness.train import TrainError, train
+from tests.conftest import ROOT
+
+STEPS = ["train.max_steps=6", "train.save_every=2", "data.max_seq_length=256", "train.keep_checkpoints=0"]
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
+    monkeypatch.chdir(ROOT)
+
+
+def tiny(output_dir: Path, *overrides: str):
+    return load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{output_dir}\"", *STEPS, *overrides])
+
+
+def launch(output_dir: Path, *overrides: str, cache: Path) -> subprocess.Popen:
+    command = [sys.executable, "launch/train.py", "recipes/tiny_cpu.toml", f"train.output_dir=\"{output_dir}\"",
+               *STEPS, *overrides]
+    env = {**os.environ, "HARNESS_CACHE": str(cache), "COLUMNS": "200"}
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_one_line_error(stderr: str, *words: str) -> None:
+    assert "Traceback" not in stderr, stderr
+    line = next(line for line in stderr.splitlines() if "error:" in line)
+    for word in words:
+        assert word in line, stderr
+
+
+def adapter(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / rundir.ADAPTER_WEIGHTS))
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    first, second = adapter(a), adapter(b)
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=0, atol=0)
+
+
+def sigterm_at(stop: int):
+    return lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == stop else None
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted run every faulty one must reproduce exactly."""
+    output = tmp_path_factory.mktemp("straight") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
+        patch.chdir(ROOT)
+        train(tiny(output))
+    return output
+
+
+@pytest.fixture
+def stopped(tmp_path) -> Path:
+    """A run stopped by SIGTERM after step 4: checkpoints 2 and 4, no final/."""
+    output = tmp_path / "stopped"
+    train(tiny(output), after_step=sigterm_at(4))
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    return output
+
+
+# --------------------------------------------------------------------------- concurrent runs
+
+def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
+    cache = Path(os.environ["HARNESS_CACHE"])
+    first = launch(tmp_path / "run", "train.max_steps=400", "train.save_every=0", cache=cache)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / rundir.METRICS_FILE).is_file():  # the first run is training
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.5)
+        second = launch(tmp_path / "run", "train.overwrite=true", cache=cache)
+        _, stderr = second.communicate(timeout=300)
+        assert second.returncode == 2
+        assert_one_line_error(stderr, "locked by PID", str(first.pid))
+    finally:
+        first.kill()
+        first.communicate()
+
+
+# --------------------------------------------------------------------------- SIGKILL
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_at_a_random_moment_then_resume_is_exact(tmp_path, straight, seed):
+    """Killed anywhere (a checkpoint write included): every published checkpoint is intact, no
+    temporary directory is trusted, and the resumed run ends where the straight one did."""
+    cache = Path(os.environ["HARNESS_CACHE"])
+    output = tmp_path / "killed"
+    process = launch(output, "train.save_every=1", cache=cache)
+    deadline = time.monotonic() + 120
+    while not list(output.glob("checkpoint-*")):  # at least one step has been trained
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    time.sleep(random.Random(seed).uniform(0.0, 2.0))
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    for directory in output.glob("checkpoint-*"):
+        rundir.verify_manifest(directory)
+    train(tiny(output, "train.save_every=1", "train.resume=\"auto\""))
+    assert_same_adapter(output / rundir.FINAL_DIR, straight / rundir.FINAL_DIR)
+
+
+# --------------------------------------------------------------------------- damaged checkpoints
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_every_damaged_file_of_the_newest_checkpoint_is_found(stopped, damage, capsys):
+    """Each file of checkpoint-4 in turn: resume names it and falls back to checkpoint-2."""
+    from rich.console import Console
+
+    newest = stopped / "checkpoint-4"
+    pristine = stopped.parent / "pristine"
+    shutil.copytree(newest, pristine)
+    files = sorted(p.relative_to(newest) for p in newest.rglob("*") if p.is_file())
+    assert {"adapter_model.safetensors", "optimizer.pt", "rng-0.pt", "trainer_state.json"} <= {str(f) for f in files}
+    for name in files:
+        shutil.rmtree(newest)
+        shutil.copytree(pristine, newest)
+        if damage == "truncate":
+            (newest / name).write_bytes(b"")
+        else:
+            (newest / name).unlink()
+        if name == Path(rundir.STATE_FILE) and damage == "delete":
+            # without its state file a directory is not a checkpoint at all: checkpoint-2 is the newest
+            assert intact_checkpoint(stopped, Console(file=open(os.devnull, "w"))) == stopped / "checkpoint-2"
+            continue
+        console = Console(record=True, width=400)
+        assert intact_checkpoint(stopped, console) == stopped / "checkpoint-2", name
+        assert str(name) in console.export_text() or rundir.MANIFEST_FILE in console.export_text(), name
+
+
+def test_resume_past_a_truncated_optimizer_state_is_exact(stopped, straight):
+    (stopped / "checkpoint-4" / rundir.OPTIMIZER_FILE).write_bytes(b"")
+    train(tiny(stopped, "train.resume=\"auto\""))
+    assert_same_adapter(stopped / rundir.FINAL_DIR, straight / rundir.FINAL_DIR)
+
+
+def test_no_intact_checkpoint_is_a_clear_error(stopped):
+    for directory in stopped.glob("checkpoint-*"):
+        (directory / rundir.ADAPTER_WEIGHTS).write_bytes(b"")
+    with pytest.raises(ResumeError, match="no intact checkpoint.*adapter_model.safetensors"):
+        train(tiny(stopped, "train.resume=\"auto\""))
+
+
+# --------------------------------------------------------------------------- failed exports
+
+@pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EROFS])
+def test_an_export_that_cannot_be_written_is_rescued(tmp_path, straight, failure, monkeypatch):
+    """A full disk or a read-only directory at the very end: the weights survive elsewhere."""
+    output = tmp_path / "run"
+    write = rundir.write_model_files
+
+    def failing(directory, model, recipe):
+        if directory.parent == output:
+            raise OSError(failure, os.strerror(failure))
+        write(directory, model, recipe)
+
+    monkeypatch.setattr(rundir, "write_model_files", failing)
+    with pytest.raises(TrainError, match=os.strerror(failure)) as caught:
+        train(tiny(output, "train.save_every=0"))
+    message = str(caught.value)
+    rescue = Path(message.split("saved to ")[1].split(" instead")[0])
+    assert "\n" not in message and not (output / rundir.FINAL_DIR).exists()
+    rundir.verify_manifest(rescue)
+    assert_same_adapter(rescue, straight / rundir.FINAL_DIR)
+
+
+# --------------------------------------------------------------------------- changed recipes
+
+def test_resume_refuses_what_it_cannot_honour(stopped):
+    with pytest.raises(ResumeError, match=r"train\.lr 0\.002 -> 0\.05"):
+        train(tiny(stopped, "train.resume=\"auto\"", "train.lr=0.05"))
+    with pytest.raises(ResumeError, match=r"adapter\.r 8 -> 16"):
+        train(tiny(stopped, "train.resume=\"auto\"", "adapter.r=16"))
+    assert not (stopped / rundir.FINAL_DIR).exists()  # nothing was trained or overwritten
+
+
+def test_a_finished_run_is_reported_unless_extended(tmp_path, straight):
+    output = tmp_path / "run"
+    shutil.copytree(straight, output)
+    before = adapter(output / rundir.FINAL_DIR)
+    with pytest.raises(ResumeError, match="finished run \\(6 steps"):
+        train(tiny(output, "train.resume=\"auto\""))
+    torch.testing.assert_close(adapter(output / rundir.FINAL_DIR), before, rtol=0, atol=0)
+    train(tiny(output, "train.resume=\"auto\"", "train.max_steps=8"))  # allowed: more steps
+    records = [json.loads(line) for line in (output / rundir.METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))  # steps re-trained after the resume logged once
+    assert json.loads((output / rundir.FINAL_DIR / rundir.STATE_FILE).read_text())["step"] == 8
