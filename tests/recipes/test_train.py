@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from safetensors.torch import load_file
 
 from harness import checkpoint
 from harness.recipe import load_recipe
+from harness.resume import ResumeError
 from harness.train import TrainError, train
 from tests.conftest import ROOT
 
@@ -37,15 +40,18 @@ def adapter(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "adapter_model.safetensors"))
 
 
-def test_resume_after_sigterm_is_exact(tmp_path, monkeypatch):
+def sigterm_at(stop: int):
+    """An after_step callback that sends this process SIGTERM after step `stop`."""
+    return lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == stop else None
+
+
+def test_resume_after_sigterm_is_exact(tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(tiny(straight, "train.max_steps=6", "train.save_every=3"))
 
-    monkeypatch.setenv("HARNESS_SIGTERM_AT_STEP", "3")
-    train(tiny(stopped, "train.max_steps=6", "train.save_every=3"))
+    train(tiny(stopped, "train.max_steps=6", "train.save_every=3"), after_step=sigterm_at(3))
     assert [p.name for _, p in checkpoint.checkpoints(stopped)] == ["checkpoint-3"]
     assert not (stopped / "final").exists()
-    monkeypatch.delenv("HARNESS_SIGTERM_AT_STEP")
     train(tiny(stopped, "train.max_steps=6", "train.save_every=3", "train.resume=\"auto\""))
 
     assert losses(stopped) == losses(straight)  # 3 before the stop + 3 after, bit for bit
@@ -68,42 +74,97 @@ def test_final_adapter_loads_with_peft_and_carries_rope(tmp_path):
     assert (final / "recipe.toml").is_file()
     base_dir = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), final)
-    assert any("lora_A" in name for name, _ in model.named_parameters())
+    loaded = {name.replace(".default.", "."): p.detach() for name, p in model.named_parameters() if "lora_" in name}
+    saved = adapter(final)
+    assert loaded.keys() == saved.keys() and len(saved) == 2 * 7 * 2  # A and B of 7 projections x 2 layers
+    for name, tensor in saved.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+    assert all(saved[name].abs().max() > 0 for name in saved if "lora_B" in name)  # trained: B starts at zero
+
+
+SEQ_LEN, GROUP = 256, 64  # the tiny recipe's attention.group_ratio = 0.25 of 256 tokens
+
+
+def dense_s2_attention(module, query, key, value, attention_mask, *, scaling, **kwargs):
+    """S2 written out densely for GROUP: query heads reading the first half of the KV heads attend
+    within groups [0, G), [G, 2G), ...; the others within [0, G/2), [G/2, 3G/2), ... (shifted by
+    half a group, no wrap-around); causal in both. A transformers attention function."""
+    assert attention_mask is None or bool(attention_mask.all())
+    heads, kv_heads, length = query.shape[1], key.shape[1], query.shape[2]
+    per_kv = heads // kv_heads
+    key, value = key.repeat_interleave(per_kv, dim=1), value.repeat_interleave(per_kv, dim=1)
+    i = torch.arange(length)
+    masks = []
+    for h in range(heads):
+        shift = GROUP // 2 if h // per_kv >= -(-kv_heads // 2) else 0
+        group = (i + shift) // GROUP
+        masks.append((i[None, :] <= i[:, None]) & (group[None, :] == group[:, None]))
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    probs = scores.masked_fill(~torch.stack(masks), float("-inf")).softmax(dim=-1)
+    return (probs @ value).transpose(1, 2), None
 
 
 def test_s2_in_training_full_attention_in_eval(tmp_path):
+    """The training model's attention: S2 with G = 0.25 x 256 = 64 in train mode (equal to the dense
+    reference above), transformers' causal sdpa in eval mode. So the two modes agree exactly on the
+    first G/2 positions, where every head's group is the causal prefix, and differ from position
+    G/2 on, where the shifted heads' second group begins."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
     from harness.model import build_model
 
-    built = build_model(tiny(tmp_path))
-    ids = torch.randint(3, 260, (1, 256), generator=torch.Generator().manual_seed(0))
-    model = built.model
-    model.eval()
-    with torch.no_grad():
-        eval_logits = model(input_ids=ids).logits
-        model.train()
-        for module in model.modules():  # no dropout, so only the attention pattern differs
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        train_logits = model(input_ids=ids).logits
-    group = 256 // 4
-    # Inside the first group S2 and full attention see the same tokens; later they differ.
-    torch.testing.assert_close(train_logits[:, : group // 2], eval_logits[:, : group // 2], rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(train_logits[:, group:], eval_logits[:, group:], atol=1e-4)
+    AttentionInterface.register("test_dense_s2", dense_s2_attention)
+    AttentionMaskInterface.register("test_dense_s2", flash_attention_mask)
+    model = build_model(tiny(tmp_path)).model
+    assert model.config._attn_implementation == "harness_s2"
+    for module in model.modules():  # no dropout, so only the attention pattern differs
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    ids = torch.randint(3, 260, (1, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+
+    def logits(implementation, training):
+        model.set_attn_implementation(implementation)
+        model.train(training)
+        with torch.no_grad():
+            return model(input_ids=ids).logits[0]
+
+    # Eval first: bitsandbytes repacks the 4-bit weights for its CPU kernel on the first eval
+    # forward, and every later forward (train mode too) then runs that same kernel.
+    eval_logits, sdpa_logits = logits("harness_s2", False), logits("sdpa", False)
+    train_logits, reference = logits("harness_s2", True), logits("test_dense_s2", True)
+    torch.testing.assert_close(eval_logits, sdpa_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(train_logits, reference, rtol=1e-5, atol=1e-5)
+    difference = (train_logits - eval_logits).abs().amax(dim=-1)
+    assert difference[: GROUP // 2].max() < 1e-5, difference[: GROUP // 2]
+    assert difference[GROUP // 2:].min() > 1e-3, difference[GROUP // 2:]
 
 
-def test_qlora_s2_learns_real_text(tmp_path, book_path):
-    train(tiny(tmp_path, f"data.path=\"{book_path}\"", "train.max_steps=20", "train.grad_accum=1",
-               "train.micro_batch_size=2"))
+ANGLER = ROOT / "recipes" / "data" / "the_complete_angler_excerpt.txt"  # shipped with the repo
+
+
+def test_qlora_s2_learns_real_text(tmp_path):
+    """40 steps of 2 x 256 bytes of the shipped excerpt. The loss starts at ln(260) = 5.56 (random
+    model; step-to-step noise ~0.03) and falls to ~5.16 (measured: first five steps 5.50 on average,
+    last five 5.16; with the frozen random embeddings and head it levels off near 5.1)."""
+    steps, batch = 40, 2
+    text = ANGLER.read_bytes()
+    # One token per byte: the run reads 40 x 2 x 256 = 20 480 bytes, so within one epoch of the
+    # excerpt (10% spare for the document boundaries): no sample is seen twice.
+    assert len(text) >= 1.1 * steps * batch * SEQ_LEN, len(text)
+    train(tiny(tmp_path, f"data.path=\"{ANGLER}\"", f"train.max_steps={steps}", "train.grad_accum=1",
+               f"train.micro_batch_size={batch}"))
     curve = losses(tmp_path)
-    assert len(curve) == 20
-    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
-    assert last < first - 0.3, curve  # bytes of English: the loss falls well below ln(260) = 5.56
+    assert len(curve) == steps
+    first, last = curve[:5], curve[-5:]
+    assert sum(last) / 5 < sum(first) / 5 - 0.25, curve  # ~8x the noise; 0.33 measured
+    assert max(last) < min(first), curve
 
 
 def test_existing_run_is_refused(tmp_path):
     train(tiny(tmp_path, "train.max_steps=1"))
     before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(TrainError, match="already holds a run.*--resume.*overwrite=true"):
+    with pytest.raises(ResumeError, match="already holds a run.*--resume.*overwrite=true"):
         train(tiny(tmp_path, "train.max_steps=1"))
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
