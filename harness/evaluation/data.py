@@ -10,6 +10,7 @@ tokenized without special tokens and followed by EOS, in source order. Messages 
 """
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,9 @@ KEY = "--data"  # the option messages name
 
 
 def check_data(spec: str) -> None:
-    if not spec.startswith(HUB_PREFIX) and not Path(spec).exists():
+    """A local path (or glob) that names nothing fails here, before any model loads."""
+    local = str(Path(spec).expanduser())
+    if not spec.startswith(HUB_PREFIX) and not Path(local).exists() and not glob.glob(local, recursive=True):
         raise EvaluationError(f"{KEY} {spec}: no such file or directory")
 
 
