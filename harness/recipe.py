@@ -28,6 +28,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+LEGACY_ROPE_KEYS = {"rope_theta", "rope_scaling"}  # accepted by transformers' configs, stored in rope_parameters
 
 
 class RecipeError(HarnessError, ValueError):
@@ -265,10 +266,20 @@ def _convert(hint, value, *, path: str, where: str):
         return float(value)
     if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         return value
-    raise RecipeError(
-        f"{where}{path} = {value!r} has type {type(value).__name__}, expected {hint.__name__}"
-        + (f" (write {value!r} without quotes)" if isinstance(value, str) and hint in (int, float, bool) else "")
-    )
+    raise RecipeError(f"{where}{path} = {value!r} has type {type(value).__name__}, expected {hint.__name__}"
+                      f"{_type_hint(hint, value)}")
+
+
+def _type_hint(hint, value) -> str:
+    """How to write the value: unquoted when the string is one, else an example of the type."""
+    examples = {int: "an integer, e.g. 10", float: "a number, e.g. 2e-4", bool: "true or false"}
+    if not isinstance(value, str) or hint not in examples:
+        return ""
+    try:
+        quoted = value.lower() in ("true", "false") if hint is bool else hint(value) is not None
+    except ValueError:
+        quoted = False
+    return f" (write {value} without quotes)" if quoted else f" (write {examples[hint]})"
 
 
 # --------------------------------------------------------------------------- validation
@@ -366,8 +377,35 @@ def _check_combinations(recipe: Recipe, where: str) -> None:
         )
     if recipe.model.name_or_path == "random" and not recipe.model.init_config:
         raise RecipeError(f"{where}model.name_or_path = \"random\" needs a [model.init_config] table of LlamaConfig values")
+    if recipe.model.name_or_path == "random":
+        _check_init_config(recipe.model.init_config, where)
     if not recipe.model.name_or_path:
         raise RecipeError(f"{where}model.name_or_path is empty: give a hub id, a local directory, a .gguf file or \"random\"")
+
+
+def _check_init_config(init_config: dict, where: str) -> None:
+    """Every [model.init_config] key is a field of the config class, of its type (before any weights)."""
+    import inspect
+
+    from transformers import LlamaConfig
+
+    defaults = LlamaConfig().to_dict()
+    known = set(defaults) | set(inspect.signature(LlamaConfig.__init__).parameters) | LEGACY_ROPE_KEYS
+    for key, value in init_config.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" Did you mean model.init_config.{close[0]}?" if close else ""
+            raise RecipeError(f"{where}unknown key model.init_config.{key}: LlamaConfig has no such field.{hint}")
+        expected = type(defaults.get(key, value))
+        if expected in (int, float, bool) and not _is_a(value, expected):
+            raise RecipeError(f"{where}model.init_config.{key} = {value!r} has type {type(value).__name__}, expected "
+                              f"{expected.__name__}{_type_hint(expected, value)}")
+
+
+def _is_a(value, expected: type) -> bool:
+    if isinstance(value, bool) or expected is bool:
+        return isinstance(value, bool) and expected is bool
+    return isinstance(value, int) if expected is int else isinstance(value, (int, float))
 
 
 def _check_files(recipe: Recipe, where: str) -> None:

@@ -78,6 +78,13 @@ BAD = {
                                  "engine.deepspeed_config = 'nope.json': file not found"),
     "bad choice": (["train.scheduler=\"cosin\""], "Did you mean 'cosine'?"),
     "odd group": (["attention.group_size=33"], "attention.group_size = 33 must be even"),
+    "group longer than the sequence": (["attention.group_size=1024"],
+                                       "attention.group_size = 1024 is longer than the training sequence of 512"),
+    "not a number": (["train.lr=abc"], "train.lr = 'abc' has type str, expected float (write a number, e.g. 2e-4)"),
+    "quoted number": (["train.lr=\"0.1\""], "(write 0.1 without quotes)"),
+    "init_config type": (["model.init_config.hidden_size=\"abc\""],
+                         "model.init_config.hidden_size = 'abc' has type str, expected int"),
+    "init_config key": (["model.init_config.hiden_size=64"], "Did you mean model.init_config.hidden_size?"),
 }
 
 
