@@ -39,8 +39,8 @@ def model_specs(args: argparse.Namespace, models: list[str], adapters: list[str]
     for flag, values in (("--adapter", adapters), ("--label", labels), ("--rope-factor", rope_factors)):
         if len(values) != len(models):
             raise UsageError(f"{flag} is given {len(values)} times for {len(models)} --model: give one per --model")
-    specs = [ModelSpec(model, None if adapter.lower() == "none" else adapter, label, factor, args.tokenizer,
-                       args.load_in_4bit, args.attention)
+    specs = [ModelSpec(model, adapter=None if adapter.lower() == "none" else adapter, label=label, rope_factor=factor,
+                       tokenizer=args.tokenizer, load_in_4bit=args.load_in_4bit, attention=args.attention)
              for model, adapter, label, factor in zip(models, adapters, labels, rope_factors)]
     for spec in specs:
         check_local("--model", spec.model)
