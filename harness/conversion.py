@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import rundir
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 from harness.recipe import Recipe
 
 
@@ -62,7 +62,7 @@ def base_config(recipe: Recipe, base: str | None):
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as error:  # BaseModelError is a ValueError
         where = "--base" if base else "the recipe's model.name_or_path"
-        raise ConvertError(f"{where} {base or cfg.name_or_path}: cannot load it: {rundir.first_line(error)}") from None
+        raise ConvertError(f"{where} {base or cfg.name_or_path}: cannot load it: {first_line(error)}") from None
     config.name_or_path = path
     return config
 

@@ -11,3 +11,10 @@ class HarnessError(Exception):
     """An error whose message is meant for the user, never shown as a traceback."""
 
     exit_code = 2  # bad input; VerifyError uses 1 (the input was fine, the result is not)
+    headline = "error"  # what a command line prints before the message
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (a library's multi-line message), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

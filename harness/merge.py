@@ -33,7 +33,7 @@ from harness import policy, rundir
 from harness.atomic import atomic_dir
 from harness.conversion import (ConvertError, Report, Verification, base_config, check_out, read_lora_recipe,
                                 short_dtype)
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 from harness.recipe import Recipe
 
 NF4_BLOCKSIZE = 64  # bitsandbytes' Linear4bit default, which transformers' loader uses
@@ -112,7 +112,7 @@ def load_base(recipe: Recipe, rope: dict, *, base: str | None = None, base_weigh
                                                      trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError) as error:
         raise ConvertError(f"base model {config.name_or_path}: cannot load its weights: "
-                           f"{rundir.first_line(error)}") from None
+                           f"{first_line(error)}") from None
     if nf4:
         trained_as = TORCH_DTYPES[trained_weights_dtype(recipe)]
         for module in quantized_linears(model):
@@ -173,7 +173,7 @@ def _tokenizer(recipe: Recipe, base_path: str):
     try:
         return load_tokenizer(name)
     except (OSError, ValueError) as error:
-        raise ConvertError(f"tokenizer {name}: cannot load it: {rundir.first_line(error)}") from None
+        raise ConvertError(f"tokenizer {name}: cannot load it: {first_line(error)}") from None
 
 
 def _count_tensors(directory: Path) -> int:
@@ -210,7 +210,7 @@ def verify_merged(merged: str | Path, adapter: str | Path, *, base: str | None =
         try:
             candidate_model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
         except (OSError, ValueError) as error:
-            raise ConvertError(f"{merged}: cannot load the merged model: {rundir.first_line(error)}") from None
+            raise ConvertError(f"{merged}: cannot load the merged model: {first_line(error)}") from None
         candidate = candidate_model(input_ids=ids).logits
     saved_dtype = json.loads((merged / "config.json").read_text(encoding="utf-8")).get("dtype", "float32")
     relative = tolerance if tolerance is not None else TOLERANCES[short_dtype(saved_dtype)]

@@ -33,19 +33,35 @@ class BuiltModel:
     weights_dtype: str  # what the frozen unquantized weights loaded in (harness.policy.frozen_weights_dtype)
 
 
-def build_model(recipe: Recipe, *, training: bool = True, with_adapter: bool = True,
-                console: Console | None = None) -> BuiltModel:
-    """Load and assemble the model a recipe describes."""
+@dataclass
+class Base:
+    """The base model before its weights load: where it is, its config, tokenizer and window."""
+    path: str
+    config: object
+    tokenizer: object
+    original_context: int
+
+
+def load_base(recipe: Recipe) -> Base:
+    """Config and tokenizer of the recipe's base (materialized once for random and GGUF bases)."""
     cfg = recipe.model
-    base = materialize(cfg.name_or_path, init_config=cfg.init_config, init_seed=cfg.init_seed, gguf_file=cfg.gguf_file)
-    tokenizer = load_tokenizer(cfg.tokenizer or base)
-    config = _load_config(base, cfg.trust_remote_code)
+    path = materialize(cfg.name_or_path, init_config=cfg.init_config, init_seed=cfg.init_seed, gguf_file=cfg.gguf_file)
+    config = _load_config(path, cfg.trust_remote_code)
     original = original_context_of(config, cfg.original_context)
     _check_target(recipe, original)
-    factor = _backend_call(recipe, "position", config, original_context=original)
+    return Base(path, config, load_tokenizer(cfg.tokenizer or path), original)
+
+
+def build_model(recipe: Recipe, *, training: bool = True, with_adapter: bool = True, base: Base | None = None,
+                console: Console | None = None) -> BuiltModel:
+    """Load and assemble the model a recipe describes (on `base`, when already loaded)."""
+    cfg = recipe.model
+    base = base or load_base(recipe)
+    config = base.config
+    factor = _backend_call(recipe, "position", config, original_context=base.original_context)
     quantization = _backend_call(recipe, "quantization")
     weights_dtype = policy.frozen_weights_dtype(cfg.dtype, recipe.quantization.compute_dtype, policy.Device.current())
-    model = _load_weights(base, config, quantization, dtype=TORCH_DTYPES[weights_dtype], trust=cfg.trust_remote_code)
+    model = _load_weights(base.path, config, quantization, dtype=TORCH_DTYPES[weights_dtype], trust=cfg.trust_remote_code)
     implementation = _backend_call(recipe, "attention", model)
     if training:
         _prepare_for_training(model, upcast=quantization is not None and recipe.train.fp32_frozen_weights,
@@ -54,7 +70,7 @@ def build_model(recipe: Recipe, *, training: bool = True, with_adapter: bool = T
         model = _backend_call(recipe, "adapter", model)
     if console is not None:
         print_summary(model, console)
-    return BuiltModel(model, tokenizer, original, factor, implementation, weights_dtype)
+    return BuiltModel(model, base.tokenizer, base.original_context, factor, implementation, weights_dtype)
 
 
 def _backend_call(recipe: Recipe, kind: str, *args, **extra):

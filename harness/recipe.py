@@ -410,7 +410,9 @@ def _is_a(value, expected: type) -> bool:
 
 def _check_files(recipe: Recipe, where: str) -> None:
     model_path = recipe.model.name_or_path
-    if _looks_local(model_path) and not Path(model_path).expanduser().exists():
+    from harness.base_model import looks_local
+
+    if looks_local(model_path) and not Path(model_path).expanduser().exists():
         raise RecipeError(f"{where}model.name_or_path = {model_path!r}: no such file or directory")
     if recipe.engine.deepspeed_config:
         find_relative(recipe.engine.deepspeed_config, recipe.source, key="engine.deepspeed_config", where=where)
@@ -421,12 +423,6 @@ def _check_files(recipe: Recipe, where: str) -> None:
                 f"{where}data.path = {data_path!r}: no such file or directory. Give a file, a folder, a glob, "
                 f"or \"hub:owner/name\" for a hub dataset (override with data.path=...)"
             )
-
-
-def _looks_local(name: str) -> bool:
-    if name.startswith("pypi:"):
-        return False
-    return name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf")
 
 
 def find_relative(name: str, recipe_source: str, *, key: str, where: str = "") -> Path:

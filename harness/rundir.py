@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from harness import atomic
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 from harness.recipe import Recipe, read_saved_recipe, save_recipe
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -73,11 +73,14 @@ def write_json(path: Path, value) -> None:
 # --------------------------------------------------------------------------- reading
 
 def read_recipe(directory: str | Path) -> Recipe:
-    """The resolved recipe saved in a checkpoint, final/ or adapter directory."""
+    """The resolved recipe saved in a checkpoint, final/ or adapter directory, after checking the
+    directory against its manifest (when it has one: the harness writes one into every run dir)."""
     path = Path(directory) / RECIPE_FILE
     if not path.is_file():
         raise RunDirError(f"{directory}: no {RECIPE_FILE} in it; pass a checkpoint or final/ directory written by "
                           f"the harness")
+    if (Path(directory) / MANIFEST_FILE).is_file():
+        verify_manifest(Path(directory))
     return read_saved_recipe(path)
 
 
@@ -103,12 +106,6 @@ def attach_adapter(model, directory: str | Path):
             raise RunDirError(f"{directory}: the adapter was made for a different base model (weight shapes "
                               f"differ); pass the base model it was trained on") from None
         raise RunDirError(f"{directory}: cannot apply the adapter to this base: {first_line(error)}") from None
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (a library's multi-line message), or its type's name."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # --------------------------------------------------------------------------- lock and manifest

@@ -3,9 +3,11 @@
 Reads top to bottom:
 
     engine  = the recipe's engine; process group formed and checked
-    run dir = refused if it holds a run, unless train.resume / train.overwrite say so
+    run dir = locked; refused if it holds a run, unless train.resume / train.overwrite say so
+              (harness.resume: the newest intact checkpoint, recipe changes checked)
+    data    = the recipe's data backend on the base's tokenizer, before any weights load;
+              a resumable, rank-sliced order
     model   = base -> PI -> 4-bit -> attention -> LoRA (harness.model)
-    data    = the recipe's data backend; a resumable, rank-sliced order
     loop    = micro-batches x grad_accum -> one optimizer step; log, eval, checkpoint
     export  = <output_dir>/final: PEFT adapter + resolved recipe + rope parameters
 
@@ -34,7 +36,7 @@ from harness.cpu_memory import release_freed_memory
 from harness.errors import HarnessError
 from harness.backends.engine import Engine, Hyper
 from harness.loss import CausalLMLoss
-from harness.model import build_model
+from harness.model import build_model, load_base
 from harness.recipe import Recipe, find_relative, resolve
 from harness.resume import starting_point
 
@@ -59,14 +61,16 @@ def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) ->
         resume_from = starting_point(output_dir, recipe, engine, console)
         seed_everything(recipe.train.seed + engine.rank)
 
-        built = build_model(recipe, training=True, console=console)
-        recipe = resolve(recipe, world_size=engine.world_size, original_context=built.original_context,
-                         weights_dtype=built.weights_dtype)
-        data = _rank_zero_first(engine, lambda: _build_data(recipe, built.tokenizer))  # one tokenizer run fills the cache
+        base = load_base(recipe)  # config and tokenizer: the data is checked before any weights load
+        recipe = resolve(recipe, world_size=engine.world_size, original_context=base.original_context)
+        data = _rank_zero_first(engine, lambda: _build_data(recipe, base.tokenizer))  # one tokenizer run fills the cache
         if engine.rank == 0:
             from harness.data.report import print_length_stats
 
             print_length_stats(data.stats, console=console)
+        built = build_model(recipe, training=True, base=base, console=console)
+        recipe = resolve(recipe, world_size=engine.world_size, original_context=built.original_context,
+                         weights_dtype=built.weights_dtype)
 
         hyper = hyper_of(recipe)
         module = CausalLMLoss(built.model, chunked=recipe.train.chunked_loss)

@@ -115,15 +115,18 @@ def test_sigkill_at_a_random_moment_then_resume_is_exact(tmp_path, straight, see
     cache = Path(os.environ["HARNESS_CACHE"])
     output = tmp_path / "killed"
     process = launch(output, "train.save_every=1", cache=cache)
+    chance = random.Random(seed)
+    after, delay = chance.randint(1, 3), chance.uniform(0.0, 0.05)  # in the next step or checkpoint write
     deadline = time.monotonic() + 120
-    while not list(output.glob("checkpoint-*")):  # at least one step has been trained
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.05)
-    time.sleep(random.Random(seed).uniform(0.0, 2.0))
+    while not (output / f"checkpoint-{after}").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "the run did not reach its checkpoint in time"
+        time.sleep(0.01)
+    time.sleep(delay)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     for directory in output.glob("checkpoint-*"):
         rundir.verify_manifest(directory)
+    assert not (output / rundir.FINAL_DIR).exists(), "the run ended before the kill"
     train(tiny(output, "train.save_every=1", "train.resume=\"auto\""))
     assert_same_adapter(output / rundir.FINAL_DIR, straight / rundir.FINAL_DIR)
 
@@ -213,3 +216,17 @@ def test_a_finished_run_is_reported_unless_extended(tmp_path, straight):
     records = [json.loads(line) for line in (output / rundir.METRICS_FILE).read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))  # steps re-trained after the resume logged once
     assert json.loads((output / rundir.FINAL_DIR / rundir.STATE_FILE).read_text())["step"] == 8
+
+
+@pytest.mark.parametrize("tool", ["eval_ppl", "convert"])
+def test_the_tools_refuse_a_damaged_adapter(tmp_path, straight, tool):
+    final = tmp_path / "final"
+    shutil.copytree(straight / rundir.FINAL_DIR, final)
+    (final / rundir.ADAPTER_WEIGHTS).write_bytes(b"")
+    command = {"eval_ppl": ["tools/eval_ppl.py", "--model", "", "--adapter", str(final), "--data",
+                            "recipes/data/the_complete_angler_excerpt.txt", "--seq-lens", "64"],
+               "convert": ["tools/convert.py", "merge", str(final), str(tmp_path / "merged")]}[tool]
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 2, result.stderr
+    assert_one_line_error(result.stderr, rundir.ADAPTER_WEIGHTS, "damaged")

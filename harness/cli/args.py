@@ -33,7 +33,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, body: Callable[
     try:
         body(parser.parse_intermixed_args(argv) if intermixed else parser.parse_args(argv))
     except HarnessError as error:
-        print(f"{parser.prog}: {getattr(error, 'headline', 'error')}: {error}", file=sys.stderr)
+        print(f"{parser.prog}: {error.headline}: {error}", file=sys.stderr)
         return error.exit_code
     return 0
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from harness.errors import HarnessError
 from harness.evaluation.perplexity import EvaluationError
-from harness.rundir import first_line
+from harness.errors import first_line
 
 
 @dataclass(frozen=True)
