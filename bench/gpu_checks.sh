@@ -15,7 +15,7 @@ if [ -d .whl ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 echo "== S2 on CUDA vs the float64 reference ($(left) s left)"
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/unit/test_s2_attention.py -k cuda 2>&1 | tail -15
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/backends/test_s2.py -k cuda 2>&1 | tail -15
 echo "== bench/memory_gpu.py ($(left) s left)"
 timeout $(( $(left) - 150 )) python3 bench/memory_gpu.py --timeout-min 3.5 --output "$OUT/memory_gpu.json" 2>&1 | tail -14
 echo "== bench/attention.py ($(left) s left)"

@@ -14,7 +14,7 @@ from tests.convert.runs import deepspeed_run, in_repo, train_tiny
 
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "harness-cache"  # the one tests/recipes uses too
+    return tmp_path_factory.getbasetemp() / "harness-cache"  # the one tests/test_train.py uses too
 
 
 @pytest.fixture(autouse=True)
