@@ -211,6 +211,7 @@ def test_cli_json(capsys):
     (["recipes/missing.toml", "--gpu", "v100-32gb"], "recipe file not found"),
     (["recipes/llama2_7b_8k.toml", "--gpu", "v100"], "known cards: v100-32gb, a100-40gb"),
     (["recipes/llama2_7b_8k.toml", "--gib", "lots"], "--gib 'lots' is not a number"),
+    (["recipes/llama2_7b_8k.toml", "--gib", "24", "--seq-len", "0"], "--seq-len: '0' must be a positive integer"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     code, out = run_cli(capsys, *argv)

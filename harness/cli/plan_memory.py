@@ -16,7 +16,7 @@ import sys
 
 from rich.console import Console
 
-from harness.cli.args import Parser, UsageError, add_recipe_arguments, run
+from harness.cli.args import Parser, UsageError, add_recipe_arguments, positive_int, run
 from harness.memory import CARDS, plan, render
 from harness.recipe import load_recipe
 
@@ -29,7 +29,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     card = parser.add_mutually_exclusive_group()
     card.add_argument("--gpu", help=f"the card: {', '.join(CARDS)}")
     card.add_argument("--gib", help="a card with this many GiB instead of a named one")
-    parser.add_argument("--seq-len", type=int, help="plan this sequence length instead of the recipe's")
+    parser.add_argument("--seq-len", type=positive_int, help="plan this sequence length instead of the recipe's")
     parser.add_argument("--config", help="config.json of the model, when its shape is not otherwise known")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="plan a GPU (default) or a CPU run")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
