@@ -121,7 +121,16 @@ def build_splits(prepare: Callable, shape: Callable, *, path: str, eval_path: st
         stats.samples[split] = len(samples[split])
         logger.info("data.path = %r: %s split, %d records -> %d samples", path, split, len(records),
                     stats.samples[split])
+        _warn_if_short(path, split, int(lengths.sum()), stats.max_seq_length)
     return DataSplits(train=samples["train"], eval=samples.get("eval"), stats=stats)
+
+
+def _warn_if_short(path: str, split: str, tokens: int, max_seq_length: int) -> None:
+    """Less text than one sequence trains on a single padded sample: say so, with the numbers."""
+    if max_seq_length and tokens < max_seq_length:
+        logger.warning("data.path = %r: the %s split holds %d tokens, fewer than one sequence of data.max_seq_length "
+                       "= %d: it trains on one padded sample. Add text or lower data.max_seq_length",
+                       path, split, tokens, max_seq_length)
 
 
 def _holdout_splits(docs, key: str, fraction: float, seed: int) -> dict:

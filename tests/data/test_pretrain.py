@@ -127,3 +127,15 @@ def test_tokenization_cache_is_reused_and_keyed_by_settings(byte_tokenizer, tmp_
     assert list(again.train) == list(first.train)
     pretrain(byte_tokenizer, path, tmp_path, max_seq_length=16, add_eos=False)
     assert len([f for f in (tmp_path / ".cache").iterdir() if f.name.startswith("documents-")]) == 2
+
+
+def test_less_text_than_one_sequence_is_warned_with_the_numbers(byte_tokenizer, tmp_path, caplog):
+    tokens = sum(len(t.encode("utf-8")) + 2 for t in TEXTS)  # bytes + BOS + EOS per document
+    with caplog.at_level("WARNING", logger="harness"):
+        splits = pretrain(byte_tokenizer, corpus(tmp_path), tmp_path, max_seq_length=4096, mode="pack")
+    assert len(splits.train) == 1
+    assert f"holds {tokens} tokens, fewer than one sequence of data.max_seq_length = 4096" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="harness"):
+        pretrain(byte_tokenizer, corpus(tmp_path), tmp_path, max_seq_length=32, mode="pack")
+    assert "fewer than one sequence" not in caplog.text
