@@ -33,7 +33,7 @@ from rich.console import Console
 
 from harness import atomic, checkpoint, policy, registry, rundir
 from harness.cpu_memory import release_freed_memory
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 from harness.backends.engine import Engine, Hyper
 from harness.loss import CausalLMLoss
 from harness.model import build_model, load_base
@@ -61,7 +61,9 @@ def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) ->
         resume_from = starting_point(output_dir, recipe, engine, console)
         seed_everything(recipe.train.seed + engine.rank)
 
-        base = load_base(recipe)  # config and tokenizer: the data is checked before any weights load
+        # Config and tokenizer first: the data is checked before any weights load. Rank 0 builds a cached
+        # base (random, GGUF) alone: under torch.distributed transformers writes config.json on rank 0 only.
+        base = _rank_zero_first(engine, lambda: load_base(recipe))
         recipe = resolve(recipe, world_size=engine.world_size, original_context=base.original_context)
         data = _rank_zero_first(engine, lambda: _build_data(recipe, base.tokenizer))  # one tokenizer run fills the cache
         if engine.rank == 0:
@@ -80,8 +82,24 @@ def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) ->
         loop = Loop(recipe, engine, built, data, console, after_step=after_step)
         if resume_from is not None:
             loop.resume(resume_from)
-        loop.run()
+        with _peer_loss_reported(engine, output_dir):
+            loop.run()
     return output_dir
+
+
+@contextlib.contextmanager
+def _peer_loss_reported(engine: Engine, output_dir: Path):
+    """A rank that died takes the others' collectives down with gloo/NCCL errors: turn them into one
+    line that says what happened and how to go on (the dead rank printed its own reason)."""
+    try:
+        yield
+    except RuntimeError as error:  # torch.distributed.DistBackendError is a RuntimeError
+        if engine.world_size == 1 or isinstance(error, HarnessError):
+            raise
+        latest = checkpoint.latest_checkpoint(output_dir)
+        resume = f"Continue from {latest} with --resume" if latest else "No checkpoint was written yet: start again"
+        raise TrainError(f"rank {engine.rank} lost contact with another rank of this launch, which stopped (see its "
+                         f"own message above): {first_line(error).split(' This is typically')[0]} {resume}") from None
 
 
 def _build_engine(recipe: Recipe) -> Engine:

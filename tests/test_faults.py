@@ -230,3 +230,47 @@ def test_the_tools_refuse_a_damaged_adapter(tmp_path, straight, tool):
                             env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 2, result.stderr
     assert_one_line_error(result.stderr, rundir.ADAPTER_WEIGHTS, "damaged")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _process_of_rank(rank: int) -> int:
+    """The PID of the training process with RANK=rank (a torchrun child)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"launch/train.py" in command and b"torchrun" not in command:
+            return int(pid)
+    raise AssertionError(f"no process of rank {rank}")
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_leaves_one_clear_line_on_the_others(tmp_path):
+    """Also a fresh model cache under 2 ranks: rank 0 must build it alone (transformers writes
+    config.json on rank 0 only once torch.distributed is up)."""
+    output = tmp_path / "run"
+    env = {**os.environ, "COLUMNS": "400", "OMP_NUM_THREADS": "1", "HARNESS_CACHE": str(tmp_path / "cache")}
+    env.pop("WORLD_SIZE", None)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    process = subprocess.Popen([torchrun, "--nproc_per_node", "2", f"--master_port={free_port()}", "launch/train.py", "recipes/tiny_cpu.toml",
+                                f"train.output_dir=\"{output}\"", *STEPS, "train.max_steps=300", "train.save_every=5"],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (output / "checkpoint-5").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    os.kill(_process_of_rank(1), signal.SIGKILL)
+    _, stderr = process.communicate(timeout=300)
+    ours = [line for line in stderr.splitlines() if line.startswith("launch/train.py: error:")]
+    assert len(ours) == 1 and "rank 0 lost contact with another rank" in ours[0], stderr[-3000:]
+    assert "with --resume" in ours[0] and "checkpoint-" in ours[0]
+    assert "[rank0]: Traceback" not in stderr
