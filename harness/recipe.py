@@ -136,7 +136,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str = "never"  # never | auto
     overwrite: bool = False
-    tensorboard: bool = False
+    report_to: list[str] = field(default_factory=list)  # trackers: tensorboard | wandb | mlflow (harness.metrics)
+    tensorboard: bool = False  # the same as report_to = ["tensorboard"]
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,8 @@ def _check_choices(recipe: Recipe, where: str) -> None:
     _choice(where, "train.optimizer", recipe.train.optimizer, ("auto", "adamw", "paged_adamw_32bit", "deepspeed_cpu_adam"))
     _choice(where, "train.precision", recipe.train.precision, DTYPES)
     _choice(where, "train.resume", recipe.train.resume, ("never", "auto"))
+    for index, tracker in enumerate(recipe.train.report_to):
+        _choice(where, f"train.report_to[{index}]", tracker, ("tensorboard", "wandb", "mlflow"))
 
 
 def _positive(where: str, key: str, value, *, allow_zero: bool = False) -> None:
@@ -384,22 +387,39 @@ def _check_combinations(recipe: Recipe, where: str) -> None:
 
 
 def _check_init_config(init_config: dict, where: str) -> None:
-    """Every [model.init_config] key is a field of the config class, of its type (before any weights)."""
+    """model_type names a causal-LM family of transformers ("llama" when absent), and every other
+    [model.init_config] key is a field of that family's config class, of its type (before any weights)."""
     import inspect
 
-    from transformers import LlamaConfig
+    from harness.base_model import DEFAULT_MODEL_TYPE
 
-    defaults = LlamaConfig().to_dict()
-    known = set(defaults) | set(inspect.signature(LlamaConfig.__init__).parameters) | LEGACY_ROPE_KEYS
+    config_class = _init_config_class(init_config.get("model_type", DEFAULT_MODEL_TYPE), where)
+    defaults = config_class().to_dict()
+    known = set(defaults) | set(inspect.signature(config_class.__init__).parameters) | LEGACY_ROPE_KEYS
     for key, value in init_config.items():
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" Did you mean model.init_config.{close[0]}?" if close else ""
-            raise RecipeError(f"{where}unknown key model.init_config.{key}: LlamaConfig has no such field.{hint}")
+            raise RecipeError(f"{where}unknown key model.init_config.{key}: {config_class.__name__} has no such "
+                              f"field.{hint}")
         expected = type(defaults.get(key, value))
         if expected in (int, float, bool) and not _is_a(value, expected):
             raise RecipeError(f"{where}model.init_config.{key} = {value!r} has type {type(value).__name__}, expected "
                               f"{expected.__name__}{_type_hint(expected, value)}")
+
+
+def _init_config_class(model_type, where: str):
+    """transformers' config class of a causal-LM family, e.g. "qwen2" -> Qwen2Config."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    families = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if model_type not in families:
+        close = difflib.get_close_matches(str(model_type), families, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RecipeError(f"{where}model.init_config.model_type = {model_type!r} is not a causal-LM family of "
+                          f"transformers.{hint} Known: {', '.join(families)}")
+    return CONFIG_MAPPING[model_type]
 
 
 def _is_a(value, expected: type) -> bool:

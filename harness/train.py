@@ -17,7 +17,6 @@ scheduler, RNG and data position are all restored.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import resource
@@ -36,6 +35,7 @@ from harness.cpu_memory import release_freed_memory
 from harness.errors import HarnessError, first_line
 from harness.backends.engine import Engine, Hyper
 from harness.loss import CausalLMLoss
+from harness.metrics import MetricsLog, check_trackers, drop_metrics_after
 from harness.model import build_model, load_base
 from harness.recipe import Recipe, find_relative, resolve
 from harness.resume import starting_point
@@ -57,6 +57,7 @@ def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) ->
     engine.setup()
     console = Console(stderr=True, quiet=engine.rank != 0)
     output_dir = Path(recipe.train.output_dir)
+    check_trackers(report_to(recipe))
     with _locked(output_dir, engine):
         resume_from = starting_point(output_dir, recipe, engine, console)
         seed_everything(recipe.train.seed + engine.rank)
@@ -100,6 +101,12 @@ def _peer_loss_reported(engine: Engine, output_dir: Path):
         resume = f"Continue from {latest} with --resume" if latest else "No checkpoint was written yet: start again"
         raise TrainError(f"rank {engine.rank} lost contact with another rank of this launch, which stopped (see its "
                          f"own message above): {first_line(error).split(' This is typically')[0]} {resume}") from None
+
+
+def report_to(recipe: Recipe) -> list[str]:
+    """train.report_to, with the older train.tensorboard = true read as "tensorboard"."""
+    names = list(recipe.train.report_to)
+    return names + ["tensorboard"] if recipe.train.tensorboard and "tensorboard" not in names else names
 
 
 def _build_engine(recipe: Recipe) -> Engine:
@@ -239,7 +246,8 @@ class Loop:
     def run(self) -> None:
         batches = self.order.batches(self.recipe.train.micro_batch_size, rank=self.engine.rank,
                                      world_size=self.engine.world_size)
-        metrics = MetricsLog(self.output_dir, self.recipe.train.tensorboard, enabled=self.engine.rank == 0)
+        metrics = MetricsLog(self.output_dir, report_to(self.recipe), self.recipe.to_dict(),
+                             enabled=self.engine.rank == 0)
         with _signals(self), Progress(self.console, self.total, self.step) as progress:
             while self.step < self.total and self.stop_signal is None:
                 started = time.perf_counter()
@@ -375,15 +383,6 @@ def rescue_dir(output_dir: Path) -> Path:
     return cache_root() / "rescued" / f"{output_dir.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def drop_metrics_after(path: Path, step: int) -> None:
-    """Drop the records of steps after `step` (they are trained again after a resume)."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-             if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic.write_text(path, "".join(lines))
-
-
 def _activation_offload(enabled: bool):
     """On a GPU, the tensors autograd saves (the checkpointed layer inputs) wait in pinned CPU
     memory until backward: sequences longer than the card holds, at the cost of PCIe traffic."""
@@ -423,43 +422,6 @@ def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-
-
-class MetricsLog:
-    """<output_dir>/metrics.jsonl (one object per logged step) and optional tensorboard."""
-
-    def __init__(self, output_dir: Path, tensorboard: bool, *, enabled: bool):
-        self.enabled = enabled
-        self.writer = None
-        if enabled:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(output_dir / rundir.METRICS_FILE, "a", encoding="utf-8")
-            if tensorboard:
-                self.writer = _tensorboard_writer(output_dir / "tensorboard")
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step":
-                    self.writer.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            if self.writer is not None:
-                self.writer.close()
-
-
-def _tensorboard_writer(directory: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise TrainError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(directory))
 
 
 class Progress:
