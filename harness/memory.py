@@ -43,7 +43,8 @@ MIB = 2**20
 # CUDA context + cuBLAS/cuDNN workspaces + caching-allocator slack, which torch's allocator
 # counters never see: ~0.5 GiB of context on recent drivers plus ~0.25 GiB of slack.
 CUDA_OVERHEAD_BYTES = int(0.75 * GIB)
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every projection of a decoder layer in any family (a shape's linears() holds those it has).
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
 PHASES = ("attention", "mlp", "loss", "step")
 SEARCH_STEP = 1024  # longest-sequence search: multiples of this many tokens
 SEARCH_LIMIT = 1024 * SEARCH_STEP  # ... up to 1M tokens
@@ -96,6 +97,10 @@ def custom_card(gib: float) -> Card:
 
 # --------------------------------------------------------------------------- model shape
 
+# Families whose decoder layers fuse projections into one linear layer (transformers' module names).
+FUSED_PROJECTIONS = {"phi3": ("qkv_proj", "gate_up_proj")}
+
+
 @dataclass(frozen=True)
 class ModelShape:
     vocab: int
@@ -107,10 +112,14 @@ class ModelShape:
     head_dim: int
     tied: bool  # lm_head shares the embedding matrix
     source: str = ""  # where the shape was read
+    fused: tuple[str, ...] = ()  # fused projections: "qkv_proj" for q/k/v, "gate_up_proj" for gate/up (Phi-3)
 
     @classmethod
     def from_config(cls, config: dict, source: str) -> ModelShape:
-        """From LlamaConfig keys; missing keys take LlamaConfig's defaults (LLaMA-7B)."""
+        """From a config.json or init_config of any family transformers knows: its model_type's config
+        class ("llama" when absent: LLaMA-7B's defaults) fills the keys the dict leaves out, and a
+        multimodal config gives its text model's. Other families are read by LLaMA's key names."""
+        config = _family_values(config, source)
         hidden = int(config.get("hidden_size", 4096))
         heads = int(config.get("num_attention_heads", 32))
         return cls(
@@ -120,27 +129,54 @@ class ModelShape:
             kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads),
             tied=bool(config.get("tie_word_embeddings", False)), source=source,
+            fused=FUSED_PROJECTIONS.get(config.get("model_type"), ()),
         )
 
     def linears(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each linear layer of one decoder layer."""
+        """(in_features, out_features) of each linear layer of one decoder layer, by module name."""
         d, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-                "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
+        qkv = {"qkv_proj": (d, q + 2 * kv)} if "qkv_proj" in self.fused else {"q_proj": (d, q), "k_proj": (d, kv),
+                                                                                "v_proj": (d, kv)}
+        gate_up = {"gate_up_proj": (d, 2 * i)} if "gate_up_proj" in self.fused else {"gate_proj": (d, i),
+                                                                                     "up_proj": (d, i)}
+        return {**qkv, "o_proj": (q, d), **gate_up, "down_proj": (i, d)}
 
 
-def _llama(vocab, hidden, intermediate, layers, heads, kv_heads, tied):
+def _family_values(config: dict, source: str) -> dict:
+    """The config's keys with its family's defaults (harness.base_model.config_from_dict)."""
+    from transformers import CONFIG_MAPPING
+
+    from harness.base_model import DEFAULT_MODEL_TYPE, config_from_dict
+
+    if config.get("model_type", DEFAULT_MODEL_TYPE) not in CONFIG_MAPPING:
+        return config  # a remote-code family: its own keys as they are
+    try:
+        return config_from_dict(config).get_text_config().to_dict()
+    except (ValueError, TypeError) as error:
+        raise PlanError(f"cannot read the model config {source}: {error}") from None
+
+
+def _shape(vocab, hidden, intermediate, layers, heads, kv_heads, tied, **family):
+    """A published config's shape keys; `family` adds model_type, head_dim and the like."""
     return {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
             "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-            "tie_word_embeddings": tied}
+            "tie_word_embeddings": tied, **family}
 
 
+# From the published config.json files (hub ids, as recipes name them).
 KNOWN_SHAPES = {
-    "meta-llama/Llama-2-7b-hf": _llama(32000, 4096, 11008, 32, 32, 32, False),
-    "meta-llama/Llama-2-13b-hf": _llama(32000, 5120, 13824, 40, 40, 40, False),
-    "lmsys/vicuna-13b-v1.5": _llama(32000, 5120, 13824, 40, 40, 40, False),
-    "HuggingFaceTB/SmolLM2-135M": _llama(49152, 576, 1536, 30, 9, 3, True),
-    "HuggingFaceTB/SmolLM2-135M-Instruct": _llama(49152, 576, 1536, 30, 9, 3, True),
+    "meta-llama/Llama-2-7b-hf": _shape(32000, 4096, 11008, 32, 32, 32, False),
+    "meta-llama/Llama-2-13b-hf": _shape(32000, 5120, 13824, 40, 40, 40, False),
+    "lmsys/vicuna-13b-v1.5": _shape(32000, 5120, 13824, 40, 40, 40, False),
+    "HuggingFaceTB/SmolLM2-135M": _shape(49152, 576, 1536, 30, 9, 3, True),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": _shape(49152, 576, 1536, 30, 9, 3, True),
+    "meta-llama/Meta-Llama-3-8B": _shape(128256, 4096, 14336, 32, 32, 8, False),
+    "meta-llama/Llama-3.1-8B": _shape(128256, 4096, 14336, 32, 32, 8, False),
+    "mistralai/Mistral-7B-v0.1": _shape(32000, 4096, 14336, 32, 32, 8, False, model_type="mistral"),
+    "mistralai/Mistral-7B-v0.3": _shape(32768, 4096, 14336, 32, 32, 8, False, model_type="mistral"),
+    "Qwen/Qwen2.5-7B": _shape(152064, 3584, 18944, 28, 28, 4, False, model_type="qwen2"),
+    "Qwen/Qwen3-8B": _shape(151936, 4096, 12288, 36, 32, 8, False, model_type="qwen3", head_dim=128),
+    "microsoft/Phi-3-mini-4k-instruct": _shape(32064, 3072, 8192, 32, 32, 32, False, model_type="phi3"),
 }
 
 
@@ -407,10 +443,11 @@ def layer_saved_per_token(setup: Setup) -> dict[str, int]:
     input_norm = (s.hidden * 4 if t.stream != 4 else 0) + 4 + normalised
     post_norm = s.hidden * 4 + 4 + normalised  # the residual sum h, or its fp32 copy
     return {
-        "attention block": input_norm + sum(linears.get(n, 0) for n in ("q_proj", "k_proj", "v_proj"))
+        "attention block": input_norm + sum(linears.get(n, 0) for n in ("q_proj", "k_proj", "v_proj", "qkv_proj"))
         + (q_dim + 2 * kv_dim) * t.attention,  # q, k after RoPE and v, saved by the kernel
-        "mlp block": post_norm + sum(linears.get(n, 0) for n in ("o_proj", "gate_proj", "up_proj", "down_proj"))
-        + 3 * s.intermediate * t.linear,  # gate out (SiLU input), act(gate) and up (the product's inputs)
+        "mlp block": post_norm + sum(linears.get(n, 0) for n in ("o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                                                                 "down_proj"))
+        + 3 * s.intermediate * t.linear,  # gate out (SiLU input), act(gate) and up (a fused gate_up: its 2I output + act)
         "attention output": _attention_saved_per_token(setup),
     }
 
@@ -420,7 +457,8 @@ def _norms_train(setup: Setup) -> bool:
 
 
 # Linear layers that read the same input tensor (the norm outputs, the attention output, the product).
-_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj", "qkv_proj"), ("o_proj",), ("gate_proj", "up_proj", "gate_up_proj"),
+                  ("down_proj",))
 
 
 def _linear_saves(setup: Setup) -> dict[str, int]:
@@ -435,11 +473,12 @@ def _linear_saves(setup: Setup) -> dict[str, int]:
     """
     s, t = setup.shape, setup.dtypes
     inputs = {name: i for name, (i, _) in s.linears().items()}
-    trained = setup.targets if setup.rank else ALL_LINEAR
+    trained = [name for name in (setup.targets if setup.rank else ALL_LINEAR) if name in inputs]  # this family's
     if setup.rank and (setup.dropout > 0 or setup.autocast):
         mask = t.mask if setup.dropout > 0 else 0
         return {name: inputs[name] * (mask + t.lora_input) + setup.rank * t.lora_input for name in trained}
-    saves = {group[0]: inputs[group[0]] * t.linear for group in _SHARED_INPUTS if set(group) & set(trained)}
+    firsts = [next((name for name in group if name in trained), None) for group in _SHARED_INPUTS]
+    saves = {name: inputs[name] * t.linear for name in firsts if name}
     for name in trained if setup.rank else ():
         saves[name] = saves.get(name, 0) + setup.rank * t.lora_input  # lora_A's output
     return saves

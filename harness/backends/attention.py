@@ -8,8 +8,19 @@
 
 Both pick their kernel by harness.policy.attention_kernel: "auto" is flash-attn only on CUDA
 cards of compute capability 8.0 or newer, in 16-bit, when it is installed. No library class is
-patched: the settings travel as an `s2_settings` attribute on each attention module, and
-transformers dispatches on `config._attn_implementation`.
+patched: the settings travel as an `s2_settings` attribute on each attention module (the object
+transformers passes to the attention function as `module`: LLaMA's q/k/v_proj module, Phi-3's
+fused qkv_proj one), and transformers dispatches on `config._attn_implementation`.
+
+Families (the module's `sliding_window` and `softcap` arguments, as transformers passes them):
+
+    sliding windows  (Mistral, Gemma-2/3's alternating layers, Phi-3, Qwen with use_sliding_window)
+                     token i reads j iff i - W < j <= i. An S2 group of G <= W tokens never spans
+                     W, so S2 is exact there; a group longer than the window is refused with the
+                     family, the window and the fix. Full attention (eval) applies the window.
+    soft-capping     (Gemma-2: attn_logit_softcapping) caps the logits with tanh before softmax,
+                     which S2's kernels do not compute: "s2" is refused, and "full" runs eager
+                     attention (transformers' sdpa refuses soft-capping) unless flash-attn can.
 """
 from __future__ import annotations
 
@@ -19,11 +30,17 @@ import torch
 import torch.nn.functional as F
 
 from harness import policy
-from harness.backends.s2 import causal_attention, shift_short_attention
+from harness.backends.s2 import _tokens, _zero_padding, causal_attention, shift_short_attention
+from harness.errors import HarnessError
 from harness.registry import BackendError, register
 
 S2_IMPLEMENTATION = "harness_s2"
 _FULL_KERNELS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
+WINDOW_QUERY_BLOCK = 1024  # sliding-window attention: queries per SDPA call (each reads its block + W keys)
+
+
+class AttentionError(HarnessError, ValueError):
+    """S2 cannot run this model's attention as it is configured; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -35,8 +52,28 @@ class S2Settings:
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
-    """The self-attention modules of a decoder (anything with q/k/v projections)."""
-    return [m for m in model.modules() if all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj"))]
+    """The self-attention modules of a decoder: anything with q/k/v projections, separate
+    (LLaMA, Mistral, Qwen, Gemma) or fused into one qkv_proj (Phi-3)."""
+    return [m for m in model.modules()
+            if all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj")) or hasattr(m, "qkv_proj")]
+
+
+def family(module) -> str:
+    """The model family of a module, for messages: its config's model_type."""
+    return getattr(getattr(module, "config", None), "model_type", None) or type(module).__name__
+
+
+def softcap_of(module) -> float | None:
+    """The logit soft-cap a module's attention applies (Gemma-2's attn_logit_softcapping), or None."""
+    config = getattr(module, "config", None)
+    return getattr(module, "attn_logit_softcapping", getattr(config, "attn_logit_softcapping", None))
+
+
+def sliding_window_of(module) -> int | None:
+    """The window a module's attention is given: its own (Qwen, Gemma: None on full layers), else
+    its config's (Mistral, Phi-3), else None."""
+    config = getattr(module, "config", None)
+    return getattr(module, "sliding_window", getattr(config, "sliding_window", None))
 
 
 def model_kernel(kernel: str, model) -> str:
@@ -47,9 +84,21 @@ def model_kernel(kernel: str, model) -> str:
 
 @register("attention", "full", description="Full causal attention (sdpa / eager / flash-attn 2)")
 def full_attention(model, *, kernel: str = "auto") -> str:
-    implementation = _FULL_KERNELS[model_kernel(kernel, model)]
+    implementation = _FULL_KERNELS[_full_kernel(kernel, model)]
     model.set_attn_implementation(implementation)
     return implementation
+
+
+def _full_kernel(kernel: str, model) -> str:
+    """model_kernel, except that soft-capped attention cannot run on sdpa: "auto" takes eager there."""
+    chosen = model_kernel(kernel, model)
+    capped = [m for m in attention_modules(model) if softcap_of(m) is not None]
+    if chosen != "sdpa" or not capped:
+        return chosen
+    if kernel == "auto":
+        return "eager"
+    raise BackendError(f"attention.kernel = \"sdpa\" cannot run {family(capped[0])}'s soft-capped attention "
+                       f"(attn_logit_softcapping = {softcap_of(capped[0])}): use attention.kernel = \"eager\" or \"auto\"")
 
 
 @register("attention", "s2", description="Shift short attention in training, full attention in eval (LongLoRA)")
@@ -63,6 +112,9 @@ def s2_attention(model, *, kernel: str = "auto", group_ratio: float = 0.25, grou
     if not modules:
         raise BackendError(f"attention.name = \"s2\": found no attention modules with q/k/v projections in {type(model).__name__}")
     for module in modules:
+        _check_softcap(module, softcap_of(module))
+        if group_size:  # a fixed group is known now; a group_ratio's is checked at each call
+            check_window(module, group_size, sliding_window_of(module))
         module.s2_settings = settings
     model.set_attn_implementation(S2_IMPLEMENTATION)
     return S2_IMPLEMENTATION
@@ -80,28 +132,78 @@ def register_s2_implementation() -> None:
 # --------------------------------------------------------------------------- transformers glue
 
 def s2_attention_forward(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0,
-                         position_ids=None, **kwargs):
+                         position_ids=None, sliding_window=None, softcap=None, **kwargs):
     """transformers AttentionInterface function (registered with `flash_attention_mask`, so the mask
-    is (B, L_kv) bool or None). query (B, H, L, D), key/value (B, H_kv, L_kv, D) -> ((B, L, H, D), None)."""
+    is (B, L_kv) bool or None). query (B, H, L, D), key/value (B, H_kv, L_kv, D) -> ((B, L, H, D), None).
+    sliding_window and softcap are the module's, as its family passes them (None: none)."""
     settings = getattr(module, "s2_settings", None)
     if not isinstance(settings, S2Settings):
         raise AttributeError(f"{type(module).__name__} has no s2_settings: set module.s2_settings = S2Settings(...)")
     if dropout:
         raise ValueError(f"harness_s2 attention has no dropout; got dropout={dropout} (set attention_dropout=0)")
+    _check_softcap(module, softcap)
     if query.shape[2] != key.shape[2]:  # decoding with a KV cache
-        return _cached_causal_attention(query, key, value, attention_mask, scaling), None
+        return _cached_causal_attention(query, key, value, attention_mask, scaling, sliding_window), None
     seq_len = query.shape[2]
     if (module.training or settings.at_inference) and seq_len >= 2:  # one token: S2 is causal attention
         group_size = policy.s2_group_size(seq_len, settings.group_ratio, settings.group_size)
+        check_window(module, group_size, sliding_window)  # G <= W: the window never cuts a group
         out = shift_short_attention(query, key, value, group_size, attention_mask, position_ids,
                                     kernel=settings.kernel, scaling=scaling)
+    elif sliding_window and seq_len > sliding_window:
+        out = sliding_window_attention(query, key, value, sliding_window, attention_mask, position_ids, scaling)
     else:
         out = causal_attention(query, key, value, attention_mask, position_ids, kernel=settings.kernel,
                                scaling=scaling)
     return out, None
 
 
-def _cached_causal_attention(query, key, value, attention_mask, scaling):
+def _check_softcap(module, softcap) -> None:
+    if softcap is not None:
+        raise AttentionError(
+            f"attention.name = \"s2\" cannot run {family(module)}: its attention soft-caps the logits "
+            f"(attn_logit_softcapping = {softcap}), which S2's kernels (SDPA, flash-attn varlen) do not compute. "
+            f"Use attention.name = \"full\" (eager attention applies the cap)"
+        )
+
+
+def check_window(module, group_size: int, sliding_window: int | None) -> None:
+    """S2 groups must fit the module's sliding window: inside it the window never binds, so S2 is exact."""
+    if sliding_window and group_size > sliding_window:
+        raise AttentionError(
+            f"attention.name = \"s2\": {family(module)} attends within a sliding window of {sliding_window} "
+            f"tokens (sliding_window = {sliding_window}), shorter than the S2 group of {group_size} tokens, and "
+            f"S2 cannot apply a window inside a group. Set attention.group_size to at most "
+            f"{sliding_window // 2 * 2}, or a group_ratio x data.max_seq_length within the window, or use "
+            f"attention.name = \"full\""
+        )
+
+
+def sliding_window_attention(query, key, value, window: int, attention_mask=None, position_ids=None, scaling=None):
+    """Causal attention inside a sliding window, with S2's padding and document rules (harness.backends.s2):
+    token i reads j iff i - window < j <= i (transformers' sliding_window_overlay), both in one document,
+    j not padding. query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D). Queries run in blocks
+    of WINDOW_QUERY_BLOCK against the window - 1 keys before the block and the block's own: no (L, L) mask."""
+    tokens = _tokens(attention_mask, position_ids, query)
+    heads, seq_len = query.shape[1], query.shape[2]
+    repeat = heads // key.shape[1]  # masked SDPA: repeat KV heads, as transformers' sdpa does
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    outs = []
+    for start in range(0, seq_len, WINDOW_QUERY_BLOCK):
+        stop, first = min(start + WINDOW_QUERY_BLOCK, seq_len), max(0, start - window + 1)
+        q_pos = torch.arange(start, stop, device=query.device)[:, None]  # (q, 1)
+        k_pos = torch.arange(first, stop, device=query.device)[None, :]  # (1, k)
+        allowed = (k_pos <= q_pos) & (k_pos > q_pos - window)  # (q, k)
+        allowed = allowed & (tokens.doc[:, start:stop, None] == tokens.doc[:, None, first:stop])
+        allowed = (allowed & tokens.valid[:, None, first:stop]) | (k_pos == q_pos)  # padding rows: never empty
+        k = key[:, :, first:stop].repeat_interleave(repeat, dim=1)
+        v = value[:, :, first:stop].repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(query[:, :, start:stop], k, v, attn_mask=allowed[:, None], scale=scaling)
+        outs.append(out.transpose(1, 2))  # (B, q, H, D)
+    return _zero_padding(torch.cat(outs, dim=1), tokens)
+
+
+def _cached_causal_attention(query, key, value, attention_mask, scaling, sliding_window=None):
     """Causal attention for the last q_len positions of a KV cache (documents are not tracked).
 
     query (B, H, q_len, D), key/value (B, H_kv, kv_len, D), attention_mask (B, seen) with
@@ -113,7 +215,8 @@ def _cached_causal_attention(query, key, value, attention_mask, scaling):
     key_valid[:, :seen] = True if attention_mask is None else attention_mask.bool()
     q_pos = torch.arange(seen - q_len, seen, device=query.device)[:, None]  # (q_len, 1)
     k_pos = torch.arange(kv_len, device=query.device)[None, :]  # (1, kv_len)
-    allowed = ((k_pos <= q_pos) & key_valid[:, None, :]) | (k_pos == q_pos)  # (B, q_len, kv_len)
+    in_window = k_pos > q_pos - sliding_window if sliding_window else True
+    allowed = ((k_pos <= q_pos) & in_window & key_valid[:, None, :]) | (k_pos == q_pos)  # (B, q_len, kv_len)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None], scale=scaling,
                                          enable_gqa=heads != key.shape[1])
     return out.transpose(1, 2)

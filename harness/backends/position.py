@@ -1,9 +1,20 @@
 """Position backends: how RoPE is stretched from the original context to the target.
 
 Each backend edits a transformers config *before the weights load*:
-`config.rope_parameters` gets the rope type and its settings (rope_theta is kept), and
+`config.rope_parameters` gets the rope type and its settings (rope_theta and
+partial_rotary_factor, what RoPE is before any stretching, are kept), and
 `config.max_position_embeddings` becomes the target length. A model whose own rope type is
 not "default" (LLaMA 3's "llama3", say) is only overwritten with `override_native = true`.
+
+Families:
+    per-layer-type rope  (Gemma 3: one table for full_attention, one for sliding_attention)
+                         only the tables of layers that see the whole sequence are stretched: a
+                         sliding layer never sees a distance past its window, inside the original
+                         context (Gemma 3 scales its global layers alone in the same way).
+    longrope only        (Phi-3: Phi3Config accepts rope types "default" and "longrope" alone)
+                         the stretch is written in longrope's form, per-frequency divisors and an
+                         attention factor, which expresses PI, YaRN and llama3 exactly; dynamic NTK
+                         depends on the sequence length and is refused.
 
     linear   Position Interpolation (Chen et al. 2023): position p is read as p / factor.
     dynamic  NTK-aware scaling that grows rope_theta with the sequence length.
@@ -15,6 +26,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from harness.registry import register
 from harness.errors import HarnessError
 
@@ -23,9 +36,13 @@ class PositionError(HarnessError, ValueError):
     pass
 
 
+BASE_KEYS = ("rope_theta", "partial_rotary_factor")  # RoPE itself, kept under every stretch
+LONGROPE_ONLY = ("phi3",)  # model types whose config class accepts no other scaled rope type
+
+
 def original_context_of(config, original_context: int = 0) -> int:
     """The pretraining window: given, or read from the config before it is changed."""
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = next(iter(_rope_tables(config).values()), {})
     return int(original_context or rope.get("original_max_position_embeddings") or config.max_position_embeddings)
 
 
@@ -38,18 +55,59 @@ def interpolation_factor(target_length: int, original: int, factor: float = 0.0)
     return float(math.ceil(target_length / original))
 
 
+def _rope_tables(config) -> dict[str | None, dict]:
+    """The rope tables a backend stretches: {None: rope_parameters} for one table, or {layer type:
+    table} of the per-layer-type tables (Gemma 3) of every layer type but the sliding ones."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    nested = [key for key in params if key in (getattr(config, "layer_types", None) or ())]
+    if not nested:
+        return {None: params}
+    return {key: dict(params[key]) for key in nested if params[key] is not None and not key.startswith("sliding")}
+
+
 def _set_rope(config, rope_type: str, target_length: int, override_native: bool, **settings) -> None:
-    current = dict(getattr(config, "rope_parameters", None) or {})
-    native = current.get("rope_type", "default")
+    tables = {key: _stretched(config, table, rope_type, override_native, settings)
+              for key, table in _rope_tables(config).items()}
+    config.rope_parameters = tables[None] if None in tables else {**config.rope_parameters, **tables}
+    if config.model_type in LONGROPE_ONLY:
+        _as_longrope(config)
+    # target_length 0 (zero-shot evaluation with only a factor): the window grows by the factor.
+    config.max_position_embeddings = target_length or int(config.max_position_embeddings * settings["factor"])
+
+
+def _stretched(config, table: dict, rope_type: str, override_native: bool, settings: dict) -> dict:
+    native = table.get("rope_type", "default")
     if native not in ("default", rope_type) and not override_native:
         raise PositionError(
             f"the model already uses rope_type {native!r}; position.name = {rope_type!r} would replace it. "
             f"Set position.override_native = true to do so, or position.name = \"none\" to keep it"
         )
-    theta = current.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    config.rope_parameters = {"rope_type": rope_type, "rope_theta": theta, **settings}
-    # target_length 0 (zero-shot evaluation with only a factor): the window grows by the factor.
-    config.max_position_embeddings = target_length or int(config.max_position_embeddings * settings["factor"])
+    kept = {key: table[key] for key in BASE_KEYS if key in table}
+    kept.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return {"rope_type": rope_type, **kept, **settings}
+
+
+def _as_longrope(config) -> None:
+    """The config's stretched rope in longrope's form, for families that accept no other (Phi-3):
+    longrope divides each inverse frequency by its factor and scales cos/sin by attention_factor, so
+    factor_i = default_i / stretched_i and the stretched type's attention factor give the same rotary."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = config.rope_parameters
+    if params["rope_type"] == "dynamic":
+        raise PositionError(f"position.name = \"dynamic\" cannot run {config.model_type}: its config accepts only "
+                            f"longrope, which has no length-dependent theta. Use position.name = \"yarn\" or \"linear\"")
+    original = int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
+    config.original_max_position_embeddings = original  # longrope reads the pretraining window from here
+    stretched, attention_factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](config)
+    dim = 2 * stretched.numel()
+    default = 1.0 / params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    factors = (default / stretched.double()).tolist()
+    config.rope_parameters = {
+        "rope_type": "longrope", **{key: params[key] for key in BASE_KEYS if key in params},
+        "short_factor": factors, "long_factor": factors, "attention_factor": float(attention_factor),
+        "original_max_position_embeddings": original, "factor": params["factor"],
+    }
 
 
 @register("position", "linear", description="Position Interpolation: positions scaled by 1/factor (the paper)")
