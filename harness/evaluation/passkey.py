@@ -13,7 +13,8 @@ the parts are joined with newlines (empty filler parts are left out):
 Filler is counted in sentences (a few tokens each), so a prompt is fitted to within one
 sentence of its target token length. The model is reached only through a `generate_fn`
 (prompt ids, max new tokens) -> continuation text, so scoring is testable without a model
-that can actually retrieve; `greedy_generate` makes the real one.
+that can actually retrieve; `greedy_generate` makes the real one, through harness.generation
+(what tools/generate.py runs).
 """
 from __future__ import annotations
 
@@ -22,9 +23,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
-import torch
-
 from harness.evaluation.perplexity import EvaluationError, Progress
+from harness.generation import Sampling, generate
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -183,15 +183,10 @@ def _answer_budget(tokenizer, key: str) -> int:
 
 
 def greedy_generate(model, tokenizer) -> GenerateFn:
-    """A GenerateFn decoding greedily with `model.generate`."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    """A GenerateFn decoding greedily through harness.generation.generate, the generate command's path
+    (no window check: passkey measures models past their window too)."""
 
-    @torch.no_grad()
-    def generate(input_ids: list[int], max_new_tokens: int) -> str:
-        device = next(model.parameters()).device
-        ids = torch.tensor([input_ids], device=device)  # [1, T]
-        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                do_sample=False, num_beams=1, pad_token_id=pad_id)  # [1, T + new]
-        return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+    def generate_text(input_ids: list[int], max_new_tokens: int) -> str:
+        return generate(model, tokenizer, input_ids, Sampling(max_new_tokens=max_new_tokens)).text
 
-    return generate
+    return generate_text
