@@ -184,6 +184,17 @@ def test_streamed_pieces_join_to_the_text_and_a_stop_string_ends_it(tiny_model, 
     assert stopped.token_ids == full.token_ids[:len(stopped.token_ids)] and len(stopped.token_ids) < 40
 
 
+def test_text_that_may_start_a_stop_string_waits_for_the_next_piece(tiny_model, byte_tokenizer):
+    ids = byte_tokenizer(PROMPT).input_ids
+    pieces = []
+    full = generate(tiny_model, byte_tokenizer, ids, Sampling(40), on_text=pieces.append)
+    assert len(pieces) > 1 and pieces[0].endswith("\n")  # the streamer flushes at a newline
+    never = "\n\x00never written"  # begins with the newline that ends the first piece
+    held = []
+    again = generate(tiny_model, byte_tokenizer, ids, Sampling(40), on_text=held.append, stop=[never])
+    assert held[0] == pieces[0][:-1] and "".join(held) == full.text == again.text  # held back, then released
+
+
 def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(tiny_model, byte_tokenizer):
     ids = byte_tokenizer(PROMPT).input_ids
     greedy = generate(tiny_model, byte_tokenizer, ids, Sampling(30)).token_ids

@@ -140,10 +140,11 @@ def _chat_turn(model, chat: Chat, user: str, sampling: Sampling, prog: str) -> N
 
 
 def _read_turn() -> str | None:
-    """The next user line, or None at EOF or /exit."""
+    """The next user line, or None at EOF (Ctrl-D), Ctrl-C or /exit."""
     try:
         line = input("> ")
-    except EOFError:
+    except (EOFError, KeyboardInterrupt):
+        print(flush=True)  # the shell's prompt on a line of its own
         return None
     return None if line.strip() == EXIT else line
 

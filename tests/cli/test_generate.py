@@ -132,7 +132,7 @@ def test_chat_plain_transcript_with_a_first_turn_and_a_system_message(final, tra
     first = reference(model, tokenizer, tokenizer(transcript).input_ids, 12, stop="\nUser:")
     transcript += f" {first.strip()}\nUser: And the fish?\nAssistant:"
     second = reference(model, tokenizer, tokenizer(transcript).input_ids, 12, stop="\nUser:")
-    assert out == f"> Where is the river?\n{first}\n> {second}\n> "
+    assert out == f"> Where is the river?\n{first}\n> {second}\n> \n"  # EOF: a newline for the shell
     assert lines_starting(err, "prompt ")[1].startswith(f"prompt {len(tokenizer(transcript).input_ids)} tokens")
 
 
