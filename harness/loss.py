@@ -7,6 +7,10 @@ of a long sequence (LLaMA2 at 32k: 32768 x 32000 x 4 B = 4 GiB) never exist at o
 the backward pass recomputes one chunk's logits at a time.
 
 The loss is the mean over target tokens (labels != -100) of the batch, as in transformers.
+Under sequence parallelism (`sequence=` a harness.backends.sequence_parallel.SequenceShards)
+every rank of the group gets the full micro-batch, runs the model on its shard of each
+sequence against the pre-shifted labels of that shard, and returns the same whole-sequence
+loss: the group's summed NLL over the whole batch's target count.
 The chunk length follows the vocabulary so one chunk's fp32 logits stay near 128 MiB:
 1024 positions for LLaMA's 32k vocabulary, 682 for SmolLM2's 49k.
 """
@@ -44,11 +48,17 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: t
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(L-1), d)
     targets = labels[:, 1:].reshape(-1)  # (B*(L-1),)
     count = (targets != IGNORE_INDEX).sum()
+    return chunked_nll_sum(hidden, head, targets, chunk_tokens) / count.clamp(min=1)
+
+
+def chunked_nll_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                    chunk_tokens: int = 1024) -> torch.Tensor:
+    """Summed NLL of hidden (N, d) against targets (N,), chunks of `chunk_tokens` checkpointed."""
     total = _at_least_fp32(hidden.new_zeros(()))
     for start in range(0, targets.numel(), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
         total = total + checkpoint(_chunk_nll_sum, head, hidden[piece], targets[piece], use_reentrant=False)
-    return total / count.clamp(min=1)
+    return total
 
 
 def full_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -60,13 +70,16 @@ def full_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 class CausalLMLoss(torch.nn.Module):
     """forward(input_ids, labels, attention_mask, position_ids) -> scalar loss."""
 
-    def __init__(self, model: torch.nn.Module, *, chunked: bool = True, chunk_tokens: int = 0):
+    def __init__(self, model: torch.nn.Module, *, chunked: bool = True, chunk_tokens: int = 0, sequence=None):
         super().__init__()
         self.model = model
         self.chunked = chunked
         self.chunk_tokens = chunk_tokens or chunk_tokens_for(model.get_output_embeddings().out_features)
+        self.sequence = sequence  # SequenceShards under sequence parallelism, else None
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
+        if self.sequence is not None:
+            return self._sharded(input_ids, labels, attention_mask, position_ids)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: transformers then reads packing from position_ids
         if not self.chunked:
@@ -76,3 +89,25 @@ class CausalLMLoss(torch.nn.Module):
         hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                          position_ids=position_ids).last_hidden_state  # (B, L, d)
         return chunked_cross_entropy(hidden, causal_lm.get_output_embeddings(), labels, self.chunk_tokens)
+
+    def _sharded(self, input_ids, labels, attention_mask, position_ids) -> torch.Tensor:
+        """Sequence parallelism: this rank's shard of every sequence in, the whole sequence's loss out."""
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        count = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)  # the whole batch's targets
+        shard = self.sequence.shard({"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                                     "attention_mask": attention_mask})
+        targets = shard["shift_labels"].reshape(-1)  # (B * L/N,): already the next tokens
+        mask = shard.get("attention_mask")
+        if not self.chunked:
+            logits = self.model(input_ids=shard["input_ids"], attention_mask=mask,
+                                position_ids=shard["position_ids"]).logits  # (B, L/N, V)
+            nll = F.cross_entropy(_at_least_fp32(logits.reshape(-1, logits.shape[-1])), targets,
+                                  ignore_index=IGNORE_INDEX, reduction="sum")
+        else:
+            causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            hidden = causal_lm.get_decoder()(input_ids=shard["input_ids"], attention_mask=mask,
+                                             position_ids=shard["position_ids"]).last_hidden_state  # (B, L/N, d)
+            nll = chunked_nll_sum(hidden.reshape(-1, hidden.shape[-1]), causal_lm.get_output_embeddings(), targets,
+                                  self.chunk_tokens)
+        return self.sequence.sum(nll) / count

@@ -129,6 +129,7 @@ class TrainConfig:
     release_cpu_memory: bool = True  # CPU: freed tensors go back to the OS (harness.cpu_memory)
     offload_activations: bool = False  # GPU: keep checkpointed activations in pinned CPU memory
     fp32_frozen_weights: bool = False  # QLoRA: peft's fp32 cast of embeddings, norms, head (fp32 residual stream)
+    tiled_mlp: bool = False  # MLP in sequence tiles, recomputed in backward (harness.tiled): long sequences
     log_every: int = 1
     eval_every: int = 0
     eval_batches: int = 0  # 0 = the whole held-out split
@@ -144,6 +145,7 @@ class TrainConfig:
 class EngineConfig:
     name: str = "accelerate"  # accelerate | deepspeed
     deepspeed_config: str = ""  # JSON file, relative to the working directory or the recipe
+    sequence_parallel_size: int = 1  # Ulysses sequence parallelism over N ranks (deepspeed); 1 = off
 
 
 @dataclass(frozen=True)
@@ -350,6 +352,7 @@ def _check_lengths(recipe: Recipe, where: str) -> None:
     _positive(where, "train.grad_accum", train.grad_accum)
     _positive(where, "train.lr", train.lr)
     _positive(where, "train.log_every", train.log_every)
+    _positive(where, "engine.sequence_parallel_size", recipe.engine.sequence_parallel_size)
     if train.max_steps <= 0 and train.epochs <= 0:
         raise RecipeError(f"{where}train.max_steps = {train.max_steps} and train.epochs = {train.epochs}: set one of them > 0")
     attention = recipe.attention
@@ -382,8 +385,40 @@ def _check_combinations(recipe: Recipe, where: str) -> None:
         raise RecipeError(f"{where}model.name_or_path = \"random\" needs a [model.init_config] table of LlamaConfig values")
     if recipe.model.name_or_path == "random":
         _check_init_config(recipe.model.init_config, where)
+    _check_sequence_parallel(recipe, where)
     if not recipe.model.name_or_path:
         raise RecipeError(f"{where}model.name_or_path is empty: give a hub id, a local directory, a .gguf file or \"random\"")
+
+
+def _check_sequence_parallel(recipe: Recipe, where: str) -> None:
+    """engine.sequence_parallel_size > 1: the DeepSpeed engine, a kernel that takes a 2-D mask, and
+    (when the recipe gives the shape) heads that split over N ranks. The launch is checked at start."""
+    size = recipe.engine.sequence_parallel_size
+    if size <= 1:
+        return
+    if recipe.engine.name != "deepspeed":
+        raise RecipeError(
+            f"{where}engine.sequence_parallel_size = {size} needs engine.name = \"deepspeed\" (Ulysses, DeepSpeed's "
+            f"ALST), not {recipe.engine.name!r}: accelerate's own sequence parallelism runs only through its DeepSpeed "
+            f"plugin, which forms no multi-rank group on the CPU, and its context parallelism needs FSDP2 on CUDA "
+            f"with torch's SDPA, not S2. Set engine.name = \"deepspeed\" and engine.deepspeed_config = "
+            f"\"launch/deepspeed/zero2_sp.json\""
+        )
+    if recipe.attention.kernel == "eager":
+        raise RecipeError(
+            f"{where}attention.kernel = \"eager\" with engine.sequence_parallel_size = {size}: eager attention "
+            f"builds a (B, 1, L, L) mask of one rank's shard, not of the whole sequence. Use attention.kernel = "
+            f"\"sdpa\" or \"auto\""
+        )
+    init = recipe.model.init_config
+    if recipe.model.name_or_path == "random" and "num_attention_heads" in init:
+        from harness.backends.sequence_parallel import SequenceParallelError, check_heads
+
+        heads = int(init["num_attention_heads"])
+        try:
+            check_heads(heads, int(init.get("num_key_value_heads") or heads), size)
+        except SequenceParallelError as error:
+            raise RecipeError(f"{where}{error}") from None
 
 
 def _check_init_config(init_config: dict, where: str) -> None:

@@ -65,18 +65,18 @@ def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) ->
         # Config and tokenizer first: the data is checked before any weights load. Rank 0 builds a cached
         # base (random, GGUF) alone: under torch.distributed transformers writes config.json on rank 0 only.
         base = _rank_zero_first(engine, lambda: load_base(recipe))
-        recipe = resolve(recipe, world_size=engine.world_size, original_context=base.original_context)
+        recipe = resolve(recipe, world_size=engine.data_world_size, original_context=base.original_context)
         data = _rank_zero_first(engine, lambda: _build_data(recipe, base.tokenizer))  # one tokenizer run fills the cache
         if engine.rank == 0:
             from harness.data.report import print_length_stats
 
             print_length_stats(data.stats, console=console)
         built = build_model(recipe, training=True, base=base, console=console)
-        recipe = resolve(recipe, world_size=engine.world_size, original_context=built.original_context,
+        recipe = resolve(recipe, world_size=engine.data_world_size, original_context=built.original_context,
                          weights_dtype=built.weights_dtype)
 
         hyper = hyper_of(recipe)
-        module = CausalLMLoss(built.model, chunked=recipe.train.chunked_loss)
+        module = CausalLMLoss(built.model, chunked=recipe.train.chunked_loss, sequence=engine.sequence)
         engine.prepare(module, lambda params: make_optimizer(recipe, engine, hyper, params),
                        lambda optimizer: make_scheduler(recipe, optimizer, total_steps(recipe, len(data.train), engine)),
                        hyper)
@@ -206,7 +206,7 @@ def make_scheduler(recipe: Recipe, optimizer, steps: int):
 def total_steps(recipe: Recipe, num_samples: int, engine) -> int:
     if recipe.train.max_steps > 0:
         return recipe.train.max_steps
-    per_step = recipe.train.micro_batch_size * recipe.train.grad_accum * engine.world_size
+    per_step = recipe.train.micro_batch_size * recipe.train.grad_accum * engine.data_world_size
     steps = recipe.train.epochs * (num_samples // per_step)
     if steps == 0:
         raise TrainError(f"{num_samples} samples make no full step of {per_step} sequences; "
@@ -244,8 +244,9 @@ class Loop:
         self.console.print(f"Resumed from {directory} at step {self.step}")
 
     def run(self) -> None:
-        batches = self.order.batches(self.recipe.train.micro_batch_size, rank=self.engine.rank,
-                                     world_size=self.engine.world_size)
+        # Data-parallel replicas read different samples; the ranks of a sequence-parallel group the same ones.
+        batches = self.order.batches(self.recipe.train.micro_batch_size, rank=self.engine.data_rank,
+                                     world_size=self.engine.data_world_size)
         metrics = MetricsLog(self.output_dir, report_to(self.recipe), self.recipe.to_dict(),
                              enabled=self.engine.rank == 0)
         with _signals(self), Progress(self.console, self.total, self.step) as progress:
@@ -290,7 +291,7 @@ class Loop:
         return [self.data.train[i] for i in indices]
 
     def _record(self, loss: float, tokens: int, seconds: float) -> dict:
-        world_tokens = tokens * self.engine.world_size
+        world_tokens = tokens * self.engine.data_world_size
         return {
             "step": self.step, "loss": self.engine.all_mean(loss), "lr": self.lr,
             "grad_norm": self.grad_norm, "tokens_per_s": world_tokens / max(seconds, 1e-9),
@@ -314,9 +315,9 @@ class Loop:
         module.eval()
         count = len(self.data.eval)
         if self.recipe.train.eval_batches:
-            count = min(count, self.recipe.train.eval_batches * self.engine.world_size)
+            count = min(count, self.recipe.train.eval_batches * self.engine.data_world_size)
         total, weight = 0.0, 0
-        for index in range(self.engine.rank, count, self.engine.world_size):
+        for index in range(self.engine.data_rank, count, self.engine.data_world_size):
             batch = {k: v.to(self.engine.device) for k, v in self.collate([self.data.eval[index]]).items()}
             targets = int((batch["labels"][:, 1:] != -100).sum())
             with self.engine.autocast():

@@ -33,6 +33,7 @@ class AccelerateEngine:
             self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
+        self.data_rank, self.data_world_size, self.sequence = self.rank, self.world_size, None  # no sequence parallelism
         self.device = self.accelerator.device
         check_group(self.world_size)
 

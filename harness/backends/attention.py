@@ -132,10 +132,11 @@ def register_s2_implementation() -> None:
 # --------------------------------------------------------------------------- transformers glue
 
 def s2_attention_forward(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0,
-                         position_ids=None, sliding_window=None, softcap=None, **kwargs):
+                         position_ids=None, sliding_window=None, softcap=None, head_window=None, **kwargs):
     """transformers AttentionInterface function (registered with `flash_attention_mask`, so the mask
     is (B, L_kv) bool or None). query (B, H, L, D), key/value (B, H_kv, L_kv, D) -> ((B, L, H, D), None).
-    sliding_window and softcap are the module's, as its family passes them (None: none)."""
+    sliding_window and softcap are the module's, as its family passes them (None: none). head_window
+    (harness.backends.s2.HeadWindow): the global heads this query holds under sequence parallelism."""
     settings = getattr(module, "s2_settings", None)
     if not isinstance(settings, S2Settings):
         raise AttributeError(f"{type(module).__name__} has no s2_settings: set module.s2_settings = S2Settings(...)")
@@ -149,7 +150,7 @@ def s2_attention_forward(module, query, key, value, attention_mask, *, scaling=N
         group_size = policy.s2_group_size(seq_len, settings.group_ratio, settings.group_size)
         check_window(module, group_size, sliding_window)  # G <= W: the window never cuts a group
         out = shift_short_attention(query, key, value, group_size, attention_mask, position_ids,
-                                    kernel=settings.kernel, scaling=scaling)
+                                    kernel=settings.kernel, scaling=scaling, head_window=head_window)
     elif sliding_window and seq_len > sliding_window:
         out = sliding_window_attention(query, key, value, sliding_window, attention_mask, position_ids, scaling)
     else:

@@ -3,6 +3,12 @@ deepspeed.initialize with the JSON file named by engine.deepspeed_config.
 
 The harness forms the process group itself (accelerate's DeepSpeed path forms no multi-rank
 group on the CPU). "auto" values in the JSON file are filled from the recipe.
+
+engine.sequence_parallel_size = N > 1 turns on Ulysses sequence parallelism (DeepSpeed's ALST,
+harness.backends.sequence_parallel): DeepSpeed's groups of N consecutive ranks (its
+parallel_state_sp, passed to deepspeed.initialize as mpu) share each micro-batch, and the
+world_size / N groups are the data-parallel replicas. ZeRO partitions over all ranks; gradients
+are summed within a group and averaged over the replicas.
 """
 from __future__ import annotations
 
@@ -15,21 +21,24 @@ from typing import Callable
 import torch
 
 from harness import rundir
+from harness.backends import sequence_parallel
 from harness.backends.engine import EngineError, Hyper, check_group, forming_group, is_quantized, trainable
 from harness.registry import register
 
 
-@register("engine", "deepspeed", description="DeepSpeed ZeRO-2/3 with optional CPU offload",
-          requires=(("deepspeed", "deepspeed>=0.17"),))
-def deepspeed_engine(*, deepspeed_config: str):
-    return DeepSpeedEngine(deepspeed_config)
+@register("engine", "deepspeed", description="DeepSpeed ZeRO-2/3 with optional CPU offload and Ulysses "
+          "sequence parallelism", requires=(("deepspeed", "deepspeed>=0.17"),))
+def deepspeed_engine(*, deepspeed_config: str, sequence_parallel_size: int = 1):
+    return DeepSpeedEngine(deepspeed_config, sequence_parallel_size)
 
 
 class DeepSpeedEngine:
     """DeepSpeed ZeRO-2/3 (CPU optimizer offload included), initialised by the harness."""
 
-    def __init__(self, config_path: str):
+    def __init__(self, config_path: str, sequence_parallel_size: int = 1):
         self.config_path = config_path
+        self.sequence_parallel_size = sequence_parallel_size
+        self.mpu = None  # DeepSpeed's sequence-parallel groups, when sequence_parallel_size > 1
 
     def setup(self) -> None:
         import deepspeed
@@ -48,6 +57,25 @@ class DeepSpeedEngine:
         else:
             self.device = torch.device("cpu")
         check_group(self.world_size)
+        self._form_sequence_groups()
+
+    def _form_sequence_groups(self) -> None:
+        """data_rank / data_world_size, and under sequence parallelism DeepSpeed's groups of N ranks."""
+        size = self.sequence_parallel_size
+        self.data_rank, self.data_world_size, self.sequence = self.rank, self.world_size, None
+        if size == 1:
+            return
+        try:
+            sequence_parallel.check_world(self.world_size, size)
+        except sequence_parallel.SequenceParallelError as error:
+            raise EngineError(str(error)) from None
+        import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
+
+        mpu.initialize_sequence_parallel(sequence_parallel_size=size)
+        self.mpu = mpu
+        self.sequence = sequence_parallel.SequenceShards(mpu.get_sequence_parallel_group(),
+                                                         mpu.get_sequence_parallel_rank(), size)
+        self.data_rank, self.data_world_size = self.rank // size, self.world_size // size  # groups: consecutive ranks
 
     def config(self, hyper: Hyper) -> dict:
         """The JSON config with its "auto" values filled from the recipe."""
@@ -64,11 +92,23 @@ class DeepSpeedEngine:
             if config.get(key, "auto") == "auto":
                 config[key] = value
         config.pop("train_batch_size", None)
+        self._fill_sequence_parallel(config)
         for dtype in ("bf16", "fp16"):
             section = config.setdefault(dtype, {})
             if section.get("enabled", "auto") == "auto":
                 section["enabled"] = hyper.precision == dtype
         return config
+
+    def _fill_sequence_parallel(self, config: dict) -> None:
+        """sequence_parallel_size comes from the recipe; a JSON file may repeat it, not contradict it."""
+        given = config.get("sequence_parallel_size", "auto")
+        if given not in ("auto", self.sequence_parallel_size):
+            raise EngineError(f"engine.deepspeed_config = {self.config_path!r} sets sequence_parallel_size = {given}, "
+                              f"the recipe engine.sequence_parallel_size = {self.sequence_parallel_size}: set it in the "
+                              f"recipe only (remove it from the JSON file, or make it \"auto\")")
+        config.pop("sequence_parallel_size", None)
+        if self.sequence_parallel_size > 1:
+            config["sequence_parallel_size"] = self.sequence_parallel_size
 
     def offloads_optimizer(self, hyper: Hyper) -> bool:
         zero = self.config(hyper).get("zero_optimization", {})
@@ -79,11 +119,13 @@ class DeepSpeedEngine:
 
         self.hyper = hyper
         module = module.to(self.device) if not is_quantized(module) else module
+        if self.sequence is not None:
+            sequence_parallel.enable(module.model, self.sequence, hyper.micro_batch_size)
         optimizer = make_optimizer(trainable(module))
         scheduler = make_scheduler(optimizer)
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config(hyper),
-            model_parameters=trainable(module),
+            model_parameters=trainable(module), mpu=self.mpu,
         )
         return self.module
 

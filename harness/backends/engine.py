@@ -11,6 +11,12 @@ asks which engine it has):
     engine.save_state(dir) / load_state(dir)   optimizer + scheduler (+ DeepSpeed's own files)
     with engine.gathered(model): ...       sharded (ZeRO-3) trainable parameters made whole
 
+Ranks and data: `rank` / `world_size` count processes; `data_rank` / `data_world_size` count
+data-parallel replicas, which read different samples. They differ under sequence parallelism
+(DeepSpeed's engine.sequence_parallel_size = N): the N ranks of a group train on the same
+micro-batch, each on 1/N of every sequence, so data_world_size = world_size / N, and
+`sequence` is that rank's harness.backends.sequence_parallel.SequenceShards (None without).
+
 The engines, one file each: harness.backends.accelerate_engine (single process, DDP, FSDP)
 and harness.backends.deepspeed_engine (ZeRO-2/3, CPU offload).
 """
@@ -41,6 +47,9 @@ class Hyper:
 class Engine(Protocol):
     rank: int
     world_size: int
+    data_rank: int  # this rank's data-parallel replica: which samples it reads
+    data_world_size: int  # data-parallel replicas: world_size / sequence_parallel_size
+    sequence: object | None  # SequenceShards under sequence parallelism, else None
     device: torch.device
     module: torch.nn.Module  # the prepared (wrapped) module, after prepare()
 

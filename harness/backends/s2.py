@@ -24,6 +24,11 @@ Semantics of `shift_short_attention(query, key, value, G, ...)`:
   query heads). MQA (H_kv == 1): the query heads are split instead, the first ceil(H / 2)
   unshifted, and both parts read the single KV head. H must be at least 2.
 * With G == L the unshifted half is exactly `causal_attention`.
+* Sequence parallelism (harness.backends.sequence_parallel) hands a rank a window of the heads:
+  `head_window = HeadWindow(offset, heads, kv_heads)` says the query holds the global query
+  heads [offset, offset + H) of a model with `heads` query and `kv_heads` KV heads. The halves
+  then follow the global head index, so N ranks together shift exactly the heads one process
+  shifts; a rank's window may lie wholly in one half.
 
 Kernels (`kernel=`): "eager" builds the dense (L, L) mask per half of the heads (the readable
 reference); "sdpa" runs torch SDPA on grouped views, one call per piece (runs of whole groups
@@ -49,6 +54,14 @@ from harness import policy
 KERNELS = ("auto", "sdpa", "flash", "eager")
 
 
+class HeadWindow(NamedTuple):
+    """The global query heads [offset, offset + H_local) a query holds, of a model with `heads`
+    query heads and `kv_heads` KV heads (sequence parallelism: one rank's share after the all-to-all)."""
+    offset: int
+    heads: int
+    kv_heads: int
+
+
 class _Tokens(NamedTuple):
     valid: torch.Tensor  # (B, L) bool, False for padding
     doc: torch.Tensor  # (B, L) long, document index within the row
@@ -59,8 +72,9 @@ class _Tokens(NamedTuple):
 
 
 def shift_short_attention(query, key, value, group_size, attention_mask=None, position_ids=None,
-                          kernel="auto", scaling=None):
-    """S2-Attn (see module docstring): query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D)."""
+                          kernel="auto", scaling=None, head_window: HeadWindow | None = None):
+    """S2-Attn (see module docstring): query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D).
+    head_window: which global heads the query holds (None: all of them)."""
     _check_qkv(query, key, value)
     _check_group_size(group_size, query.shape[2])
     tokens = _tokens(attention_mask, position_ids, query)
@@ -68,11 +82,12 @@ def shift_short_attention(query, key, value, group_size, attention_mask=None, po
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if kernel == "sdpa":
         budget = piece_budget(query.numel(), query.device.type, _math_fallback(query, key, tokens))
-        pieces = _sdpa_pieces(query.shape, key.shape[1], group_size, tokens, budget)
+        pieces = _sdpa_pieces(query.shape, key.shape[1], group_size, tokens, budget, head_window)
         return _zero_padding(_PiecewiseSDPA.apply(query, key, value, pieces, scaling), tokens)
-    halves = _split_heads(query, key, value)
+    halves = _split_heads(query, key, value, head_window)
     run = _KERNELS[kernel]
-    outs = [run(q, k, v, group_size, shift, tokens, scaling) for (q, k, v), shift in zip(halves, (0, group_size // 2))]
+    outs = [run(q, k, v, group_size, shift, tokens, scaling)
+            for (q, k, v), shift in zip(halves, (0, group_size // 2)) if q.shape[1]]  # a window may hold one half
     return _zero_padding(torch.cat(outs, dim=2), tokens)
 
 
@@ -107,8 +122,14 @@ def _check_group_size(group_size: int, seq_len: int) -> None:
         raise ValueError(f"group size {group_size} is larger than the sequence length {seq_len}")
 
 
-def _head_halves(heads: int, kv_heads: int) -> list[tuple[slice, slice]]:
-    """[(query heads, KV heads) unshifted, (query heads, KV heads) shifted], split along the KV heads."""
+def _head_halves(heads: int, kv_heads: int, window: HeadWindow | None = None) -> list[tuple[slice, slice]]:
+    """[(query heads, KV heads) unshifted, (query heads, KV heads) shifted], split along the KV heads.
+
+    With a window the split is the global one (of window.heads, window.kv_heads) cut to the local
+    heads: the first local query heads below the global cut are unshifted, and each half reads the
+    local KV heads its query heads share (both read the single one when H_kv == 1). A half may be empty."""
+    if window is not None:
+        return _window_halves(heads, kv_heads, window)
     if heads < 2:
         raise ValueError(f"S2-Attn shifts half of the heads, but num_heads={heads}: it needs at least 2")
     if kv_heads == 1:  # MQA: split the query heads; both parts read the single KV head
@@ -119,13 +140,26 @@ def _head_halves(heads: int, kv_heads: int) -> list[tuple[slice, slice]]:
     return [(slice(0, cut), slice(0, unshifted_kv)), (slice(cut, heads), slice(unshifted_kv, kv_heads))]
 
 
-def _split_heads(query, key, value):
+def _window_halves(heads: int, kv_heads: int, window: HeadWindow) -> list[tuple[slice, slice]]:
+    """_head_halves of local heads [window.offset, window.offset + heads) of a model of window.heads."""
+    (global_unshifted, _), _ = _head_halves(window.heads, window.kv_heads)
+    cut = min(max(global_unshifted.stop - window.offset, 0), heads)  # local query heads left unshifted
+    per_kv = heads // kv_heads  # local query heads per local KV head
+    if kv_heads > 1 and cut % per_kv:
+        raise ValueError(f"head window {tuple(window)} with {heads} query / {kv_heads} KV heads cuts a KV head's "
+                         f"query heads apart; a window must hold whole KV groups")
+    return [(slice(0, cut), slice(0, -(-cut // per_kv))), (slice(cut, heads), slice(cut // per_kv, kv_heads))]
+
+
+def _split_heads(query, key, value, window: HeadWindow | None = None):
     """[(q, k, v) of the unshifted heads, (q, k, v) of the shifted heads] (eager and flash kernels)."""
-    (q_unshifted, kv_unshifted), _ = _head_halves(query.shape[1], key.shape[1])
+    heads = query.shape[1]
+    (q_unshifted, kv_unshifted), _ = _head_halves(heads, key.shape[1], window)
+    queries = _split(query, [q_unshifted.stop, heads - q_unshifted.stop], dim=1)
     if key.shape[1] == 1:
-        return [(q, key, value) for q in _split(query, q_unshifted.stop, dim=1)]
-    queries = _split(query, q_unshifted.stop, dim=1)
-    return list(zip(queries, _split(key, kv_unshifted.stop, dim=1), _split(value, kv_unshifted.stop, dim=1)))
+        return [(q, key, value) for q in queries]
+    kv_sizes = [kv_unshifted.stop, key.shape[1] - kv_unshifted.stop]
+    return list(zip(queries, _split(key, kv_sizes, dim=1), _split(value, kv_sizes, dim=1)))
 
 
 def _split(x, sizes, dim):
@@ -285,13 +319,16 @@ def _math_fallback(query, key, tokens: _Tokens) -> bool:
                                      gqa=query.shape[1] != key.shape[1], masked=not tokens.plain)
 
 
-def _sdpa_pieces(query_shape, kv_heads, group_size, tokens: _Tokens, budget: int) -> list[_Piece]:
+def _sdpa_pieces(query_shape, kv_heads, group_size, tokens: _Tokens, budget: int,
+                 window: HeadWindow | None = None) -> list[_Piece]:
     """The SDPA calls of S2 for a query of `query_shape` (B, H, L, D): per half of the heads and
     per segment of equal groups, runs of whole groups times runs of whole KV heads (with the
     query heads that share them; MQA: the half's query heads), each within `budget` query elements."""
     batch, heads, seq_len, dim = query_shape
     pieces = []
-    for (q_half, kv_half), shift in zip(_head_halves(heads, kv_heads), (0, group_size // 2)):
+    for (q_half, kv_half), shift in zip(_head_halves(heads, kv_heads, window), (0, group_size // 2)):
+        if q_half.stop == q_half.start:
+            continue  # a head window wholly in the other half
         half_kv = kv_half.stop - kv_half.start
         per_kv = (q_half.stop - q_half.start) // half_kv  # query heads per KV head
         for start, length, block in _segments(seq_len, group_size, shift):
