@@ -72,6 +72,10 @@ def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) ->
 
             print_length_stats(data.stats, console=console)
         built = build_model(recipe, training=True, base=base, console=console)
+        if recipe.train.tiled_mlp:
+            from harness.tiled import tile_mlps
+
+            tile_mlps(built.model)  # MLPs in sequence tiles, recomputed in backward
         recipe = resolve(recipe, world_size=engine.data_world_size, original_context=built.original_context,
                          weights_dtype=built.weights_dtype)
 

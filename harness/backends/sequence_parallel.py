@@ -19,7 +19,9 @@ N / H_kv ranks (N must be a multiple of H_kv, or H_kv of N).
 The loss side (harness.loss.CausalLMLoss with a `SequenceShards`): the full micro-batch is
 padded to a multiple of N, its labels shifted before it is cut (a shard's last position
 predicts the next shard's first token), and the summed NLL of every shard over the group's
-target count is the loss of the whole sequence on every rank. DeepSpeed sums the gradients of
+target count is the loss of the whole sequence on every rank. The core attention sees the
+sequence without that padding (it is cut off after the all-to-all and its rows filled with
+zeros), so S2's group size follows the batch's own length, as in one process. DeepSpeed sums the gradients of
 a sequence-parallel group (and averages over data-parallel replicas), so each rank back-
 propagates only its own shard's share of that loss.
 """
@@ -47,12 +49,14 @@ class SequenceShards:
 
     def __init__(self, group, rank: int, size: int):
         self.group, self.rank, self.size = group, rank, size
+        self.length = 0  # the current micro-batch's length before padding to a multiple of N
 
     def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A full micro-batch (B, L) -> this rank's (B, L'/N) slice, L' = L rounded up to a multiple of N.
 
         `labels` becomes `shift_labels` (the label of the next position, -100 at the end), taken
         before the cut: position L/N - 1 of shard r predicts the first token of shard r + 1."""
+        self.length = batch["input_ids"].shape[1]
         batch = pad_to_multiple({name: tensor for name, tensor in batch.items() if tensor is not None}, self.size)
         labels = batch.pop("labels")
         batch["shift_labels"] = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -132,7 +136,8 @@ def enable(model, shards: SequenceShards, micro_batch_size: int) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-    AttentionInterface.register(ULYSSES_IMPLEMENTATION, UlyssesAttention(core, config, shards, micro_batch_size))
+    AttentionInterface.register(ULYSSES_IMPLEMENTATION,
+                                UlyssesAttention(_unpadded(core, shards), config, shards, micro_batch_size))
     AttentionMaskInterface.register(ULYSSES_IMPLEMENTATION, flash_attention_mask)  # (B, L/N) padding mask or None
     base.set_attn_implementation(ULYSSES_IMPLEMENTATION)
     return ULYSSES_IMPLEMENTATION
@@ -150,6 +155,23 @@ def _core_attention(implementation: str):
         f"engine.sequence_parallel_size > 1 cannot run {implementation!r} attention: eager attention builds a "
         f"(B, 1, L, L) mask of the local shard, not of the whole sequence. Use attention.kernel = \"sdpa\" or "
         f"\"auto\" (or attention.name = \"s2\")")
+
+
+def _unpadded(core, shards: SequenceShards):
+    """`core` on the first shards.length positions of the gathered sequence (B, ., L', D): the padding
+    to a multiple of N is cut off before and comes back as zero rows after. Right padding is never
+    read by an earlier token, so the other positions are exactly those of the unpadded sequence."""
+    def unpadded_core(module, query, key, value, attention_mask, *, position_ids=None, **kwargs):
+        full, length = query.shape[2], shards.length
+        if not 0 < length < full:
+            return core(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
+        mask = None if attention_mask is None else attention_mask[:, :length]
+        mask = None if mask is not None and bool(mask.all()) else mask
+        out, weights = core(module, query[:, :, :length], key[:, :, :length], value[:, :, :length], mask,
+                            position_ids=position_ids[:, :length], **kwargs)  # (B, length, h, D)
+        return F.pad(out, (0, 0, 0, 0, 0, full - length)), weights
+
+    return unpadded_core
 
 
 def _causal_core(kernel: str):
