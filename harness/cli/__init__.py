@@ -4,11 +4,11 @@
     demo                                  `make demo`: extend SmolLM2-135M to 16k and show it
     eval_ppl      tools/eval_ppl.py       perplexity of models at several context lengths
     passkey       tools/passkey.py        passkey retrieval accuracy over lengths x depths
-    generate      tools/generate.py       text from an extended model, streamed; --chat to talk
     convert       tools/convert.py        ZeRO checkpoint -> adapter; adapter + base -> merged model
     plan_memory   tools/plan_memory.py    a recipe's peak GPU memory, without loading the model
     prepare_data  tools/prepare_data.py   text -> a .bin token file
     backends                              the registered backends and their dependencies
+    generate      tools/generate.py       text from an extended model, streamed; --chat to talk
 
 Each module has `main(argv=None, prog=...) -> int` built on harness.cli.args: bad input is
 one line on stderr and exit status 2. The scripts in launch/ and tools/ only call these.
@@ -18,7 +18,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = ("train", "demo", "eval_ppl", "passkey", "generate", "convert", "plan_memory", "prepare_data", "backends")
+COMMANDS = ("train", "demo", "eval_ppl", "passkey", "convert", "plan_memory", "prepare_data", "backends",
+            "generate")
 
 
 def main(argv: list[str] | None = None) -> int:
