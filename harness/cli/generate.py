@@ -25,8 +25,7 @@ EXIT = "/exit"
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description="Generate text with an extended model, or chat with it (--chat).")
-    add_model_arguments(parser, repeatable=False)
-    _model_optional(parser)
+    add_model_arguments(parser, repeatable=False, model_required=False)  # --adapter alone names the base
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="the prompt text (with --chat: the first turn)")
     prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 text file")
@@ -43,11 +42,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         help="sampling: keep the smallest set of tokens with this much probability (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     return parser
-
-
-def _model_optional(parser: argparse.ArgumentParser) -> None:
-    # add_model_arguments makes --model required; here --adapter alone names the base (its recipe).
-    next(action for action in parser._actions if action.dest == "model").required = False
 
 
 def _probability(text: str) -> float:

@@ -16,11 +16,11 @@ from harness.cli.args import UsageError
 from harness.evaluation.models import ModelSpec
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, repeatable: bool) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, repeatable: bool, model_required: bool = True) -> None:
     many = dict(action="append") if repeatable else {}
     each = "; one per --model, in order" if repeatable else ""
     compare = "; repeat to compare" if repeatable else ""
-    parser.add_argument("--model", required=True, **many, help="hub id, Hugging Face directory or .gguf file" + compare)
+    parser.add_argument("--model", required=model_required, **many, help="hub id, Hugging Face directory or .gguf file" + compare)
     parser.add_argument("--adapter", **many, help="adapter or checkpoint directory, or 'none'" + each)
     parser.add_argument("--rope-factor", **many, type=float,
                         help="zero-shot linear PI factor for a model without adapter (0: its own rope)" + each)

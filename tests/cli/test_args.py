@@ -40,4 +40,4 @@ def test_a_bug_keeps_its_traceback():
 
 def test_python_m_harness_names_its_commands(capsys):
     assert harness_main(["nope"]) == 2
-    assert "train,demo,eval_ppl,passkey,convert,plan_memory,prepare_data,backends" in capsys.readouterr().err
+    assert "train,demo,eval_ppl,passkey,convert,plan_memory,prepare_data,backends,generate" in capsys.readouterr().err
