@@ -22,6 +22,16 @@ The peak is taken over four phases of a training step, each the sum of the parts
 
 Static parts (weights, LoRA, optimizer states, engine buffers, the CUDA context) are live in
 all four. Validated on the CPU against torch's allocator (bench/plan_validation.py).
+
+Several cards (`cards`): the plan is one card's. ZeRO partitions the LoRA optimizer states, fp32
+master weights and (stage >= 2) gradients over all ranks. Ulysses sequence parallelism
+(engine.sequence_parallel_size = N, harness.backends.sequence_parallel) gives each rank B x L/N
+tokens from the embeddings to the loss; attention holds the whole sequence for H/N heads (the
+same bytes), with KV heads replicated to one per rank when H_kv < N, plus DeepSpeed's
+all-to-all send and receive copies. train.tiled_mlp (harness.tiled) leaves the recomputed
+layer's MLP holding its input and one tile's intermediates instead of the whole sequence's.
+The SP and tiling terms follow the code; unlike the one-card terms they have not been
+measured on a GPU.
 """
 from __future__ import annotations
 
@@ -47,7 +57,7 @@ CUDA_OVERHEAD_BYTES = int(0.75 * GIB)
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
 PHASES = ("attention", "mlp", "loss", "step")
 SEARCH_STEP = 1024  # longest-sequence search: multiples of this many tokens
-SEARCH_LIMIT = 1024 * SEARCH_STEP  # ... up to 1M tokens
+SEARCH_LIMIT = 16 * 1024 * SEARCH_STEP  # ... up to 16M tokens (sequence parallelism over many cards)
 
 
 class PlanError(HarnessError, ValueError):
@@ -281,6 +291,9 @@ class Setup:
     dropout: float
     trainable_embeddings: bool
     trainable_norms: bool
+    cards: int = 1  # ranks of the launch: ZeRO partitions over them
+    sequence_parallel: int = 1  # engine.sequence_parallel_size: ranks sharing each sequence
+    tiled_mlp: bool = False  # train.tiled_mlp
 
 
 GENERIC_GPU = policy.Device("cuda", (8, 0), bf16=True)  # a card the plan does not name: Ampere-class
@@ -292,7 +305,8 @@ def planned_device(device: str, card: Card | None) -> policy.Device:
     return card.device if card is not None else GENERIC_GPU
 
 
-def resolve_setup(recipe: Recipe, shape: ModelShape, *, device: str, card: Card | None, seq_len: int | None) -> Setup:
+def resolve_setup(recipe: Recipe, shape: ModelShape, *, device: str, card: Card | None, seq_len: int | None,
+                  cards: int = 1) -> Setup:
     """The choices a run of `recipe` makes on the planned device, asked of harness.policy."""
     cuda = device == "cuda"
     target = planned_device(device, card)
@@ -320,7 +334,28 @@ def resolve_setup(recipe: Recipe, shape: ModelShape, *, device: str, card: Card 
         rank=adapter.r if adapter.name == "lora" else 0, dropout=adapter.dropout,
         trainable_embeddings=adapter.name == "lora" and adapter.trainable_embeddings,
         trainable_norms=adapter.name == "lora" and adapter.trainable_norms,
+        cards=cards, sequence_parallel=_sequence_parallel(recipe, shape, cards), tiled_mlp=recipe.train.tiled_mlp,
     )
+
+
+def _sequence_parallel(recipe: Recipe, shape: ModelShape, cards: int) -> int:
+    """engine.sequence_parallel_size, checked as a launch on `cards` cards would check it."""
+    from harness.backends.sequence_parallel import SequenceParallelError, check_heads, check_world
+
+    size = recipe.engine.sequence_parallel_size
+    if size == 1:
+        return 1
+    try:
+        check_world(cards, size)
+        check_heads(shape.heads, shape.kv_heads, size)
+    except SequenceParallelError as error:
+        raise PlanError(f"{error} (planning {cards} card{'s' if cards > 1 else ''}: --gpus {cards})") from None
+    return size
+
+
+def local_tokens(setup: Setup) -> int:
+    """Tokens one rank holds from the embeddings to the loss: B x L, or B x L/N (rounded up) under SP."""
+    return setup.batch * -(-setup.seq_len // setup.sequence_parallel)
 
 
 def _group_size(recipe: Recipe, seq_len: int) -> int:
@@ -434,7 +469,7 @@ def layer_saved_per_token(setup: Setup) -> dict[str, int]:
     the MLP block's tensors are gone before the attention's backward runs.
     """
     s, t = setup.shape, setup.dtypes
-    q_dim, kv_dim = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    q_dim, kv_dim = s.heads * s.head_dim, _kv_heads_held(setup) * s.head_dim
     linears = _linear_saves(setup)
     # RMSNorm saves its fp32 input (hidden.to(float32)) and rsqrt (B, L, 1): for the input norm
     # that is the layer input itself when the stream is fp32 (no new memory), else a copy; a
@@ -450,6 +485,12 @@ def layer_saved_per_token(setup: Setup) -> dict[str, int]:
         + 3 * s.intermediate * t.linear,  # gate out (SiLU input), act(gate) and up (a fused gate_up: its 2I output + act)
         "attention output": _attention_saved_per_token(setup),
     }
+
+
+def _kv_heads_held(setup: Setup) -> int:
+    """KV heads per local token that attention holds: H_kv, or N under SP with H_kv < N (each rank keeps
+    one KV head of the whole sequence: N x its share of the tokens)."""
+    return max(setup.shape.kv_heads, setup.sequence_parallel) if setup.sequence_parallel > 1 else setup.shape.kv_heads
 
 
 def _norms_train(setup: Setup) -> bool:
@@ -511,9 +552,10 @@ def attention_scores_bytes(setup: Setup) -> tuple[int, int]:
         return 0, 0
     s, b, seq = setup.shape, setup.batch, setup.seq_len
     if setup.kernel == "math" and setup.group:
-        piece_queries = max(b * s.heads * seq // PIECE_SHARE, b * (s.heads // s.kv_heads) * setup.group)
+        heads = s.heads // setup.sequence_parallel  # a rank's heads, over the whole sequence
+        piece_queries = max(b * heads * seq // PIECE_SHARE, b * max(1, heads // _kv_heads_held(setup)) * setup.group)
         return 0, 3 * 4 * piece_queries * setup.group
-    scores = b * s.heads * seq * seq
+    scores = b * (s.heads // setup.sequence_parallel) * seq * seq
     per_score = 4 + (setup.dtypes.attention if setup.dtypes.attention != 4 else 0)
     saved = scores * per_score
     if setup.kernel == "eager-s2":
@@ -565,7 +607,7 @@ def loss_bytes(setup: Setup) -> int:
 def loss_positions(setup: Setup) -> int:
     """Positions whose logits exist at once: one chunk (harness.loss.chunk_tokens_for, ~128 MiB
     of fp32 logits) when chunked, else all B * (L - 1)."""
-    positions = setup.batch * (setup.seq_len - 1)
+    positions = setup.batch * (setup.seq_len - 1) if setup.sequence_parallel == 1 else local_tokens(setup)
     return min(chunk_tokens_for(setup.shape.vocab), positions) if setup.chunked else positions
 
 
@@ -598,6 +640,9 @@ class MemoryPlan:
     fits: bool | None = None
     max_seq_len: int | None = None
     suggestions: list[str] = field(default_factory=list)
+    cards: int = 1
+    sequence_parallel: int = 1
+    tiled_mlp: bool = False
 
     def at_peak(self, part: Part) -> int:
         return part.bytes if self.peak_phase in part.phases else 0
@@ -634,31 +679,36 @@ class MemoryPlan:
             "trainable_params": self.trainable_params,
             "peak_phase": self.peak_phase, "peak_bytes": self.peak_bytes, "allocated_bytes": self.allocated_bytes,
             "dynamic_bytes": self.dynamic_bytes, "cpu_bytes": self.cpu_bytes, "fits": self.fits,
-            "max_seq_len": self.max_seq_len, "suggestions": self.suggestions,
+            "max_seq_len": self.max_seq_len, "suggestions": self.suggestions, "cards": self.cards,
+            "sequence_parallel_size": self.sequence_parallel, "tiled_mlp": self.tiled_mlp,
             "breakdown": [{"name": p.name, "bytes": p.bytes, "at_peak": self.at_peak(p), "phases": list(p.phases),
                            "cpu_bytes": p.cpu_bytes, "note": p.note} for p in self.parts],
         }
 
 
 def plan(recipe: Recipe, *, gpu_gib: float | None = None, seq_len: int | None = None, device: str = "cuda",
-         card: str | None = None, config: str | os.PathLike | None = None) -> MemoryPlan:
+         card: str | None = None, config: str | os.PathLike | None = None, cards: int = 1) -> MemoryPlan:
     """Predict the peak memory of one training step of `recipe`.
 
     gpu_gib or card (a CARDS name) gives the capacity: then `fits`, `max_seq_len` and
     `suggestions` are filled. seq_len overrides the recipe's sequence length; device "cpu"
     plans a CPU run (fp32, float dropout masks, no CUDA context); config is a config.json
-    for models whose shape is not otherwise known.
+    for models whose shape is not otherwise known. cards: the ranks of the launch (one card's memory is
+    planned; ZeRO partitions and engine.sequence_parallel_size work over them).
     """
     if device not in ("cuda", "cpu"):
         raise PlanError(f"device must be 'cuda' or 'cpu', got {device!r}")
     target = card_named(card) if card else custom_card(gpu_gib) if gpu_gib is not None else None
     shape = model_shape(recipe, config)
-    result = _plan_setup(resolve_setup(recipe, shape, device=device, card=target, seq_len=seq_len), recipe)
+    if cards < 1:
+        raise PlanError(f"--gpus {cards}: the number of cards must be at least 1")
+    result = _plan_setup(resolve_setup(recipe, shape, device=device, card=target, seq_len=seq_len, cards=cards),
+                         recipe)
     if target is not None:
         result.fits = result.peak_bytes <= target.total_bytes
-        result.max_seq_len = longest_fitting(recipe, shape, device, target)
+        result.max_seq_len = longest_fitting(recipe, shape, device, target, cards)
         if not result.fits:
-            result.suggestions = suggestions(recipe, shape, device, target, result)
+            result.suggestions = suggestions(recipe, shape, device, target, result, cards)
     return result
 
 
@@ -670,7 +720,8 @@ def _plan_setup(setup: Setup, recipe: Recipe) -> MemoryPlan:
         recipe=recipe.source, device=setup.device, card=card.name if card else None,
         capacity_bytes=card.total_bytes if card else None, shape=setup.shape, batch=setup.batch,
         seq_len=setup.seq_len, trainable_params=trainable_params(setup), parts=parts,
-        peak_phase=max(peaks, key=peaks.get),
+        peak_phase=max(peaks, key=peaks.get), cards=setup.cards, sequence_parallel=setup.sequence_parallel,
+        tiled_mlp=setup.tiled_mlp,
     )
 
 
@@ -702,24 +753,38 @@ def _gradient_parts(setup: Setup, trainable: int) -> list[Part]:
     overlap = ", overlap_comm" if zero.buckets == 2 else ""
     parts = [Part(f"ZeRO-{zero.stage} gradient buckets", buckets, phases=("attention", "mlp", "loss"), dynamic=True,
                   note=f"{zero.buckets} x {zero.bucket:,} elements (reduce_bucket_size{overlap})")]
+    share = _zero_share(setup, trainable, stage=2)
     if zero.offload_optimizer:
-        return parts + [Part("gradients", 0, cpu_bytes=4 * trainable, note="fp32, offloaded to CPU", dynamic=True)]
-    return parts + [Part("gradients", 4 * trainable, note="fp32 partition", dynamic=True)]
+        return parts + [Part("gradients", 0, cpu_bytes=4 * share, note="fp32, offloaded to CPU", dynamic=True)]
+    return parts + [Part("gradients", 4 * share, note="fp32 partition" + _over_cards(setup), dynamic=True)]
+
+
+def _zero_share(setup: Setup, elements: int, *, stage: int) -> int:
+    """Elements of a ZeRO-partitioned tensor one rank keeps: 1/cards from `stage` on (ZeRO-1 the optimizer
+    states and master weights, ZeRO-2 the gradients too), the whole tensor below it or without ZeRO."""
+    zero = setup.deepspeed
+    partitioned = zero is not None and zero.stage >= stage
+    return -(-elements // setup.cards) if partitioned else elements
+
+
+def _over_cards(setup: Setup) -> str:
+    return f", 1/{setup.cards} per card" if setup.deepspeed is not None and setup.cards > 1 else ""
 
 
 def _optimizer_parts(setup: Setup, trainable: int) -> list[Part]:
     """Adam: two fp32 moments per trainable parameter (+ an fp32 master copy under DeepSpeed).
     torch and bitsandbytes create the moments at the first step; DeepSpeed at initialisation."""
-    moments = 8 * trainable
     zero = setup.deepspeed
+    trainable = _zero_share(setup, trainable, stage=1)
+    moments = 8 * trainable
     if setup.optimizer == "deepspeed_cpu_adam":
         return [Part("optimizer states", 0, cpu_bytes=moments + 4 * trainable,
-                     note="ZeRO offload: fp32 master + 2 moments in CPU RAM")]
+                     note="ZeRO offload: fp32 master + 2 moments in CPU RAM" + _over_cards(setup))]
     if setup.optimizer == "paged_adamw_32bit":
         parts = [Part("optimizer states (paged)", moments, dynamic=zero is None,
                       note="bitsandbytes paged: evicted to CPU RAM under pressure")]
     else:
-        parts = [Part("optimizer states", moments, dynamic=zero is None, note="AdamW, 2 x fp32")]
+        parts = [Part("optimizer states", moments, dynamic=zero is None, note="AdamW, 2 x fp32" + _over_cards(setup))]
     if zero is not None:
         parts.append(Part("fp32 master weights", 4 * trainable, note="DeepSpeed mixed precision"))
     if setup.optimizer == "adamw" and setup.device == "cuda":
@@ -736,7 +801,7 @@ def _overhead_parts(setup: Setup) -> list[Part]:
 
 
 def _activation_parts(setup: Setup) -> list[Part]:
-    s, t, tokens = setup.shape, setup.dtypes, setup.batch * setup.seq_len
+    s, t, tokens = setup.shape, setup.dtypes, local_tokens(setup)
     saved = {name: tokens * size for name, size in layer_saved_per_token(setup).items()}
     scores_saved, scores_transient = attention_scores_bytes(setup)
     attention = saved["attention output"] + scores_saved
@@ -751,10 +816,8 @@ def _activation_parts(setup: Setup) -> list[Part]:
         _held_part(setup, sum(saved.values()) + scores_saved),
         Part(f"{top}: attention block", saved["attention block"], phases=layer_phases, dynamic=True,
              note="norm, LoRA q/k/v branches, q/k/v"),
-        Part(f"{top}: MLP block", saved["mlp block"], phases=layer_phases[1:], dynamic=True,
-             note="LoRA o/gate/up/down, norm, 3 x (B, L, I)"),
-        Part("backward transients", tokens * layer_transient_per_token(setup), phases=("mlp",), dynamic=True,
-             note="MLP backward gradients (fitted)"),
+        _mlp_block_part(setup, saved["mlp block"], top, layer_phases[1:]),
+        _mlp_transient_part(setup),
         Part("gradients in flight + dequantized weight", tokens * s.hidden * t.stream + dequantize_bytes(setup)
              + layer_gradients, phases=("attention", "mlp"), dynamic=True,
              note="(B, L, d) grad, one weight, layer grads"),
@@ -764,11 +827,59 @@ def _activation_parts(setup: Setup) -> list[Part]:
         Part("logits + loss", final + loss_bytes(setup) + head_gradient, phases=("loss",), dynamic=True,
              note=f"chunks of {loss_positions(setup)} positions" if setup.chunked else "full (B, L, V) fp32 logits"),
     ]
+    if setup.sequence_parallel > 1:
+        parts.append(_all_to_all_part(setup))
     if setup.kernel == "eager-full" and setup.checkpointing:
         # create_causal_mask's (B, 1, L, L) additive mask, an input of every checkpointed layer
         parts.append(Part("causal mask (eager)", tokens * setup.seq_len * t.stream, phases=("attention", "mlp", "loss"),
                           dynamic=True, note="(B, 1, L, L) in the stream dtype"))
     return parts
+
+
+def _mlp_tile_tokens(setup: Setup) -> int:
+    """Tokens of one MLP tile (harness.tiled: tiles of d tokens of each sequence; DeepSpeed's backward
+    cuts the B x L tokens into as many pieces), or all the rank's tokens without tiling."""
+    if not setup.tiled_mlp:
+        return local_tokens(setup)
+    from harness.tiled import tiles_for
+
+    tokens = local_tokens(setup)
+    return -(-tokens // tiles_for(tokens // setup.batch, setup.shape.hidden))
+
+
+def _mlp_block_part(setup: Setup, saved: int, top: str, phases: tuple[str, ...]) -> Part:
+    """What the recomputed layer's MLP saves: everything (B, L, .) untiled; tiled, its input (B, L, d)
+    and, in its backward, one tile's recomputed intermediates."""
+    if not setup.tiled_mlp:
+        return Part(f"{top}: MLP block", saved, phases=phases, dynamic=True,
+                    note="LoRA o/gate/up/down, norm, 3 x (B, L, I)")
+    s, t, tokens, tile = setup.shape, setup.dtypes, local_tokens(setup), _mlp_tile_tokens(setup)
+    mlp_only = sum(_linear_saves(setup).get(n, 0) for n in ("gate_proj", "up_proj", "gate_up_proj", "down_proj"))
+    mlp_only += 3 * s.intermediate * t.linear
+    held = (saved // tokens - mlp_only) * tokens + tokens * s.hidden * t.linear  # the rest of the block + x
+    return Part(f"{top}: MLP block (tiled)", held + tile * mlp_only, phases=phases, dynamic=True,
+                note=f"input (B, L, d) + one tile of {tile:,} tokens")
+
+
+def _mlp_transient_part(setup: Setup) -> Part:
+    """The MLP backward's gradients (fitted per token): one tile's when tiled, plus the (B, L, d) input
+    gradient TiledMLP fills tile by tile."""
+    tokens, tile = local_tokens(setup), _mlp_tile_tokens(setup)
+    x_grad = tokens * setup.shape.hidden * setup.dtypes.linear if setup.tiled_mlp else 0
+    note = f"one tile's MLP backward gradients (fitted) + input gradient" if setup.tiled_mlp else \
+        "MLP backward gradients (fitted)"
+    return Part("backward transients", tile * layer_transient_per_token(setup) + x_grad, phases=("mlp",), dynamic=True,
+                note=note)
+
+
+def _all_to_all_part(setup: Setup) -> Part:
+    """DeepSpeed's Ulysses exchanges: the contiguous send copy and the receive buffer of q, k, v (k, v with
+    replicated heads when H_kv < N) on the way in, of the output on the way out, and of their gradients
+    in backward: about two copies of one layer's q, k, v and output at a time."""
+    s, t, tokens = setup.shape, setup.dtypes, local_tokens(setup)
+    per_token = (2 * s.heads + 2 * _kv_heads_held(setup)) * s.head_dim * t.attention  # q, out, k, v
+    return Part("Ulysses all-to-all buffers", 2 * tokens * per_token, phases=("attention",), dynamic=True,
+                note=f"sequence_parallel_size = {setup.sequence_parallel}: send + receive copies")
 
 
 def _gradients_in_backward(setup: Setup) -> tuple[int, int]:
@@ -792,7 +903,7 @@ def _held_part(setup: Setup, layer_saved: int) -> Part:
     checkpointing everything they saved. Layer 0 saves less: its input (the embedding output)
     does not require grad under non-reentrant checkpointing or none, so its input norm and its
     q/k/v dropout masks are not saved."""
-    s, t, tokens = setup.shape, setup.dtypes, setup.batch * setup.seq_len
+    s, t, tokens = setup.shape, setup.dtypes, local_tokens(setup)
     if setup.checkpointing and setup.offload_activations:  # in CPU RAM; the layer in backward fetches its own
         one_layer = tokens * s.hidden * t.stream
         return Part("checkpointed hidden states", one_layer, phases=("attention", "mlp", "loss"), dynamic=True,
@@ -821,14 +932,15 @@ def _kernel_note(setup: Setup) -> str:
 
 # --------------------------------------------------------------------------- verdict
 
-def _replan(recipe: Recipe, shape: ModelShape, device: str, card: Card, seq_len: int | None = None) -> MemoryPlan:
-    return _plan_setup(resolve_setup(recipe, shape, device=device, card=card, seq_len=seq_len), recipe)
+def _replan(recipe: Recipe, shape: ModelShape, device: str, card: Card, seq_len: int | None = None,
+            cards: int = 1) -> MemoryPlan:
+    return _plan_setup(resolve_setup(recipe, shape, device=device, card=card, seq_len=seq_len, cards=cards), recipe)
 
 
-def longest_fitting(recipe: Recipe, shape: ModelShape, device: str, card: Card) -> int:
+def longest_fitting(recipe: Recipe, shape: ModelShape, device: str, card: Card, cards: int = 1) -> int:
     """The longest multiple of 1024 tokens that fits (0 if not even 1024); memory grows with L."""
     def fits(k: int) -> bool:
-        return _replan(recipe, shape, device, card, k * SEARCH_STEP).peak_bytes <= card.total_bytes
+        return _replan(recipe, shape, device, card, k * SEARCH_STEP, cards).peak_bytes <= card.total_bytes
 
     if not fits(1):
         return 0
@@ -845,7 +957,8 @@ def _with(recipe: Recipe, table: str, **values) -> Recipe:
     return dataclasses.replace(recipe, **{table: dataclasses.replace(getattr(recipe, table), **values)})
 
 
-def suggestions(recipe: Recipe, shape: ModelShape, device: str, card: Card, current: MemoryPlan) -> list[str]:
+def suggestions(recipe: Recipe, shape: ModelShape, device: str, card: Card, current: MemoryPlan,
+                cards: int = 1) -> list[str]:
     """Ordered changes, each applied on top of the previous ones that helped, until it fits."""
     changes = [
         ("enable gradient checkpointing (train.gradient_checkpointing=true)",
@@ -858,11 +971,12 @@ def suggestions(recipe: Recipe, shape: ModelShape, device: str, card: Card, curr
         (f"micro-batch 1 (train.micro_batch_size=1, train.grad_accum="
          f"{recipe.train.micro_batch_size * recipe.train.grad_accum})",
          lambda r: _with(r, "train", micro_batch_size=1, grad_accum=r.train.micro_batch_size * r.train.grad_accum)),
+        ("tile the MLP (train.tiled_mlp=true)", lambda r: _with(r, "train", tiled_mlp=True)),
     ]
     out, best, peak = [], recipe, current.peak_bytes
     for text, change in changes:
         candidate = change(best)
-        result = _replan(candidate, shape, device, card, current.seq_len)
+        result = _replan(candidate, shape, device, card, current.seq_len, cards)
         if result.peak_bytes >= peak:
             continue  # already so, or no help for this recipe
         best, peak = candidate, result.peak_bytes
@@ -871,14 +985,44 @@ def suggestions(recipe: Recipe, shape: ModelShape, device: str, card: Card, curr
             return out
     if device == "cuda" and best.train.gradient_checkpointing and not best.train.offload_activations:
         best = _with(best, "train", offload_activations=True)
-        peak = _replan(best, shape, device, card, current.seq_len).peak_bytes
+        peak = _replan(best, shape, device, card, current.seq_len, cards).peak_bytes
         out.append(f"offload the checkpointed hidden states to CPU RAM (train.offload_activations=true): {_gib(peak)}")
         if peak <= card.total_bytes:
             return out
-    longest = longest_fitting(best, shape, device, card)
+    best, peak, text = _sequence_parallel_suggestion(best, shape, device, card, current.seq_len, cards, peak)
+    if text:
+        out.append(text)
+        if peak <= card.total_bytes:
+            return out
+    longest = longest_fitting(best, shape, device, card, cards)
     out.append(f"train on shorter sequences: up to {longest} tokens fit" if longest
                else "no sequence length fits: use a card with more memory")
     return out
+
+
+def _sequence_parallel_suggestion(recipe: Recipe, shape: ModelShape, device: str, card: Card, seq_len: int,
+                                  cards: int, peak: int) -> tuple[Recipe, int, str]:
+    """The smallest engine.sequence_parallel_size the cards and heads allow that fits, else the largest
+    (when it helps): (recipe, peak, suggestion) or (recipe, peak, "") when none applies."""
+    from harness.backends.sequence_parallel import SequenceParallelError, check_heads
+
+    sizes = [n for n in range(recipe.engine.sequence_parallel_size + 1, cards + 1) if cards % n == 0]
+    found = None
+    for size in sizes:
+        try:
+            check_heads(shape.heads, shape.kv_heads, size)
+        except SequenceParallelError:
+            continue
+        candidate = _with(_zero_offload(recipe) if recipe.engine.name != "deepspeed" else recipe, "engine",
+                          sequence_parallel_size=size)
+        found = candidate, _replan(candidate, shape, device, card, seq_len, cards).peak_bytes, size
+        if found[1] <= card.total_bytes:
+            break
+    if found is None or found[1] >= peak:
+        return recipe, peak, ""
+    candidate, new_peak, size = found
+    return candidate, new_peak, (f"shard each sequence over {size} cards (engine.sequence_parallel_size={size}, "
+                                 f"deepspeed --num_gpus {cards}): {_gib(new_peak)}")
 
 
 def _zero_offload(recipe: Recipe) -> Recipe:
@@ -900,7 +1044,7 @@ def render(result: MemoryPlan, console) -> None:
 
     s = result.shape
     title = (f"{Path(result.recipe).name or 'recipe'}: {s.layers} layers, d={s.hidden}, V={s.vocab}; "
-             f"B={result.batch}, L={result.seq_len}, peak in the {result.peak_phase} phase")
+             f"B={result.batch}, L={result.seq_len}{_parallel_title(result)}, peak in the {result.peak_phase} phase")
     table = Table(title=title, show_footer=True)
     table.add_column("component", footer="peak")
     table.add_column("at peak", justify="right", footer=_gib(result.peak_bytes))
@@ -921,6 +1065,14 @@ def render(result: MemoryPlan, console) -> None:
                   f"{result.max_seq_len or 'none'} tokens (multiples of {SEARCH_STEP}).", soft_wrap=True)
     for number, text in enumerate(result.suggestions, 1):
         console.print(f"  {number}. {text}", soft_wrap=True)
+
+
+def _parallel_title(result: MemoryPlan) -> str:
+    """", one of 8 cards, L/4 per card (sequence_parallel_size = 4), tiled MLP" as it applies."""
+    text = f", one of {result.cards} cards" if result.cards > 1 else ""
+    if result.sequence_parallel > 1:
+        text += f", L/{result.sequence_parallel} per card (sequence_parallel_size = {result.sequence_parallel})"
+    return text + (", tiled MLP" if result.tiled_mlp else "")
 
 
 def _size(size: int) -> str:

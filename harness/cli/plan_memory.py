@@ -2,11 +2,15 @@
 
     python tools/plan_memory.py recipes/llama2_13b_12k.toml --gpu v100-32gb
     python tools/plan_memory.py recipes/llama2_7b_8k.toml data.max_seq_length=32768 --gib 24 --json
+    python tools/plan_memory.py recipes/llama2_7b_8k.toml data.max_seq_length=524288 --gpu a100-80gb --gpus 8 \
+        engine.name=deepspeed engine.deepspeed_config=launch/deepspeed/zero2_offload.json engine.sequence_parallel_size=8
 
 Overrides are `section.key=value` as for training. The card is one of harness.memory.CARDS
-or --gib N; the model's shape comes from its config.json (local, HF cache, init_config,
-the built-in table, or --config). Prints the breakdown, the verdict, the longest sequence
-that fits and what to change when it does not; nothing is loaded.
+or --gib N; --gpus N plans one of N cards of a launch (ZeRO partitions over them, and
+engine.sequence_parallel_size shards each sequence over them). The model's shape comes from its
+config.json (local, HF cache, init_config, the built-in table, or --config). Prints the
+breakdown, the verdict, the longest sequence that fits and what to change when it does not
+(sequence parallelism among the changes when --gpus allows it); nothing is loaded.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     card.add_argument("--gpu", help=f"the card: {', '.join(CARDS)}")
     card.add_argument("--gib", help="a card with this many GiB instead of a named one")
     parser.add_argument("--seq-len", type=positive_int, help="plan this sequence length instead of the recipe's")
+    parser.add_argument("--gpus", type=positive_int, default=1,
+                        help="cards in the launch (deepspeed --num_gpus N); the plan is one card's")
     parser.add_argument("--config", help="config.json of the model, when its shape is not otherwise known")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="plan a GPU (default) or a CPU run")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
@@ -43,7 +49,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
 def _plan(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     result = plan(recipe, gpu_gib=_gib(args.gib), card=args.gpu, seq_len=args.seq_len, device=args.device,
-                  config=args.config)
+                  config=args.config, cards=args.gpus)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -8,6 +8,8 @@ packed documents. The 2-rank runs are tests/distributed/test_sequence_parallel.p
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -160,3 +162,85 @@ def test_a_json_file_that_contradicts_the_recipe_is_refused(tmp_path):
     assert DeepSpeedEngine(str(config), 4).config(hyper)["sequence_parallel_size"] == 4
     with pytest.raises(EngineError, match="sets sequence_parallel_size = 4, the recipe engine.sequence_parallel_size = 2"):
         DeepSpeedEngine(str(config), 2).config(hyper)
+
+
+# --------------------------------------------------------------------------- the planner
+
+LLAMA7B = "recipes/llama2_7b_8k.toml"
+SP_OFFLOAD = ["engine.deepspeed_config=\"launch/deepspeed/zero2_offload.json\""]
+
+
+def planned(length: int, *overrides: str, cards: int = 1, card: str = "a100-80gb"):
+    from harness.memory import plan
+
+    recipe = load_recipe(LLAMA7B, [f"data.max_seq_length={length}", f"position.target_length={length}",
+                                   *SP_OFFLOAD, *overrides])
+    return plan(recipe, card=card, cards=cards)
+
+
+def test_sequence_parallelism_gives_each_card_its_share_of_the_tokens():
+    one = planned(131072)
+    four = planned(131072, "engine.sequence_parallel_size=4", cards=4)
+    assert four.part_bytes("checkpointed hidden states") * 4 == one.part_bytes("checkpointed hidden states")
+    assert four.part_bytes("attention workspace") * 4 == one.part_bytes("attention workspace")
+    assert four.part_bytes("weights (quantized linears)") == one.part_bytes("weights (quantized linears)")
+    assert four.part_bytes("Ulysses all-to-all buffers") > 0 == one.part_bytes("Ulysses all-to-all buffers")
+    assert four.peak_bytes < one.peak_bytes / 2
+
+
+def test_zero_partitions_the_optimizer_over_the_cards():
+    one, eight = planned(8192), planned(8192, cards=8)
+    assert eight.parts[[p.name for p in eight.parts].index("optimizer states")].cpu_bytes * 8 == pytest.approx(
+        one.parts[[p.name for p in one.parts].index("optimizer states")].cpu_bytes, rel=1e-6)
+
+
+def test_kv_heads_are_held_replicated_when_fewer_than_the_ranks():
+    from harness.memory import layer_saved_per_token, model_shape, resolve_setup
+
+    recipe = load_recipe("recipes/llama3_8b_32k.toml", SP_OFFLOAD + ["engine.name=\"deepspeed\""])  # 8 KV heads
+    shape = model_shape(recipe)
+    setups = [resolve_setup(load_recipe("recipes/llama3_8b_32k.toml", SP_OFFLOAD + ["engine.name=\"deepspeed\"",
+                                                                                    f"engine.sequence_parallel_size={n}"]),
+                            shape, device="cuda", card=None, seq_len=65536, cards=16) for n in (8, 16)]
+    blocks = [layer_saved_per_token(setup)["attention block"] for setup in setups]
+    assert blocks[1] - blocks[0] == 2 * (16 - 8) * shape.head_dim * setups[0].dtypes.attention  # k and v, 8 more heads
+
+
+def test_tiled_mlp_lowers_the_mlp_phase():
+    plain, tiled = planned(65536), planned(65536, "train.tiled_mlp=true")
+    assert tiled.part_bytes("recomputed layer: MLP block (tiled)") < plain.part_bytes("recomputed layer: MLP block") / 3
+    assert tiled.part_bytes("backward transients") < plain.part_bytes("backward transients") / 3
+    assert tiled.peak_bytes < plain.peak_bytes
+
+
+def test_the_goals_fit_by_the_planner():
+    """LLaMA2-7B LongQLoRA: 128k on one 32 GB V100 (tiled MLP, offloaded activations), 1M on 8 x 80 GB (SP = 8)."""
+    single = planned(131072, "train.tiled_mlp=true", "train.offload_activations=true", card="v100-32gb")
+    assert single.fits and single.max_seq_len >= 131072
+    eight = planned(1048576, "train.tiled_mlp=true", "train.offload_activations=true", "engine.sequence_parallel_size=8",
+                    cards=8)
+    assert eight.fits and eight.max_seq_len >= 1048576
+
+
+def test_suggestions_name_tiling_and_sequence_parallelism():
+    result = planned(262144, card="v100-32gb", cards=4)
+    text = " | ".join(result.suggestions)
+    assert "train.tiled_mlp=true" in text and "engine.sequence_parallel_size=" in text and "--num_gpus 4" in text
+
+
+def test_a_plan_whose_cards_n_does_not_divide_is_refused():
+    from harness.memory import PlanError
+
+    with pytest.raises(PlanError, match="does not divide the 2 launched processes.*--gpus 2"):
+        planned(65536, "engine.sequence_parallel_size=4", cards=2)
+
+
+def test_plan_memory_takes_the_number_of_cards(capsys):
+    from harness.cli.plan_memory import main
+
+    code = main([LLAMA7B, "data.max_seq_length=262144", "position.target_length=262144", *SP_OFFLOAD,
+                 "engine.sequence_parallel_size=8", "--gpu", "a100-80gb", "--gpus", "8", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["cards"] == 8 and result["sequence_parallel_size"] == 8 and result["fits"]
+    assert main([LLAMA7B, "engine.sequence_parallel_size=8", *SP_OFFLOAD, "--gpu", "a100-80gb"]) == 2
+    assert "does not divide the 1 launched processes" in capsys.readouterr().err
