@@ -27,6 +27,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def free_port() -> str:
+    """A TCP port free on this machine now: launchers of concurrent test runs must not collide."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def tiny_llama_config(**overrides):
     """A 2-layer LLaMA (hidden 64, 4 heads, 2 KV heads, 1k window) over the byte vocab."""
     from transformers import LlamaConfig

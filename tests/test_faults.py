@@ -23,7 +23,7 @@ from harness import rundir
 from harness.recipe import load_recipe
 from harness.resume import ResumeError, intact_checkpoint
 from harness.train import TrainError, train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 STEPS = ["train.max_steps=6", "train.save_every=2", "data.max_seq_length=256", "train.keep_checkpoints=0"]
 
@@ -230,14 +230,6 @@ def test_the_tools_refuse_a_damaged_adapter(tmp_path, straight, tool):
                             env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 2, result.stderr
     assert_one_line_error(result.stderr, rundir.ADAPTER_WEIGHTS, "damaged")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _process_of_rank(rank: int) -> int:

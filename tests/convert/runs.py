@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.recipe import load_recipe
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 VENV_BIN = Path(sys.executable).parent
 RUN = ["train.max_steps=2", "data.max_seq_length=256", "adapter.trainable_embeddings=true",
@@ -45,7 +45,7 @@ def deepspeed_run(output_dir: Path, cache: Path, config: str, *overrides: str) -
         materialize("random", init_config=recipe.model.init_config, init_seed=recipe.model.init_seed)
     env = {**os.environ, "HARNESS_CACHE": str(cache), "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    command = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29561", "launch/train.py",
+    command = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", free_port(), "launch/train.py",
                "recipes/tiny_cpu.toml", f"train.output_dir=\"{output_dir}\"", *RUN, "train.save_every=1",
                "train.grad_accum=1", "engine.name=\"deepspeed\"", f"engine.deepspeed_config=\"{config}\"", *overrides]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 VENV_BIN = Path(sys.executable).parent
 COMMON = ["train.max_steps=2", "adapter.dropout=0.0", "data.max_seq_length=256"]
@@ -26,12 +25,6 @@ ENGINES = {
     "accelerate": [],
     "deepspeed": ["engine.name=\"deepspeed\"", "engine.deepspeed_config=\"launch/deepspeed/zero2_offload.json\""],
 }
-
-
-def free_port() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
 
 
 def launchers() -> dict[str, tuple[list[str], int]]:

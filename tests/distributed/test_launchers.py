@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 VENV_BIN = Path(sys.executable).parent
 COMMON = ["train.max_steps=3", "adapter.dropout=0.0", "data.max_seq_length=256"]
@@ -46,14 +46,14 @@ def reference(tmp_path_factory):
 def test_accelerate_ddp_matches_one_process(reference, tmp_path):
     curve, cache = reference
     launcher = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port()]
     ddp = run(launcher, tmp_path / "run", "train.grad_accum=1", cache=cache)
     assert ddp == pytest.approx(curve, abs=1e-5)
 
 
 def test_torchrun_matches_one_process(reference, tmp_path):
     curve, cache = reference
-    launcher = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29533"]
+    launcher = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", free_port()]
     assert run(launcher, tmp_path / "run", "train.grad_accum=1", cache=cache) == pytest.approx(curve, abs=1e-5)
 
 
@@ -63,7 +63,7 @@ def test_deepspeed_zero2_offload_matches_one_process(reference, tmp_path):
         "ninja not found: DeepSpeed JIT-builds its CPU Adam with it; it is installed with the harness "
         "(pip install ninja)")
     curve, cache = reference
-    launcher = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29534"]
+    launcher = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", free_port()]
     ds = run(launcher, tmp_path / "run", "train.grad_accum=1", "engine.name=\"deepspeed\"",
              "engine.deepspeed_config=\"launch/deepspeed/zero2_offload.json\"", cache=cache)
     assert ds == pytest.approx(curve, abs=1e-5)
@@ -85,7 +85,7 @@ def test_deepspeed_zero3_matches_one_process_and_exports_a_full_adapter(referenc
     _, cache = reference
     unquantized = ("quantization.name=\"none\"",)
     single = run([sys.executable], tmp_path / "single", "train.grad_accum=2", *unquantized, cache=cache)
-    launcher = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29535"]
+    launcher = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", free_port()]
     zero3 = run(launcher, tmp_path / "run", "train.grad_accum=1", "engine.name=\"deepspeed\"",
                 "engine.deepspeed_config=\"launch/deepspeed/zero3.json\"", *unquantized, cache=cache)
     assert len(single) == 3 and len(set(single)) == 3  # three distinct steps
