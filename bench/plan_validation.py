@@ -43,6 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import current_rss, peak_rss, reset_peak_rss  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "plan_validation.json"
 TINY = "recipes/tiny_cpu.toml"
 
@@ -83,27 +85,6 @@ def overrides_for(config: tuple, length: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------- child process
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_rss() -> bool:
-    """Set VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
 
 def static_bytes(model) -> int:
     """Parameters and bitsandbytes quantization state of a built model, each storage once."""
