@@ -1,0 +1,300 @@
+"""The short-window testbed: a small LLaMA pretrained by the harness itself, and the grid of
+ways to extend it 4x (bench/testbed.py runs the grid; harness.demo shows three of its rows).
+
+    corpus = split_corpus(train_files, held_out, folder)   # training text, its tails, held-out text
+    testbed = build_testbed(corpus)                        # $HARNESS_CACHE/testbed/<key>/, built once
+    variant = zero_shot_dir(testbed, "yarn", 1024)         # the testbed with YaRN x4 in its config
+    overrides = extension_overrides(testbed, corpus, run_dir, steps=200, row=row_named("lora-full"))
+
+The testbed is recipes/testbed_pretrain.toml: a 6-layer, d=256 byte-level LLaMA (4.7M
+parameters) trained from random weights with full fine-tuning and full attention at a native
+window of 256 tokens, on the training text minus a tail of each document; the tails are the
+validation split on which the plateau is read (train.eval_every). The byte tokenizer needs no
+training and no download, scores every model on the same bytes, and makes 256 tokens cheap
+enough for a 2-core CPU to pretrain to a plateau and then extend 4x in minutes.
+
+The cache entry is keyed by the resolved pretraining recipe and the bytes of the text, and
+written through harness.base_model's atomic build (a temporary directory renamed into place,
+a lock for concurrent builders): an interrupted build leaves nothing, the next one starts
+again. It is a plain Hugging Face directory (config.json, model.safetensors, tokenizer files)
+plus testbed.json (the pretraining record: loss curves, steps, tokens, the plateau) and the
+run's metrics.jsonl and recipe.toml.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from harness.errors import HarnessError
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN_RECIPE = ROOT / "recipes" / "testbed_pretrain.toml"
+EXTEND_RECIPE = ROOT / "recipes" / "testbed_longqlora.toml"
+VALIDATION_CHARS = 16_000  # the tail of each training document held out for the plateau
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
+RECORD_FILE = "testbed.json"
+PLATEAU_SHARE = 0.2  # the plateau is read over the last fifth of the pretraining steps
+
+
+class TestbedError(HarnessError, RuntimeError):
+    __test__ = False  # not a pytest class
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass(frozen=True)
+class Corpus:
+    train: Path  # a folder of training documents (split_corpus: their tails cut off)
+    validation: Path | None  # the tails, one file, where the plateau is read; None: no validation
+    held_out: Path  # the text every row is evaluated on; no row trains on it
+
+
+def split_corpus(train_files: Sequence[Path], held_out: Path, folder: Path,
+                 tail_chars: int = VALIDATION_CHARS) -> Corpus:
+    """Write folder/train/<name>.txt (each document but its last `tail_chars` characters) and
+    folder/validation.txt (the tails); rewritten only when they change."""
+    if not train_files:
+        raise TestbedError("the testbed needs at least one training document")
+    texts = {Path(f).stem: Path(f).read_text(encoding="utf-8") for f in train_files}
+    short = [name for name, text in texts.items() if len(text) < 4 * tail_chars]
+    if short:
+        raise TestbedError(f"training documents shorter than {4 * tail_chars:,} characters: {', '.join(short)}")
+    train_dir = folder / "train"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        _write_if_changed(train_dir / f"{name}.txt", text[:-tail_chars])
+    validation = folder / "validation.txt"
+    _write_if_changed(validation, "\n\n".join(text[-tail_chars:] for text in texts.values()))
+    return Corpus(train_dir, validation, Path(held_out))
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Unchanged files keep their mtime, so the data cache and the testbed key stay valid."""
+    from harness import atomic
+
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic.write_text(path, text)
+
+
+# --------------------------------------------------------------------------- the testbed
+
+def pretrain_overrides(corpus: Corpus, output_dir: Path, overrides: Sequence[str] = ()) -> list[str]:
+    validation = [f'data.eval_path="{corpus.validation}"'] if corpus.validation else ["train.eval_every=0"]
+    return [f'data.path="{corpus.train}"', *validation, f'train.output_dir="{output_dir}"', "train.save_every=0",
+            *overrides]
+
+
+def testbed_key(corpus: Corpus, overrides: Sequence[str] = ()) -> str:
+    """16 hex digits of the pretraining recipe's text, the overrides and the text's bytes. The
+    recipe file, not its resolved form: a key the harness adds later (with its default) does
+    not throw away a testbed that took a quarter of an hour."""
+    digest = hashlib.sha256(PRETRAIN_RECIPE.read_bytes() + json.dumps(list(overrides)).encode())
+    files = sorted(p for p in corpus.train.rglob("*") if p.is_file())
+    named = [(str(p.relative_to(corpus.train)), p) for p in files] + ([("validation", corpus.validation)]
+                                                                     if corpus.validation else [])
+    for name, path in named:
+        digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def testbed_dir(corpus: Corpus, overrides: Sequence[str] = ()) -> Path:
+    from harness.base_model import cache_root
+
+    return cache_root() / "testbed" / testbed_key(corpus, overrides)
+
+
+def build_testbed(corpus: Corpus, overrides: Sequence[str] = ()) -> Path:
+    """The pretrained testbed for this corpus and these recipe overrides (e.g. train.max_steps=300):
+    reused when cached, else pretrained through harness.train.train and cached atomically."""
+    from harness.base_model import _atomic_build
+
+    return _atomic_build(testbed_dir(corpus, overrides), lambda tmp: _pretrain_into(tmp, corpus, overrides))
+
+
+def _pretrain_into(tmp: Path, corpus: Corpus, overrides: Sequence[str]) -> None:
+    """Pretrain in tmp/run, then keep what a user of the model needs; the checkpoints go.
+
+    A full fine-tuning run's final/ is already a loadable Hugging Face model (config.json,
+    model.safetensors, from save_pretrained) beside the harness's recipe.toml and
+    rope_parameters.json; the tokenizer, which training does not write, is saved from the
+    recipe's own (model.tokenizer)."""
+    import time
+
+    from harness.recipe import load_recipe
+    from harness.tokenizer import load_tokenizer
+    from harness.train import train
+
+    recipe = load_recipe(PRETRAIN_RECIPE, pretrain_overrides(corpus, tmp / "run", overrides))
+    started = time.perf_counter()
+    run = train(recipe)
+    final = run / "final"
+    if not final.is_dir():  # stopped by a signal: full fine-tuning cannot resume, so nothing is kept
+        raise TestbedError("pretraining the testbed stopped before its last step; run the command again to restart it")
+    for name in MODEL_FILES:
+        shutil.copyfile(final / name, tmp / name)
+    load_tokenizer(recipe.model.tokenizer).save_pretrained(tmp)
+    shutil.copyfile(final / "recipe.toml", tmp / "recipe.toml")
+    shutil.copyfile(run / "metrics.jsonl", tmp / "metrics.jsonl")
+    record = pretraining_record(tmp / "metrics.jsonl", recipe.resolved.tokens_per_step)
+    record["seconds"] = time.perf_counter() - started
+    (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(run)
+
+
+def pretraining_record(metrics: Path, tokens_per_step: int) -> dict:
+    """Steps, tokens, the training and validation loss curves and the plateau, from metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    validation = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
+    steps = train[-1][0] if train else 0
+    return {"steps": steps, "tokens": steps * tokens_per_step, "train_loss": train, "validation_loss": validation,
+            "tokens_per_s": median(speeds) if speeds else 0.0, "plateau": plateau(validation)}
+
+
+def plateau(curve: Sequence[tuple[int, float]], share: float = PLATEAU_SHARE) -> dict:
+    """How much the validation perplexity still fell over the last `share` of the steps: the
+    relative gain from the point nearest (1 - share) x the last step to the end."""
+    if len(curve) < 2:
+        return {"from_step": None, "to_step": None, "ppl_gain": None}
+    last_step, last_loss = curve[-1]
+    start = min(curve[:-1], key=lambda point: abs(point[0] - (1 - share) * last_step))
+    return {"from_step": start[0], "to_step": last_step, "ppl_from": math.exp(start[1]), "ppl_to": math.exp(last_loss),
+            "ppl_gain": 1 - math.exp(last_loss - start[1])}
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def read_record(testbed: Path) -> dict:
+    return json.loads((testbed / RECORD_FILE).read_text(encoding="utf-8"))
+
+
+def native_window(testbed: Path) -> int:
+    return int(json.loads((testbed / "config.json").read_text(encoding="utf-8"))["max_position_embeddings"])
+
+
+# --------------------------------------------------------------------------- zero-shot variants
+
+def zero_shot_dir(testbed: Path, position: str, target_length: int) -> Path:
+    """The testbed with a position backend's rope in its config.json and nothing trained: the
+    other files are links to the testbed's. tools/eval_ppl.py's --rope-factor gives linear PI
+    only; dynamic NTK and YaRN are evaluated through such a directory."""
+    from harness.base_model import _atomic_build
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoConfig
+
+        from harness import registry
+
+        config = AutoConfig.from_pretrained(testbed)
+        registry.get("position", position).fn(config, target_length=target_length)
+        config.save_pretrained(tmp)
+        for file in testbed.iterdir():
+            if file.is_file() and file.name != "config.json":
+                (tmp / file.name).symlink_to(file.resolve())
+
+    return _atomic_build(testbed.parent / f"{testbed.name}-{position}-{target_length}", build)
+
+
+# --------------------------------------------------------------------------- the grid
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the comparison grid: a model to evaluate, trained or not."""
+
+    name: str
+    label: str
+    train: tuple[str, ...] | None = None  # overrides of recipes/testbed_longqlora.toml; None: nothing trains
+    run: str = ""  # the trained row whose run this row evaluates ("": its own)
+    position: str = "none"  # an untrained row's zero-shot rope: none | linear | dynamic | yarn
+    attention: str = "full"  # attention at inference: full | s2
+    fraction: float = 1.0  # the checkpoint at this share of the run's steps
+
+    @property
+    def run_name(self) -> str:
+        return self.run or self.name
+
+    @property
+    def full_finetuning(self) -> bool:
+        return self.train is not None and 'adapter.name="none"' in self.train
+
+
+FULL = 'attention.name="full"'
+BASE_32BIT = 'quantization.name="none"'
+FULL_FINETUNING = (BASE_32BIT, 'adapter.name="none"', FULL, "train.lr=3e-4")  # a full model takes a smaller rate
+
+GRID = (
+    Row("base", "testbed, no PI"),
+    Row("pi", "zero-shot PI", position="linear"),
+    Row("ntk", "zero-shot dynamic NTK", position="dynamic"),
+    Row("yarn", "zero-shot YaRN", position="yarn"),
+    Row("longqlora", "LongQLoRA (PI + NF4 + LoRA r64 + S2)", train=()),
+    Row("qlora-full", "QLoRA r64, full attention", train=(FULL,)),
+    Row("lora-full", "LoRA r64, 16/32-bit base, full attention", train=(BASE_32BIT, FULL)),
+    Row("full-ft", "full fine-tuning, full attention", train=FULL_FINETUNING),
+    Row("longqlora-s2-eval", "LongQLoRA, S2 at inference", run="longqlora", attention="s2"),
+    Row("longqlora-r8", "LongQLoRA, LoRA r8", train=("adapter.r=8",)),
+    Row("longqlora-quarter", "LongQLoRA, 1/4 of the steps", run="longqlora", fraction=0.25),
+    Row("longqlora-half", "LongQLoRA, 1/2 of the steps", run="longqlora", fraction=0.5),
+)
+
+
+def row_named(name: str, rows: Sequence[Row] = GRID) -> Row:
+    for row in rows:
+        if row.name == name:
+            return row
+    raise TestbedError(f"no grid row {name!r}; rows: {', '.join(r.name for r in rows)}")
+
+
+def trained_rows(rows: Sequence[Row]) -> list[Row]:
+    """The rows whose runs must exist for `rows`: those that train, and those another row reads."""
+    needed = {row.run_name for row in rows}
+    return [row for row in GRID if row.train is not None and row.name in needed]
+
+
+def checkpoint_steps(rows: Sequence[Row], run: str, steps: int) -> list[int]:
+    """The steps at which run `run` must leave a checkpoint for the rows that read it (a
+    fraction of the steps; the last step is final/)."""
+    return sorted({round(row.fraction * steps) for row in rows if row.run_name == run and row.fraction < 1})
+
+
+def extension_overrides(testbed: Path, corpus: Corpus, run_dir: Path, *, steps: int, row: Row,
+                        save_every: int = 0, target_length: int = 0) -> list[str]:
+    """recipes/testbed_longqlora.toml's overrides for `row` on this testbed: same data, steps and
+    tokens per step for every row. A LoRA run resumes (train.resume = auto); full fine-tuning
+    cannot resume in the harness yet, so an unfinished one starts over."""
+    length = [f"position.target_length={target_length}", f"data.max_seq_length={target_length}"] if target_length else []
+    resume = ["train.resume=\"never\"", "train.overwrite=true"] if row.full_finetuning else ["train.resume=\"auto\""]
+    return [f'model.name_or_path="{testbed}"', f'data.path="{corpus.train}"',
+            f'train.output_dir="{run_dir}"', f"train.max_steps={steps}",
+            f"train.save_every={0 if row.full_finetuning else save_every}", *resume, *length, *(row.train or ())]
+
+
+def save_every(rows: Sequence[Row], run: str, steps: int) -> int:
+    """train.save_every for run `run`: every checkpoint the rows read falls on a multiple of it."""
+    return math.gcd(*checkpoint_steps(rows, run, steps)) if checkpoint_steps(rows, run, steps) else 0
+
+
+def evaluated_model(row: Row, testbed: Path, run_dir: Path | None, steps: int, factor: int = 4) -> dict:
+    """ModelSpec keywords for a row: the testbed, a zero-shot variant (x factor), an adapter
+    (final/ or a checkpoint) on the testbed, or a fully fine-tuned model with the testbed's tokenizer."""
+    if row.train is None and not row.run:
+        if row.position == "linear":
+            return {"model": str(testbed), "rope_factor": float(factor)}
+        if row.position != "none":
+            return {"model": str(zero_shot_dir(testbed, row.position, factor * native_window(testbed)))}
+        return {"model": str(testbed)}
+    step = round(row.fraction * steps)
+    directory = run_dir / "final" if step == steps else run_dir / f"checkpoint-{step}"
+    if row_named(row.run_name).full_finetuning:
+        return {"model": str(directory), "tokenizer": str(testbed), "attention": row.attention}
+    return {"model": str(testbed), "adapter": str(directory), "attention": row.attention}
