@@ -117,33 +117,40 @@ def build_testbed(corpus: Corpus, overrides: Sequence[str] = ()) -> Path:
 
 
 def _pretrain_into(tmp: Path, corpus: Corpus, overrides: Sequence[str]) -> None:
-    """Pretrain in tmp/run, then keep what a user of the model needs; the checkpoints go.
-
-    A full fine-tuning run's final/ is already a loadable Hugging Face model (config.json,
-    model.safetensors, from save_pretrained) beside the harness's recipe.toml and
-    rope_parameters.json; the tokenizer, which training does not write, is saved from the
-    recipe's own (model.tokenizer)."""
+    """Pretrain in tmp/run, keep the model (keep_model), drop the run and its checkpoints."""
     import time
 
     from harness.recipe import load_recipe
-    from harness.tokenizer import load_tokenizer
     from harness.train import train
 
     recipe = load_recipe(PRETRAIN_RECIPE, pretrain_overrides(corpus, tmp / "run", overrides))
     started = time.perf_counter()
     run = train(recipe)
-    final = run / "final"
-    if not final.is_dir():  # stopped by a signal: full fine-tuning cannot resume, so nothing is kept
+    if not (run / "final").is_dir():  # stopped by a signal: full fine-tuning cannot resume, so nothing is kept
         raise TestbedError("pretraining the testbed stopped before its last step; run the command again to restart it")
-    for name in MODEL_FILES:
-        shutil.copyfile(final / name, tmp / name)
-    load_tokenizer(recipe.model.tokenizer).save_pretrained(tmp)
-    shutil.copyfile(final / "recipe.toml", tmp / "recipe.toml")
-    shutil.copyfile(run / "metrics.jsonl", tmp / "metrics.jsonl")
-    record = pretraining_record(tmp / "metrics.jsonl", recipe.resolved.tokens_per_step)
-    record["seconds"] = time.perf_counter() - started
-    (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    keep_model(run, tmp, seconds=time.perf_counter() - started)
     shutil.rmtree(run)
+
+
+def keep_model(run: Path, directory: Path, *, seconds: float) -> None:
+    """What a user of the testbed needs, from a finished pretraining run into `directory`.
+
+    A full fine-tuning run's final/ is already a loadable Hugging Face model (config.json,
+    model.safetensors, from save_pretrained) beside the harness's recipe.toml; the tokenizer,
+    which training does not write, is saved from the recipe's own (model.tokenizer)."""
+    from harness import rundir
+    from harness.tokenizer import load_tokenizer
+
+    final = run / "final"
+    recipe = rundir.read_recipe(final)
+    for name in MODEL_FILES:
+        shutil.copyfile(final / name, directory / name)
+    load_tokenizer(recipe.model.tokenizer).save_pretrained(directory)
+    shutil.copyfile(final / "recipe.toml", directory / "recipe.toml")
+    shutil.copyfile(run / "metrics.jsonl", directory / "metrics.jsonl")
+    record = pretraining_record(run / "metrics.jsonl", recipe.resolved.tokens_per_step)
+    record["seconds"] = seconds
+    (directory / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def pretraining_record(metrics: Path, tokens_per_step: int) -> dict:
