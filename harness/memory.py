@@ -866,7 +866,7 @@ def _mlp_transient_part(setup: Setup) -> Part:
     gradient TiledMLP fills tile by tile."""
     tokens, tile = local_tokens(setup), _mlp_tile_tokens(setup)
     x_grad = tokens * setup.shape.hidden * setup.dtypes.linear if setup.tiled_mlp else 0
-    note = f"one tile's MLP backward gradients (fitted) + input gradient" if setup.tiled_mlp else \
+    note = "one tile's MLP backward gradients (fitted) + input gradient" if setup.tiled_mlp else \
         "MLP backward gradients (fitted)"
     return Part("backward transients", tile * layer_transient_per_token(setup) + x_grad, phases=("mlp",), dynamic=True,
                 note=note)

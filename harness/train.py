@@ -55,6 +55,7 @@ def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) ->
         release_freed_memory()
     engine = _build_engine(recipe)
     engine.setup()
+    recipe = resolve(recipe, world_size=engine.data_world_size)  # batch sizes count data-parallel replicas
     console = Console(stderr=True, quiet=engine.rank != 0)
     output_dir = Path(recipe.train.output_dir)
     check_trackers(report_to(recipe))

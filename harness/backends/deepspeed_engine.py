@@ -7,8 +7,9 @@ group on the CPU). "auto" values in the JSON file are filled from the recipe.
 engine.sequence_parallel_size = N > 1 turns on Ulysses sequence parallelism (DeepSpeed's ALST,
 harness.backends.sequence_parallel): DeepSpeed's groups of N consecutive ranks (its
 parallel_state_sp, passed to deepspeed.initialize as mpu) share each micro-batch, and the
-world_size / N groups are the data-parallel replicas. ZeRO partitions over all ranks; gradients
-are summed within a group and averaged over the replicas.
+world_size / N groups are the data-parallel replicas. ZeRO partitions over all ranks; ZeRO-1/2
+sum the gradients within a group and average them over the replicas, ZeRO-3's reduce-scatter
+averages over every rank (the loss then scales its gradients by N: sequence_parallel.SequenceShards).
 """
 from __future__ import annotations
 
@@ -104,11 +105,24 @@ class DeepSpeedEngine:
         given = config.get("sequence_parallel_size", "auto")
         if given not in ("auto", self.sequence_parallel_size):
             raise EngineError(f"engine.deepspeed_config = {self.config_path!r} sets sequence_parallel_size = {given}, "
-                              f"the recipe engine.sequence_parallel_size = {self.sequence_parallel_size}: set it in the "
-                              f"recipe only (remove it from the JSON file, or make it \"auto\")")
+                              f"the recipe engine.sequence_parallel_size = {self.sequence_parallel_size}: set it in "
+                              f"the recipe only (remove it from the JSON file, or make it \"auto\")")
         config.pop("sequence_parallel_size", None)
         if self.sequence_parallel_size > 1:
             config["sequence_parallel_size"] = self.sequence_parallel_size
+
+    def _sequence_gradient_scale(self, config: dict) -> int:
+        """How DeepSpeed reduces a sequence-parallel group's gradients: ZeRO-0/1/2 sum them (1), ZeRO-3's
+        reduce-scatter averages them with the data-parallel replicas' (N). ZeRO-3 without reduce_scatter
+        sums some buckets and averages others, so it is refused."""
+        zero = config.get("zero_optimization", {})
+        if int(zero.get("stage", 0)) != 3:
+            return 1
+        if not zero.get("reduce_scatter", True):
+            raise EngineError(f"engine.deepspeed_config = {self.config_path!r}: ZeRO-3 with reduce_scatter = false "
+                              f"reduces sequence-parallel gradients inconsistently (summed in some buckets, averaged "
+                              f"in others); set \"reduce_scatter\": true or use ZeRO-2")
+        return self.sequence_parallel_size
 
     def offloads_optimizer(self, hyper: Hyper) -> bool:
         zero = self.config(hyper).get("zero_optimization", {})
@@ -121,6 +135,7 @@ class DeepSpeedEngine:
         module = module.to(self.device) if not is_quantized(module) else module
         if self.sequence is not None:
             sequence_parallel.enable(module.model, self.sequence, hyper.micro_batch_size)
+            self.sequence.gradient_scale = self._sequence_gradient_scale(self.config(hyper))
         optimizer = make_optimizer(trainable(module))
         scheduler = make_scheduler(optimizer)
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(

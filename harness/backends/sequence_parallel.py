@@ -23,7 +23,10 @@ target count is the loss of the whole sequence on every rank. The core attention
 sequence without that padding (it is cut off after the all-to-all and its rows filled with
 zeros), so S2's group size follows the batch's own length, as in one process. DeepSpeed sums the gradients of
 a sequence-parallel group (and averages over data-parallel replicas), so each rank back-
-propagates only its own shard's share of that loss.
+propagates only its own shard's share of that loss, except where DeepSpeed averages the
+group's gradients instead (ZeRO-3's reduce-scatter divides by every rank, SP ranks included):
+there the share is scaled by N (`gradient_scale`), so every engine ends with the gradient of
+the whole sequence.
 """
 from __future__ import annotations
 
@@ -47,8 +50,9 @@ class SequenceParallelError(HarnessError, ValueError):
 class SequenceShards:
     """One rank's place in its sequence-parallel group: which 1/N of each sequence it holds."""
 
-    def __init__(self, group, rank: int, size: int):
+    def __init__(self, group, rank: int, size: int, gradient_scale: int = 1):
         self.group, self.rank, self.size = group, rank, size
+        self.gradient_scale = gradient_scale  # N where the engine averages the group's gradients, else 1
         self.length = 0  # the current micro-batch's length before padding to a multiple of N
 
     def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -64,12 +68,14 @@ class SequenceShards:
         return {name: tensor[:, self.rank * width:(self.rank + 1) * width] for name, tensor in batch.items()}
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
-        """The group's sum of a scalar; its gradient stays this rank's own (DeepSpeed sums the group's)."""
+        """The group's sum of a scalar. Its gradient is this rank's own x gradient_scale: the engine's
+        reduction of the group's gradients (a sum, or a mean undone by the scale) then gives the sum's."""
         import torch.distributed as dist
 
         total = value.detach().clone()
         dist.all_reduce(total, group=self.group)
-        return value + (total - value.detach())
+        scaled = value * self.gradient_scale
+        return scaled + (total - scaled.detach())
 
 
 def pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:

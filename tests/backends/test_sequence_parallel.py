@@ -160,7 +160,7 @@ def test_a_json_file_that_contradicts_the_recipe_is_refused(tmp_path):
     config.write_text('{"sequence_parallel_size": 4}')
     hyper = Hyper(1, 1, 1.0, "fp32")
     assert DeepSpeedEngine(str(config), 4).config(hyper)["sequence_parallel_size"] == 4
-    with pytest.raises(EngineError, match="sets sequence_parallel_size = 4, the recipe engine.sequence_parallel_size = 2"):
+    with pytest.raises(EngineError, match="sets sequence_parallel_size = 4, the recipe engine.sequence_parallel_size"):
         DeepSpeedEngine(str(config), 2).config(hyper)
 
 
@@ -197,11 +197,12 @@ def test_zero_partitions_the_optimizer_over_the_cards():
 def test_kv_heads_are_held_replicated_when_fewer_than_the_ranks():
     from harness.memory import layer_saved_per_token, model_shape, resolve_setup
 
-    recipe = load_recipe("recipes/llama3_8b_32k.toml", SP_OFFLOAD + ["engine.name=\"deepspeed\""])  # 8 KV heads
-    shape = model_shape(recipe)
-    setups = [resolve_setup(load_recipe("recipes/llama3_8b_32k.toml", SP_OFFLOAD + ["engine.name=\"deepspeed\"",
-                                                                                    f"engine.sequence_parallel_size={n}"]),
-                            shape, device="cuda", card=None, seq_len=65536, cards=16) for n in (8, 16)]
+    def recipe(size: int):
+        return load_recipe("recipes/llama3_8b_32k.toml",
+                           [*SP_OFFLOAD, "engine.name=\"deepspeed\"", f"engine.sequence_parallel_size={size}"])
+
+    shape = model_shape(recipe(1))  # 32 heads, 8 KV heads
+    setups = [resolve_setup(recipe(n), shape, device="cuda", card=None, seq_len=65536, cards=16) for n in (8, 16)]
     blocks = [layer_saved_per_token(setup)["attention block"] for setup in setups]
     assert blocks[1] - blocks[0] == 2 * (16 - 8) * shape.head_dim * setups[0].dtypes.attention  # k and v, 8 more heads
 
@@ -217,8 +218,8 @@ def test_the_goals_fit_by_the_planner():
     """LLaMA2-7B LongQLoRA: 128k on one 32 GB V100 (tiled MLP, offloaded activations), 1M on 8 x 80 GB (SP = 8)."""
     single = planned(131072, "train.tiled_mlp=true", "train.offload_activations=true", card="v100-32gb")
     assert single.fits and single.max_seq_len >= 131072
-    eight = planned(1048576, "train.tiled_mlp=true", "train.offload_activations=true", "engine.sequence_parallel_size=8",
-                    cards=8)
+    eight = planned(1048576, "train.tiled_mlp=true", "train.offload_activations=true",
+                    "engine.sequence_parallel_size=8", cards=8)
     assert eight.fits and eight.max_seq_len >= 1048576
 
 
@@ -244,3 +245,31 @@ def test_plan_memory_takes_the_number_of_cards(capsys):
     assert code == 0 and result["cards"] == 8 and result["sequence_parallel_size"] == 8 and result["fits"]
     assert main([LLAMA7B, "engine.sequence_parallel_size=8", *SP_OFFLOAD, "--gpu", "a100-80gb"]) == 2
     assert "does not divide the 1 launched processes" in capsys.readouterr().err
+
+
+def test_zero3_reduce_scatter_averages_the_group_so_the_loss_scales_its_gradients(tmp_path):
+    """ZeRO-1/2 sum a sequence-parallel group's gradients (scale 1); ZeRO-3's reduce-scatter divides by
+    every rank, SP ranks included (scale N); ZeRO-3 without reduce_scatter mixes both and is refused."""
+    from harness.backends.deepspeed_engine import DeepSpeedEngine
+    from harness.backends.engine import EngineError
+
+    def scale(zero: dict) -> int:
+        return DeepSpeedEngine("unused.json", 4)._sequence_gradient_scale({"zero_optimization": zero})
+
+    assert scale({"stage": 2}) == 1 and scale({"stage": 3}) == 4
+    with pytest.raises(EngineError, match="reduce_scatter = false"):
+        scale({"stage": 3, "reduce_scatter": False})
+
+
+def test_a_group_sum_has_the_groups_value_and_the_scaled_local_gradient():
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    group = dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29661", rank=0, world_size=1)
+    try:
+        value = torch.tensor(3.0, requires_grad=True)
+        total = SequenceShards(group, 0, 1, gradient_scale=4).sum(value)
+        total.backward()
+    finally:
+        dist.destroy_process_group()  # later tests start without a process group
+    assert float(total) == 3.0 and float(value.grad) == 4.0
