@@ -67,6 +67,25 @@ def full_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
                            ignore_index=IGNORE_INDEX)
 
 
+class SoftCapped(torch.nn.Module):
+    """An output head whose logits are soft-capped as the model's own forward caps them
+    (Gemma-2's final_logit_softcapping): cap * tanh(logits / cap)."""
+
+    def __init__(self, head: torch.nn.Module, cap: float):
+        super().__init__()
+        self.head, self.cap = head, cap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.cap * torch.tanh(self.head(hidden) / self.cap)
+
+
+def output_head(causal_lm) -> torch.nn.Module:
+    """The head the chunked loss runs: the model's output embeddings, soft-capped where its config says."""
+    head = causal_lm.get_output_embeddings()
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    return SoftCapped(head, cap) if cap else head
+
+
 class CausalLMLoss(torch.nn.Module):
     """forward(input_ids, labels, attention_mask, position_ids) -> scalar loss."""
 
@@ -88,7 +107,7 @@ class CausalLMLoss(torch.nn.Module):
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                          position_ids=position_ids).last_hidden_state  # (B, L, d)
-        return chunked_cross_entropy(hidden, causal_lm.get_output_embeddings(), labels, self.chunk_tokens)
+        return chunked_cross_entropy(hidden, output_head(causal_lm), labels, self.chunk_tokens)
 
     def _sharded(self, input_ids, labels, attention_mask, position_ids) -> torch.Tensor:
         """Sequence parallelism: this rank's shard of every sequence in, the whole sequence's loss out."""
@@ -108,6 +127,6 @@ class CausalLMLoss(torch.nn.Module):
             causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             hidden = causal_lm.get_decoder()(input_ids=shard["input_ids"], attention_mask=mask,
                                              position_ids=shard["position_ids"]).last_hidden_state  # (B, L/N, d)
-            nll = chunked_nll_sum(hidden.reshape(-1, hidden.shape[-1]), causal_lm.get_output_embeddings(), targets,
+            nll = chunked_nll_sum(hidden.reshape(-1, hidden.shape[-1]), output_head(causal_lm), targets,
                                   self.chunk_tokens)
         return self.sequence.sum(nll) / count

@@ -123,6 +123,7 @@ class ModelShape:
     tied: bool  # lm_head shares the embedding matrix
     source: str = ""  # where the shape was read
     fused: tuple[str, ...] = ()  # fused projections: "qkv_proj" for q/k/v, "gate_up_proj" for gate/up (Phi-3)
+    softcapped: bool = False  # attention logits soft-capped (Gemma-2): SDPA cannot run it (harness.policy)
 
     @classmethod
     def from_config(cls, config: dict, source: str) -> ModelShape:
@@ -140,6 +141,7 @@ class ModelShape:
             head_dim=int(config.get("head_dim") or hidden // heads),
             tied=bool(config.get("tie_word_embeddings", False)), source=source,
             fused=FUSED_PROJECTIONS.get(config.get("model_type"), ()),
+            softcapped=config.get("attn_logit_softcapping") is not None,
         )
 
     def linears(self) -> dict[str, tuple[int, int]]:
@@ -400,7 +402,7 @@ def _kernel(recipe: Recipe, shape: ModelShape, device: policy.Device, dtypes: Dt
     fused | math | eager-full | eager-s2. The plan assumes flash-attn is installed where it can
     run; it costs what SDPA's fused kernels cost. Training data is unpadded and unpacked."""
     dtype = "fp32" if dtypes.attention == 4 else "bf16"  # the rules ask only "16-bit or not"
-    kernel = policy.attention_kernel(recipe.attention.kernel, device, dtype, installed=True)
+    kernel = policy.attention_kernel(recipe.attention.kernel, device, dtype, installed=True, softcapped=shape.softcapped)
     if kernel == "eager":
         return "eager-s2" if recipe.attention.name == "s2" else "eager-full"
     gqa = shape.kv_heads != shape.heads

@@ -17,8 +17,9 @@ a V100 makes exactly the choices a run on a V100 makes. Dtypes are names: "bf16"
     S2 group size       attention.group_size, else group_ratio x L rounded down to even, at
                         least 2 and at most L
     attention kernel    "auto": flash-attn on CUDA cards of compute capability 8.0 (Ampere) or
-                        newer, in 16-bit, when installed; SDPA otherwise. flash-attn has no
-                        kernels below sm80: on a V100 or T4 it would crash.
+                        newer, in 16-bit, when installed; SDPA otherwise (eager for soft-capped
+                        attention, which SDPA cannot compute). flash-attn has no kernels below
+                        sm80: on a V100 or T4 it would crash.
     SDPA math fallback  torch's fused SDPA kernels take grouped-query attention (enable_gqa)
                         only in flash form: 16-bit on Ampere or newer. Unmasked GQA elsewhere on
                         CUDA runs the math kernel, which materialises the scores.
@@ -141,14 +142,18 @@ def flash_usable(device: Device, dtype: str, installed: bool) -> bool:
     return installed and device.cuda and device.capability >= FLASH_CAPABILITY and dtype in HALF
 
 
-def attention_kernel(name: str, device: Device, dtype: str, *, installed: bool) -> str:
-    """attention.kernel: "auto" -> "flash" where flash_usable, else "sdpa"; an explicit "flash"
-    that cannot run here is refused with the reason."""
+def attention_kernel(name: str, device: Device, dtype: str, *, installed: bool, softcapped: bool = False) -> str:
+    """attention.kernel: "auto" -> "flash" where flash_usable, else "sdpa" ("eager" for soft-capped
+    attention, Gemma-2's, which SDPA cannot compute); an explicit kernel that cannot run is refused."""
+    fallback = "eager" if softcapped else "sdpa"
     if name == "auto":
-        return "flash" if flash_usable(device, dtype, installed) else "sdpa"
+        return "flash" if flash_usable(device, dtype, installed) else fallback
     if name == "flash" and not flash_usable(device, dtype, installed):
         raise PolicyError(f"attention.kernel = \"flash\" cannot run here: {_flash_missing(device, dtype, installed)}. "
-                          f"Use attention.kernel = \"sdpa\" (or \"auto\")")
+                          f"Use attention.kernel = \"{fallback}\" (or \"auto\")")
+    if name == "sdpa" and softcapped:
+        raise PolicyError("attention.kernel = \"sdpa\" cannot compute soft-capped attention (attn_logit_softcapping): "
+                          "use attention.kernel = \"eager\" (or \"auto\")")
     return name
 
 

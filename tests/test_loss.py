@@ -35,3 +35,21 @@ def test_chunk_length_keeps_one_chunk_near_128_mib():
     assert chunk_tokens_for(32000) == 1048  # LLaMA 2
     assert chunk_tokens_for(49152) == 682  # SmolLM2
     assert chunk_tokens_for(128256) * 128256 * 4 <= 2**27
+
+
+def test_chunked_loss_soft_caps_the_logits_as_the_model_does():
+    """Gemma-2 caps its logits (final_logit_softcapping): the chunked loss must too."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, final_logit_softcapping=0.02,
+                          attn_implementation="eager")
+    model = Gemma2ForCausalLM(config).eval()
+    ids = torch.randint(3, 260, (1, 24), generator=torch.Generator().manual_seed(2))
+    expected = model(input_ids=ids, labels=ids).loss
+    got = CausalLMLoss(model, chunked=True, chunk_tokens=8)(input_ids=ids, labels=ids)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    model.config.final_logit_softcapping = None  # without the cap the two differ: the test can fail
+    uncapped = CausalLMLoss(model, chunked=True, chunk_tokens=8)(input_ids=ids, labels=ids)
+    assert abs(float(uncapped - expected)) > 1e-2  # (random logits are small: a tight cap bends them)

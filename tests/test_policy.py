@@ -151,3 +151,21 @@ def test_optimizer(device, requested, offloaded, expected):
 ])
 def test_sdpa_math_fallback(device, dtype, gqa, masked, expected):
     assert policy.sdpa_math_fallback(device, dtype, gqa=gqa, masked=masked) is expected
+
+
+@pytest.mark.parametrize("device", [policy.CPU, V100, A100])
+def test_soft_capped_attention_runs_eager_unless_flash_attn_can(device):
+    """SDPA cannot soft-cap (Gemma-2): "auto" takes eager there, and an explicit sdpa is refused."""
+    chosen = policy.attention_kernel("auto", device, "bf16", installed=True, softcapped=True)
+    assert chosen == ("flash" if device is A100 else "eager")
+    with pytest.raises(policy.PolicyError, match="soft-capped"):
+        policy.attention_kernel("sdpa", device, "bf16", installed=True, softcapped=True)
+
+
+def test_the_planner_plans_eager_attention_for_a_soft_capped_family(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe("recipes/tiny_cpu.toml", ['attention.name="full"', 'model.init_config.model_type="gemma2"',
+                                                   "model.init_config.head_dim=16"])
+    shape = model_shape(recipe)
+    assert shape.softcapped
+    assert resolve_setup(recipe, shape, device="cpu", card=None, seq_len=None).kernel == "eager-full"

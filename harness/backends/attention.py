@@ -78,27 +78,16 @@ def sliding_window_of(module) -> int | None:
 
 def model_kernel(kernel: str, model) -> str:
     """attention.kernel for this model on this machine (harness.policy.attention_kernel)."""
+    softcapped = any(softcap_of(module) is not None for module in attention_modules(model))
     return policy.attention_kernel(kernel, policy.Device.current(), policy.dtype_name(model.dtype),
-                                   installed=policy.flash_installed())
+                                   installed=policy.flash_installed(), softcapped=softcapped)
 
 
 @register("attention", "full", description="Full causal attention (sdpa / eager / flash-attn 2)")
 def full_attention(model, *, kernel: str = "auto") -> str:
-    implementation = _FULL_KERNELS[_full_kernel(kernel, model)]
+    implementation = _FULL_KERNELS[model_kernel(kernel, model)]
     model.set_attn_implementation(implementation)
     return implementation
-
-
-def _full_kernel(kernel: str, model) -> str:
-    """model_kernel, except that soft-capped attention cannot run on sdpa: "auto" takes eager there."""
-    chosen = model_kernel(kernel, model)
-    capped = [m for m in attention_modules(model) if softcap_of(m) is not None]
-    if chosen != "sdpa" or not capped:
-        return chosen
-    if kernel == "auto":
-        return "eager"
-    raise BackendError(f"attention.kernel = \"sdpa\" cannot run {family(capped[0])}'s soft-capped attention "
-                       f"(attn_logit_softcapping = {softcap_of(capped[0])}): use attention.kernel = \"eager\" or \"auto\"")
 
 
 @register("attention", "s2", description="Shift short attention in training, full attention in eval (LongLoRA)")
