@@ -40,7 +40,7 @@ class ModelConfig:
     name_or_path: str = ""  # hub id, local HF directory, .gguf file, or "random" (init_config)
     gguf_file: str = ""  # a GGUF file inside name_or_path (hub repo or directory)
     tokenizer: str = ""  # "" = the model's own; "builtin:bytes" = offline byte tokenizer
-    init_config: dict[str, Any] = field(default_factory=dict)  # LlamaConfig kwargs for "random"
+    init_config: dict[str, Any] = field(default_factory=dict)  # "random": model_type (default llama) + its config kwargs
     init_seed: int = 0  # seed of the random initialisation
     dtype: str = "auto"  # weights of the non-quantized parts: auto | bf16 | fp16 | fp32
     original_context: int = 0  # 0 = the model config's max_position_embeddings
@@ -382,7 +382,7 @@ def _check_combinations(recipe: Recipe, where: str) -> None:
             f"e.g. engine.deepspeed_config = \"launch/deepspeed/zero2_offload.json\""
         )
     if recipe.model.name_or_path == "random" and not recipe.model.init_config:
-        raise RecipeError(f"{where}model.name_or_path = \"random\" needs a [model.init_config] table of LlamaConfig values")
+        raise RecipeError(f"{where}model.name_or_path = \"random\" needs a [model.init_config] table: model_type (default \"llama\") and that family's config values")
     if recipe.model.name_or_path == "random":
         _check_init_config(recipe.model.init_config, where)
     _check_sequence_parallel(recipe, where)
@@ -523,16 +523,17 @@ def resolve(recipe: Recipe, *, world_size: int | None = None, original_context: 
 
 def _local_original_context(model: ModelConfig) -> int:
     """The window from an inline or local config without downloading; 0 when unknown."""
-    if model.name_or_path == "random":
-        return int(model.init_config.get("max_position_embeddings", 0))
     config_file = Path(model.name_or_path).expanduser() / "config.json"
-    if config_file.is_file():
+    if model.name_or_path == "random":
+        config = model.init_config
+    elif config_file.is_file():
         import json
 
         config = json.loads(config_file.read_text(encoding="utf-8"))
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        return int(rope.get("original_max_position_embeddings") or config.get("max_position_embeddings", 0))
-    return 0
+    else:
+        return 0
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}  # a native rope's own window first
+    return int(rope.get("original_max_position_embeddings") or config.get("max_position_embeddings", 0))
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:

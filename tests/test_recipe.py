@@ -31,7 +31,8 @@ def test_recipes_resolve_the_paper_settings(recipe, monkeypatch):
     monkeypatch.chdir(ROOT)
     loaded = load_recipe(recipe)
     assert loaded.resolved.rope_factor == -(-loaded.position.target_length // loaded.resolved.original_context)
-    assert loaded.resolved.group_size == loaded.resolved.seq_len // 4
+    s2 = loaded.attention.name == "s2"  # the testbed's pretraining recipe runs full attention
+    assert loaded.resolved.group_size == (loaded.resolved.seq_len // 4 if s2 else 0)
     if recipe.stem.startswith(("llama2", "vicuna")):  # the paper's reproductions
         assert (loaded.adapter.r, loaded.adapter.alpha, loaded.adapter.dropout) == (64, 16, 0.05)
         assert loaded.adapter.target_modules == ["all-linear"]
