@@ -30,13 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from harness import policy
-from harness.backends.s2 import _tokens, _zero_padding, causal_attention, shift_short_attention
+from harness.backends.s2 import causal_attention, shift_short_attention, sliding_window_attention
 from harness.errors import HarnessError
 from harness.registry import BackendError, register
 
 S2_IMPLEMENTATION = "harness_s2"
 _FULL_KERNELS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
-WINDOW_QUERY_BLOCK = 1024  # sliding-window attention: queries per SDPA call (each reads its block + W keys)
 
 
 class AttentionError(HarnessError, ValueError):
@@ -167,30 +166,6 @@ def check_window(module, group_size: int, sliding_window: int | None) -> None:
             f"{sliding_window // 2 * 2}, or a group_ratio x data.max_seq_length within the window, or use "
             f"attention.name = \"full\""
         )
-
-
-def sliding_window_attention(query, key, value, window: int, attention_mask=None, position_ids=None, scaling=None):
-    """Causal attention inside a sliding window, with S2's padding and document rules (harness.backends.s2):
-    token i reads j iff i - window < j <= i (transformers' sliding_window_overlay), both in one document,
-    j not padding. query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D). Queries run in blocks
-    of WINDOW_QUERY_BLOCK against the window - 1 keys before the block and the block's own: no (L, L) mask."""
-    tokens = _tokens(attention_mask, position_ids, query)
-    heads, seq_len = query.shape[1], query.shape[2]
-    repeat = heads // key.shape[1]  # masked SDPA: repeat KV heads, as transformers' sdpa does
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    outs = []
-    for start in range(0, seq_len, WINDOW_QUERY_BLOCK):
-        stop, first = min(start + WINDOW_QUERY_BLOCK, seq_len), max(0, start - window + 1)
-        q_pos = torch.arange(start, stop, device=query.device)[:, None]  # (q, 1)
-        k_pos = torch.arange(first, stop, device=query.device)[None, :]  # (1, k)
-        allowed = (k_pos <= q_pos) & (k_pos > q_pos - window)  # (q, k)
-        allowed = allowed & (tokens.doc[:, start:stop, None] == tokens.doc[:, None, first:stop])
-        allowed = (allowed & tokens.valid[:, None, first:stop]) | (k_pos == q_pos)  # padding rows: never empty
-        k = key[:, :, first:stop].repeat_interleave(repeat, dim=1)
-        v = value[:, :, first:stop].repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(query[:, :, start:stop], k, v, attn_mask=allowed[:, None], scale=scaling)
-        outs.append(out.transpose(1, 2))  # (B, q, H, D)
-    return _zero_padding(torch.cat(outs, dim=1), tokens)
 
 
 def _cached_causal_attention(query, key, value, attention_mask, scaling, sliding_window=None):
