@@ -50,6 +50,33 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**settings)
 
 
+def is_4bit(module) -> bool:
+    return type(module).__name__ == "Linear4bit"
+
+
+def dequantized_copy(nf4):
+    """An fp32 model of nf4's class and config holding bitsandbytes' dequantization of each Linear4bit
+    weight and nf4's other tensors as they are (biases of Qwen's q/k/v; a tied head is the embedding)."""
+    import copy
+
+    from bitsandbytes.functional import dequantize_4bit
+
+    config = copy.deepcopy(nf4.config)
+    del config.quantization_config
+    plain = type(nf4)(config).eval()
+    modules = dict(nf4.named_modules())
+    state = {}
+    for name, _ in plain.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        module = modules[owner]
+        quantized = is_4bit(module) and attr == "weight"
+        state[name] = dequantize_4bit(module.weight.data, module.weight.quant_state) if quantized else \
+            getattr(module, attr).data
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # only a tied head, which is not a parameter of its own
+    return plain
+
+
 @pytest.fixture
 def tiny_config():
     return tiny_llama_config()

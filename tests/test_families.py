@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness.recipe import RecipeError, load_recipe
-from tests.conftest import ROOT
+from tests.conftest import ROOT, dequantized_copy, is_4bit
 from tests.convert.runs import in_repo
 
 YARN = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 256}
@@ -211,33 +211,6 @@ def linear_names(model) -> set[str]:
     """Every projection of the decoder layers (the lm_head stays out of QLoRA)."""
     return {name for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and ".layers." in name}
-
-
-def is_4bit(module) -> bool:
-    return type(module).__name__ == "Linear4bit"
-
-
-def dequantized_copy(nf4):
-    """An fp32 model of nf4's class and config holding bitsandbytes' dequantization of each Linear4bit
-    weight and nf4's other tensors as they are (biases of Qwen's q/k/v; a tied head is the embedding)."""
-    import copy
-
-    from bitsandbytes.functional import dequantize_4bit
-
-    config = copy.deepcopy(nf4.config)
-    del config.quantization_config
-    plain = type(nf4)(config).eval()
-    modules = dict(nf4.named_modules())
-    state = {}
-    for name, _ in plain.named_parameters():
-        owner, _, attr = name.rpartition(".")
-        module = modules[owner]
-        quantized = is_4bit(module) and attr == "weight"
-        state[name] = dequantize_4bit(module.weight.data, module.weight.quant_state) if quantized else \
-            getattr(module, attr).data
-    missing, unexpected = plain.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}  # only a tied head, which is not a parameter of its own
-    return plain
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -9,7 +9,7 @@ import torch
 from harness.backends.position import PositionError, linear_position
 from harness.model import build_model, parameter_counts
 from harness.recipe import load_recipe
-from tests.conftest import ROOT, tiny_llama_config
+from tests.conftest import ROOT, dequantized_copy, is_4bit, tiny_llama_config
 
 
 @pytest.fixture(autouse=True)
@@ -164,31 +164,6 @@ def test_native_rope_type_is_not_overwritten_silently():
         linear_position(config, target_length=4096, original_context=1024)
     linear_position(config, target_length=4096, original_context=1024, override_native=True)
     assert config.rope_parameters == {"rope_type": "linear", "rope_theta": 5e5, "factor": 4.0}
-
-
-def is_4bit(module) -> bool:
-    return type(module).__name__ == "Linear4bit"
-
-
-def dequantized_copy(nf4):
-    """A plain fp32 LlamaForCausalLM of nf4's config holding bitsandbytes' dequantization of each
-    Linear4bit weight (with its quant_state) and nf4's other weights as they are."""
-    import copy
-
-    from bitsandbytes.functional import dequantize_4bit
-
-    config = copy.deepcopy(nf4.config)
-    del config.quantization_config
-    plain = type(nf4)(config).eval()
-    modules = dict(nf4.named_modules())
-    state = {}
-    for name, _ in plain.named_parameters():
-        owner, _, attr = name.rpartition(".")
-        module = modules[owner]
-        state[name] = (dequantize_4bit(module.weight.data, module.weight.quant_state) if is_4bit(module)
-                       else getattr(module, attr).data)
-    plain.load_state_dict(state, strict=True)
-    return plain
 
 
 def nf4_levels() -> torch.Tensor:
