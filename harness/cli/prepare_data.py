@@ -83,7 +83,6 @@ def _write(args: argparse.Namespace, tokenizer, inputs: list) -> dict:
             for batch in docs.iter(batch_size=256):
                 yield from batch["input_ids"]
 
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     return write_tokens(args.output, documents(), vocab_size=len(tokenizer), tokenizer_name=args.tokenizer)
 
 

@@ -36,8 +36,17 @@ def write_tokens(path: str | Path, documents: Iterable[Iterable[int]], vocab_siz
     Returns the sidecar's content. The files appear only once complete (written to a
     temporary name, then renamed), so an interrupted run leaves no half-written .bin.
     """
-    dtype = np.dtype(np.uint32 if vocab_size > UINT16_MAX_VOCAB else np.uint16)
     path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _write_tokens(path, documents, vocab_size, tokenizer_name, eos_id)
+    except OSError as error:
+        raise DataError(f"{path}: cannot write it: {error.strerror or error}. Free disk space or choose another "
+                        f"output path; nothing was written") from None
+
+
+def _write_tokens(path: Path, documents, vocab_size: int, tokenizer_name: str, eos_id: int | None) -> dict:
+    dtype = np.dtype(np.uint32 if vocab_size > UINT16_MAX_VOCAB else np.uint16)
     num_tokens = num_documents = 0
     with atomic.atomic_file(path) as partial_path, open(partial_path, "wb") as handle:
         for document in documents:

@@ -78,3 +78,19 @@ def test_tokens_backend_rejects_another_tokenizers_file(byte_tokenizer, tmp_path
         build_tokens(byte_tokenizer, seed=0, path=str(tmp_path / "t.bin"), max_seq_length=8)
     with pytest.raises(DataError, match=r"data.path = '.*missing.bin': token file .* does not exist"):
         build_tokens(byte_tokenizer, seed=0, path=str(tmp_path / "missing.bin"), max_seq_length=8)
+
+
+def test_a_write_error_is_one_clear_error_and_leaves_nothing(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the output's folder should be")
+    with pytest.raises(DataError, match="not-a-folder/out.bin: cannot write it: .*nothing was written"):
+        write_tokens(blocker / "out.bin", [[1, 2, 3]], vocab_size=260, tokenizer_name="builtin:bytes")
+    full = tmp_path / "full.bin"
+
+    def documents():  # the disk fills up halfway through
+        yield [1, 2, 3]
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(DataError, match="full.bin: cannot write it: No space left on device"):
+        write_tokens(full, documents(), vocab_size=260, tokenizer_name="builtin:bytes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder"]  # no partial file, no sidecar
