@@ -30,7 +30,6 @@ from pathlib import Path
 from harness.atomic import atomic_dir
 from harness.errors import HarnessError, first_line
 
-
 DEFAULT_MODEL_TYPE = "llama"  # the family of a random base whose init_config names none
 
 

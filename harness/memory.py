@@ -44,9 +44,9 @@ from pathlib import Path
 
 from harness import policy
 from harness.backends.s2 import PIECE_SHARE
+from harness.errors import HarnessError
 from harness.loss import chunk_tokens_for
 from harness.recipe import Recipe, find_relative
-from harness.errors import HarnessError
 
 GIB = 2**30
 MIB = 2**20

@@ -31,8 +31,7 @@ from pathlib import Path
 
 from harness import policy, rundir
 from harness.atomic import atomic_dir
-from harness.conversion import (ConvertError, Report, Verification, base_config, check_out, read_lora_recipe,
-                                short_dtype)
+from harness.conversion import ConvertError, Report, Verification, base_config, check_out, read_lora_recipe, short_dtype
 from harness.errors import HarnessError, first_line
 from harness.recipe import Recipe
 

@@ -20,6 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 from harness.errors import HarnessError
 
 if sys.version_info >= (3, 11):

@@ -19,6 +19,7 @@ import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
 from typing import Callable
+
 from harness.errors import HarnessError
 
 KINDS = ("position", "quantization", "attention", "adapter", "engine", "data")

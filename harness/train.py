@@ -17,10 +17,10 @@ scheduler, RNG and data position are all restored.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import resource
-import contextlib
 import signal
 import time
 from pathlib import Path
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from harness import atomic, checkpoint, policy, registry, rundir
+from harness import checkpoint, policy, registry, rundir
+from harness.backends.engine import Engine, Hyper
 from harness.cpu_memory import release_freed_memory
 from harness.errors import HarnessError, first_line
-from harness.backends.engine import Engine, Hyper
 from harness.loss import CausalLMLoss
 from harness.metrics import MetricsLog, check_trackers, drop_metrics_after
 from harness.model import build_model, load_base

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -53,9 +52,9 @@ def test_tensorboard_gets_every_step_and_the_recipe(tracked_run):
 
 
 def test_mlflow_file_store_gets_every_step_and_the_recipe(tracked_run):
-    import mlflow
-
     import os
+
+    import mlflow
 
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     client = mlflow.MlflowClient(tracking_uri=(tracked_run / "mlruns").resolve().as_uri())

@@ -28,8 +28,8 @@ import math
 
 import torch
 
-from harness.registry import register
 from harness.errors import HarnessError
+from harness.registry import register
 
 
 class PositionError(HarnessError, ValueError):

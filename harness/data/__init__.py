@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from typing import Any
+
 from harness.errors import HarnessError
 
 logger = logging.getLogger("harness.data")

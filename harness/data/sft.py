@@ -36,7 +36,13 @@ import numpy as np
 
 from harness.data import DataError, DataSplits, DataStats
 from harness.data.pipeline import (
-    ContentHash, build_splits, cached_map, digest, keep, sample_features, tokenizer_fingerprint,
+    ContentHash,
+    build_splits,
+    cached_map,
+    digest,
+    keep,
+    sample_features,
+    tokenizer_fingerprint,
 )
 from harness.data.sources import Record, Report, iter_records
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 from harness.evaluation.perplexity import EvaluationError
-from harness.errors import first_line
 
 
 @dataclass(frozen=True)

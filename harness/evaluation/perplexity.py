@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+
 from harness.errors import HarnessError
 
 PROTOCOLS = ("strided", "longlora")

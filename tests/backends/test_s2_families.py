@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from harness.backends.attention import _cached_causal_attention
-from harness.backends.s2 import sliding_window_attention
-from harness.backends.s2 import _head_halves, shift_short_attention
+from harness.backends.s2 import _head_halves, shift_short_attention, sliding_window_attention
 
 HEADS = [(28, 4), (14, 2), (32, 32), (10, 5), (4, 1), (64, 8)]
 

@@ -15,8 +15,8 @@ import torch
 from harness.cli.generate import main as generate_main
 from harness.evaluation.models import ModelSpec, load_model
 from tests.conftest import ROOT
-from tests.test_generation import PROMPT, merged_run, tiny_run
 from tests.convert.runs import in_repo
+from tests.test_generation import PROMPT, merged_run, tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ from __future__ import annotations
 from itertools import islice
 
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from harness.data.order import ResumableOrder
 
