@@ -10,20 +10,8 @@ import torch
 
 from harness.evaluation.models import ModelSpec, load_model
 from harness.evaluation.passkey import greedy_generate
-from harness.generation import (
-    Chat,
-    GenerationError,
-    Sampling,
-    Window,
-    cache_dtype,
-    check_window,
-    context_window,
-    encode_prompt,
-    format_bytes,
-    generate,
-    kv_shape,
-    new_token_budget,
-)
+from harness.generation import (Chat, GenerationError, Sampling, Window, cache_dtype, check_window, context_window,
+                                encode_prompt, format_bytes, generate, kv_shape, new_token_budget)
 from harness.rundir import read_rope
 from tests.conftest import tiny_llama_config
 from tests.convert.runs import in_repo, train_tiny

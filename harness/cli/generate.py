@@ -16,20 +16,8 @@ from pathlib import Path
 
 from harness.cli.args import Parser, UsageError, nonnegative_float, positive_int, run
 from harness.cli.model_args import add_model_arguments, model_specs
-from harness.generation import (
-    Chat,
-    GenerationError,
-    Sampling,
-    Window,
-    cache_dtype,
-    check_window,
-    context_window,
-    encode_prompt,
-    format_bytes,
-    generate,
-    kv_shape,
-    new_token_budget,
-)
+from harness.generation import (Chat, GenerationError, Sampling, Window, cache_dtype, check_window, context_window,
+                                encode_prompt, format_bytes, generate, kv_shape, new_token_budget)
 
 PROG = "tools/generate.py"
 EXIT = "/exit"

@@ -24,15 +24,8 @@ from functools import partial
 import numpy as np
 
 from harness.data import DataError, DataSplits, DataStats, logger
-from harness.data.pipeline import (
-    ContentHash,
-    build_splits,
-    cached_map,
-    digest,
-    keep,
-    sample_features,
-    tokenizer_fingerprint,
-)
+from harness.data.pipeline import (ContentHash, build_splits, cached_map, digest, keep, sample_features,
+                                   tokenizer_fingerprint)
 from harness.data.sources import Record, Report, iter_records
 
 MODES = ("truncate", "pack")
