@@ -23,6 +23,7 @@ testbed_loss.png (the loss curves).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -45,7 +46,7 @@ LOAD_WARNING = 1.5  # 1-minute load average above which timings are shared with 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps of every trained row")
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps of every trained row")
     parser.add_argument("--eval-tokens", type=int, default=40_000, help="held-out tokens (bytes) scored")
     parser.add_argument("--factor", type=int, default=4, help="the extension: target = factor x the native window")
     parser.add_argument("--shares", default="0.25,0.5,1,2,4", help="evaluation lengths, in native windows")
@@ -53,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rows", help="comma-separated row names (default: the whole grid)")
     parser.add_argument("--pretrain", action="append", default=[],
                         help="override of recipes/testbed_pretrain.toml (repeatable), e.g. train.max_steps=300")
+    parser.add_argument("--train", action="append", default=[],
+                        help="override of every trained row's recipe (repeatable), e.g. train.micro_batch_size=2")
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "testbed")
     parser.add_argument("--results", default="testbed", help="name of the JSON and PNG files under bench/results")
     args = parser.parse_args(argv)
@@ -95,7 +98,7 @@ def train_row(row: tb.Row, testbed: Path, data: tb.Corpus, run_dir: Path, args) 
         return json.loads(stats_file.read_text())
     overrides = tb.extension_overrides(testbed, data, run_dir, steps=args.steps, row=row,
                                        save_every=tb.save_every(args.grid, row.name, args.steps),
-                                       target_length=args.factor * tb.native_window(testbed))
+                                       target_length=args.factor * tb.native_window(testbed)) + args.train
     before = warn_load(f"before training {row.name}")
     started = time.perf_counter()
     subprocess.run([sys.executable, "launch/train.py", str(tb.EXTEND_RECIPE), *overrides], cwd=ROOT, check=True)
@@ -146,13 +149,19 @@ def run_grid(args) -> tuple[Path, list[dict], dict]:
     root = args.output / testbed.name
     training, records = {}, []
     for row in args.grid:
-        run_dir = root / f"{row.run_name}-x{args.factor}-{args.steps}steps"
+        run_dir = root / run_name(row, args)
         if row.run_name not in training and tb.row_named(row.run_name).train is not None:
             training[row.run_name] = train_row(tb.row_named(row.run_name), testbed, data, run_dir, args)
         spec = tb.evaluated_model(row, testbed, run_dir, args.steps, args.factor)
         for protocol in args.protocols:
             records += evaluate_row(row, spec, data, protocol, lengths, args)
     return testbed, records, training
+
+
+def run_name(row: tb.Row, args) -> str:
+    """<run>-x<factor>-<steps>steps[-<hash of --train>]: another setting never resumes a run it cannot."""
+    extra = "-" + hashlib.sha256(json.dumps(args.train).encode()).hexdigest()[:8] if args.train else ""
+    return f"{row.run_name}-x{args.factor}-{args.steps}steps{extra}"
 
 
 def ppl(records: list[dict], name: str, length: int, protocol: str = "strided") -> float | None:
@@ -281,7 +290,8 @@ def main(argv=None) -> None:
     print_tables(records, training, args.grid, lengths, args.protocols)
     print(f"testbed {testbed}: {record['steps']} steps, {record['tokens']:,} tokens, plateau {record['plateau']}")
     print_targets(found)
-    config = {"steps": args.steps, "eval_tokens": args.eval_tokens, "factor": args.factor, "rows": [r.name for r in args.grid],
+    config = {"steps": args.steps, "eval_tokens": args.eval_tokens, "factor": args.factor,
+              "train_overrides": args.train, "rows": [r.name for r in args.grid],
               "pretrain_overrides": args.pretrain, "lengths": lengths, "testbed": str(testbed),
               "wall_s": time.perf_counter() - started, "load_start": load_start, "load_end": load()}
     result = {"machine": machine(), "config": config, "rows": records, "training": training,

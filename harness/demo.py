@@ -43,7 +43,7 @@ HELD_OUT = ("pydoc.py", "turtle.py", "typing.py")  # ~400 KB of code and prose, 
 EVAL_LENGTHS = (2048, 4096, 8192, 16384)
 ROUTES = ("auto", "testbed", "smollm2")
 TESTBED_PRETRAIN_STEPS = 300  # of recipes/testbed_pretrain.toml (cosine to 0): ~7 min on 2 cores
-TESTBED_STEPS = 100  # LongQLoRA steps of 4,096 tokens on the CPU
+TESTBED_STEPS = 100  # LongQLoRA steps of 2,048 tokens on the CPU
 TESTBED_EVAL_TOKENS = 20_000
 TESTBED_SHARES = (0.25, 0.5, 1, 2, 4)  # evaluation lengths, in native windows
 

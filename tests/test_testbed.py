@@ -226,8 +226,8 @@ def test_run_stats_use_the_median_after_the_first_step(tmp_path):
 
 @pytest.mark.slow
 def test_shortened_grid_base_pi_longqlora_at_2x(tmp_path):
-    """A small testbed (4 layers, d=128, 200 steps), then base, zero-shot PI x2 and LongQLoRA x2 (60
-    steps) on the held-out book, strided, at 128, 256 and 512. Catches a rope factor lost on save
+    """A small testbed (4 layers, d=128, 150 steps of 8 x 256 tokens), then base, zero-shot PI x2 and
+    LongQLoRA x2 (40 steps of 4 x 512 tokens) on the held-out book, strided, at 128, 256 and 512. Catches a rope factor lost on save
     (LongQLoRA would score like the base past 256), S2 left on at evaluation, an adapter not loaded
     (LongQLoRA would score like zero-shot PI)."""
     import bench.testbed as bench
@@ -235,9 +235,11 @@ def test_shortened_grid_base_pi_longqlora_at_2x(tmp_path):
     if not SHARED_BOOKS.is_dir():
         pytest.skip(f"shared data not found at {SHARED_BOOKS}")
     pretrain = ["model.init_config.hidden_size=128", "model.init_config.intermediate_size=320",
-                "model.init_config.num_hidden_layers=4", "train.max_steps=200", "train.eval_batches=40"]
-    args = bench.parse_args(["--rows", "base,pi,longqlora", "--factor", "2", "--steps", "60", "--shares", "0.5,1,2",
-                             "--protocols", "strided", "--eval-tokens", "12000", "--output", str(tmp_path),
+                "model.init_config.num_hidden_layers=4", "train.max_steps=150", "train.micro_batch_size=8",
+                "train.eval_batches=20"]
+    args = bench.parse_args(["--rows", "base,pi,longqlora", "--factor", "2", "--steps", "40", "--shares", "0.5,1,2",
+                             "--protocols", "strided", "--eval-tokens", "8000", "--output", str(tmp_path),
+                             "--train=train.micro_batch_size=4",
                              *(f"--pretrain={o}" for o in pretrain)])
     _, found, _ = bench.run_grid(args)
     ppl = lambda name, n: bench.ppl(found, name, n)  # noqa: E731
