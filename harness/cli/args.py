@@ -86,3 +86,13 @@ def depth_list(text: str) -> list[float]:
     if any(not 0 <= value <= 1 for value in values):
         raise argparse.ArgumentTypeError(f"{text!r}: every depth must lie in [0, 1]")
     return values
+
+
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must lie in (0, 1]")
+    return value

@@ -14,7 +14,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from harness.cli.args import Parser, UsageError, nonnegative_float, positive_int, run
+from harness.cli.args import Parser, UsageError, nonnegative_float, positive_int, probability, run
 from harness.cli.model_args import add_model_arguments, model_specs
 from harness.generation import (Chat, GenerationError, Sampling, Window, cache_dtype, check_window, context_window,
                                 encode_prompt, format_bytes, generate, kv_shape, new_token_budget)
@@ -38,20 +38,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         help="most tokens to generate per answer (default: 256; fewer where the window ends)")
     parser.add_argument("--temperature", type=nonnegative_float, default=0.0,
                         help="0: greedy decoding (default); > 0: sample at this temperature")
-    parser.add_argument("--top-p", type=_probability, default=1.0,
+    parser.add_argument("--top-p", type=probability, default=1.0,
                         help="sampling: keep the smallest set of tokens with this much probability (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     return parser
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must lie in (0, 1]")
-    return value
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
