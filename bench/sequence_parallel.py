@@ -14,10 +14,11 @@ Parts:
            sequence_parallel_size = 2. The parent samples the RSS of every rank's process (peak per
            rank, libraries and model included); tokens/s is the loop's own (metrics.jsonl, steps 2-3).
            On a 2-core CPU the two ranks share the cores: SP halves what each rank holds, not the time.
+           Dropout is off, so the two loss curves are the same function's (float rounding apart).
     tiled  One forward + backward of SmolLM2-135M (recipes/smollm2_135m_16k.toml, PI to L) at each
            --tiled-lengths, with and without train.tiled_mlp, each in its own process: the step's peak
            RSS above the built model (VmHWM reset after the build), tokens/s, and the CPU planner's
-           prediction of the same difference.
+           prediction of the same difference. Rows of other lengths in the results file are kept.
     plan   harness.memory.plan for LLaMA2-7B (recipes/llama2_7b_8k.toml) and 13B (llama2_13b_12k.toml),
            LongQLoRA with ZeRO-2 optimizer offload, at 32k-512k on 1, 2, 4, 8 cards of 24, 32 and 80 GB
            (rtx4090-24gb, v100-32gb, a100-80gb), sequence_parallel_size = the number of cards, with and
@@ -64,7 +65,8 @@ def sp_run(ranks: int, length: int, workdir: Path, port: int) -> dict:
     """3 steps of the training loop; peak RSS of each rank's process and the loop's tokens/s."""
     output = workdir / f"sp{ranks}"
     overrides = ["model.name_or_path=\"random\"", SMALL_LLAMA, f"position.target_length={length}",
-                 f"data.max_seq_length={length}", f"data.path=\"{BOOK}\"", "data.mode=\"pack\"", "train.max_steps=3",
+                 f"data.max_seq_length={length}", f"data.path=\"{BOOK}\"", "data.mode=\"pack\"", "adapter.dropout=0.0",
+                 "train.max_steps=3",
                  "train.grad_accum=1", "train.save_every=0", "train.warmup_steps=0", f"train.output_dir=\"{output}\"",
                  "engine.name=\"deepspeed\"", "engine.deepspeed_config=\"launch/deepspeed/zero2_sp.json\"",
                  f"engine.sequence_parallel_size={ranks}"]
@@ -78,13 +80,16 @@ def sp_run(ranks: int, length: int, workdir: Path, port: int) -> dict:
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     peaks = _watch_ranks(process)
     log = process.stdout.read()
-    if process.wait():
+    code = process.wait()
+    finished = (output / "final" / "adapter_model.safetensors").is_file()  # a crash at exit still trained
+    if code and not finished:
         return {"ranks": ranks, "status": "error", "log_tail": log.strip().splitlines()[-8:]}
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records[1:]]  # step 1 includes warm-up (allocations, JIT)
     return {"ranks": ranks, "status": "ok", "length": length, "peak_rss_per_rank_bytes": peaks,
             "tokens_per_s": statistics.median(rates), "step_s": statistics.median(r["seconds"] for r in records[1:]),
-            "losses": [r["loss"] for r in records], "wall_s": time.monotonic() - started}
+            "losses": [r["loss"] for r in records], "wall_s": time.monotonic() - started, "exit_code": code,
+            "exit_log": log.strip().splitlines()[-1:] if code else []}
 
 
 def _watch_ranks(process: subprocess.Popen) -> list[int]:
@@ -100,7 +105,7 @@ def _watch_ranks(process: subprocess.Popen) -> list[int]:
             break
         for proc in tree:
             try:
-                if any(part.endswith("launch/train.py") for part in proc.cmdline()):
+                if any(part.endswith("launch/train.py") for part in proc.cmdline()[:3]):  # not the launchers
                     peaks[proc.pid] = max(peaks.get(proc.pid, 0), proc.memory_info().rss)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
@@ -260,6 +265,9 @@ def main() -> int:
     if measured:
         path = RESULTS_DIR / "sequence_parallel.json"
         previous = json.loads(path.read_text()) if path.is_file() else {}
+        if "tiled" in measured:  # lengths measured now replace theirs; the others stay
+            kept = [row for row in previous.get("tiled", []) if row["length"] not in args.tiled_lengths]
+            measured["tiled"] = sorted(kept + measured["tiled"], key=lambda row: (row["length"], row["tiled_mlp"]))
         _write(path, {**previous, "machine": machine(), **measured})
     return 0
 

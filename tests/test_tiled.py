@@ -31,13 +31,14 @@ def loss_and_gradients(tiled: bool, batch: dict):
 
 def test_tiled_mlp_gives_the_loss_and_lora_gradients_of_the_plain_mlp(tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
+    monkeypatch.setattr("harness.tiled.TILE_FLOOR", 64)  # tiles of d = 64 tokens: 4 tiles of the 256
     torch.manual_seed(1)
     ids = torch.randint(3, 260, (2, 256))
     batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids),
              "position_ids": torch.arange(256).expand(2, 256)}
     plain_loss, plain = loss_and_gradients(False, batch)
     tiled_loss, tiled = loss_and_gradients(True, batch)
-    assert tiles_for(256, 64) == 4
+    assert tiles_for(256, 64, floor=64) == 4
     assert tiled.keys() == plain.keys() and any(".mlp." in name for name in plain)  # names unchanged
     torch.testing.assert_close(tiled_loss, plain_loss, atol=1e-6, rtol=0)
     for name, gradient in plain.items():
@@ -45,5 +46,6 @@ def test_tiled_mlp_gives_the_loss_and_lora_gradients_of_the_plain_mlp(tmp_path, 
     assert max(float(g.abs().max()) for n, g in plain.items() if "self_attn" in n) > 0
 
 
-def test_tiles_follow_the_hidden_size():
-    assert [tiles_for(n, 576) for n in (1, 576, 577, 16384)] == [1, 1, 2, 29]
+def test_tiles_are_the_hidden_size_but_at_least_the_floor():
+    assert [tiles_for(n, 576) for n in (1, 4096, 4097, 16384, 32768)] == [1, 1, 2, 4, 8]  # SmolLM2: the floor
+    assert [tiles_for(n, 8192) for n in (8192, 131072)] == [1, 16]  # wider than the floor: tiles of d

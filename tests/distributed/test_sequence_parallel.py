@@ -140,8 +140,10 @@ def test_padding_matches_one_process(tmp_path, cache):
 
 @pytest.mark.slow
 def test_tiled_mlp_under_sequence_parallelism_matches_one_untiled_process(tmp_path, cache):
-    single = one_process(tmp_path / "single", cache=cache)
-    tiled = two_ranks(tmp_path / "sp", "train.tiled_mlp=true", cache=cache, port=29624)
+    """Sequences of 16k tokens: each rank's 8k are 2 tiles (harness.tiled.TILE_FLOOR = 4096 tokens)."""
+    long = ("data.max_seq_length=16384", "position.target_length=16384", "train.max_steps=2")
+    single = one_process(tmp_path / "single", *long, cache=cache)
+    tiled = two_ranks(tmp_path / "sp", *long, "train.tiled_mlp=true", cache=cache, port=29624)
     assert tiled == pytest.approx(single, abs=TOLERANCE)
     assert_same_adapter(tmp_path / "sp" / "final", tmp_path / "single" / "final")
 
