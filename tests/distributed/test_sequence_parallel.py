@@ -116,10 +116,12 @@ def test_s2_over_packed_documents_matches_one_process(tmp_path, cache, packed_do
 
 
 @pytest.mark.slow
-def test_full_attention_matches_one_process(tmp_path, cache):
+def test_full_attention_with_an_offloaded_optimizer_matches_one_process(tmp_path, cache):
+    """Full attention (sdpa through harness.backends.s2.causal_attention); ZeRO-2 with DeepSpeed's CPU Adam."""
     full = ["attention.name=\"full\""]
     single = one_process(tmp_path / "single", *full, cache=cache)
-    assert two_ranks(tmp_path / "sp", *full, cache=cache, port=29622) == pytest.approx(single, abs=TOLERANCE)
+    offload = "engine.deepspeed_config=\"launch/deepspeed/zero2_offload.json\""
+    assert two_ranks(tmp_path / "sp", *full, offload, cache=cache, port=29622) == pytest.approx(single, abs=TOLERANCE)
     assert_same_adapter(tmp_path / "sp" / "final", tmp_path / "single" / "final")
 
 
