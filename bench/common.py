@@ -16,6 +16,7 @@ import os
 import platform
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ LLAMA2_SHAPES = {  # name -> (hidden, intermediate, layers, heads) of the publis
     "llama-tiny": (64, 160, 2, 4),  # smoke runs of the GPU benchmarks on a CPU
 }
 LLAMA2_CONTEXT = 4096
+LOAD_WARNING = 1.5  # 1-minute load average above which timings are shared with other jobs
 
 
 # --------------------------------------------------------------------------- machine record
@@ -50,6 +52,19 @@ def machine() -> dict:
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})",
         "load_average": os.getloadavg(),  # other processes may share the CPU
     }
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def warn_load(when: str) -> float:
+    """The 1-minute load average, with a warning on stderr above LOAD_WARNING."""
+    value = load_average()
+    if value > LOAD_WARNING:
+        print(f"warning: load average {value:.2f} {when} (> {LOAD_WARNING}): other jobs share the CPU, "
+              f"timings are slower than the machine is", file=sys.stderr)
+    return value
 
 
 def _total_ram() -> int:

@@ -79,13 +79,12 @@ def build_harness(config: str, length: int):
     """(step, model): step(ids) -> the loss of the harness's model, wrapped as harness.train wraps it."""
     import torch
 
-    from harness.cpu_memory import release_freed_memory
+    from harness.cpu_memory import apply_recipe_policy
     from harness.loss import CausalLMLoss
     from harness.model import build_model
 
     recipe = recipe_for(config, length)
-    if recipe.train.release_cpu_memory and not torch.cuda.is_available():
-        release_freed_memory()  # before anything is allocated, as harness.train.train does
+    apply_recipe_policy(recipe.train)  # before anything is allocated, as harness.train.train does
     built = build_model(recipe, training=True)
     module = CausalLMLoss(built.model, chunked=recipe.train.chunked_loss)
     return lambda ids: module(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids),

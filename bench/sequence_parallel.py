@@ -139,13 +139,14 @@ def tiled_child(length: int, tiled: bool) -> dict:
     """Child process: build SmolLM2 as training does, tile when asked, one forward + backward."""
     import torch
 
-    from harness.cpu_memory import release_freed_memory
+    from harness.cpu_memory import apply_recipe_policy
     from harness.loss import CausalLMLoss
     from harness.model import build_model
     from harness.tiled import tile_mlps
 
-    release_freed_memory()  # as harness.train does on the CPU
-    built = build_model(tiled_recipe(length, tiled), training=True)
+    recipe = tiled_recipe(length, tiled)
+    apply_recipe_policy(recipe.train)  # as harness.train does
+    built = build_model(recipe, training=True)
     if tiled:
         tile_mlps(built.model)
     module = CausalLMLoss(built.model, chunked=True).train()

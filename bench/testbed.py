@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS_DIR, ROOT, machine, shown  # noqa: E402
+from bench.common import RESULTS_DIR, ROOT, load_average, machine, shown, warn_load  # noqa: E402
 from harness import testbed as tb  # noqa: E402
 
 BOOKS = ROOT.parent / "shared" / "data" / "books"
@@ -41,7 +41,6 @@ TRAIN_BOOKS = ("jack_sheppard.txt", "news_from_nowhere.txt", "the_devils_diction
 HELD_OUT = "the_complete_angler.txt"
 PROTOCOLS = ("strided", "longlora")
 EVAL_BATCH = 8  # windows per forward pass: a 4.7M model's matrices are too small to keep 2 cores busy one by one
-LOAD_WARNING = 1.5  # 1-minute load average above which timings are shared with other jobs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,18 +66,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def lengths_of(args, native: int) -> list[int]:
     return [int(share * native) for share in args.shares]
-
-
-def load() -> float:
-    return os.getloadavg()[0]
-
-
-def warn_load(when: str) -> float:
-    value = load()
-    if value > LOAD_WARNING:
-        print(f"warning: load average {value:.2f} {when} (> {LOAD_WARNING}): other jobs share the CPU, "
-              f"timings are slower than the machine is", file=sys.stderr)
-    return value
 
 
 # --------------------------------------------------------------------------- data and testbed
@@ -293,7 +280,7 @@ def main(argv=None) -> None:
     config = {"steps": args.steps, "eval_tokens": args.eval_tokens, "factor": args.factor,
               "train_overrides": args.train, "rows": [r.name for r in args.grid],
               "pretrain_overrides": args.pretrain, "lengths": lengths, "testbed": str(testbed),
-              "wall_s": time.perf_counter() - started, "load_start": load_start, "load_end": load()}
+              "wall_s": time.perf_counter() - started, "load_start": load_start, "load_end": load_average()}
     result = {"machine": machine(), "config": config, "rows": records, "training": training,
               "testbed": record, "targets": found}
     path = RESULTS_DIR / f"{args.results}.json"

@@ -253,7 +253,7 @@ class Dtypes:
     linear: int  # outputs of the projections: MLP intermediates, q/k/v before attention
     attention: int  # q/k/v/out as the attention kernel saves them
     lora_input: int  # the dropout output saved by lora_A, and lora_A's output
-    mask: int  # dropout mask: bool on CUDA (fused native_dropout), a float noise tensor on CPU
+    mask: int  # dropout mask: bool (CUDA's fused native_dropout, harness.dropout on the CPU)
 
 
 @dataclass(frozen=True)
@@ -393,7 +393,7 @@ def _dtypes(recipe: Recipe, device: policy.Device, precision: str, deepspeed: bo
         base_weights=base, lora=lora, stream=stream, linear=linear,
         attention=half if autocast else linear,  # sdpa / matmul under autocast save cast copies
         lora_input=half if autocast else lora,  # lora_A casts its input to its own dtype without autocast
-        mask=1 if device.cuda else linear,
+        mask=1,
     )
 
 
@@ -694,7 +694,7 @@ def plan(recipe: Recipe, *, gpu_gib: float | None = None, seq_len: int | None = 
 
     gpu_gib or card (a CARDS name) gives the capacity: then `fits`, `max_seq_len` and
     `suggestions` are filled. seq_len overrides the recipe's sequence length; device "cpu"
-    plans a CPU run (fp32, float dropout masks, no CUDA context); config is a config.json
+    plans a CPU run (fp32, no CUDA context); config is a config.json
     for models whose shape is not otherwise known. cards: the ranks of the launch (one card's memory is
     planned; ZeRO partitions and engine.sequence_parallel_size work over them).
     """

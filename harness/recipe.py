@@ -128,6 +128,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     chunked_loss: bool = True  # head + cross-entropy in chunks: no full fp32 logits
     release_cpu_memory: bool = True  # CPU: freed tensors go back to the OS (harness.cpu_memory)
+    cpu_cache_mb: int = 256  # CPU: freed tensors kept for reuse, up to this many MiB (0 = none); needs release_cpu_memory
     offload_activations: bool = False  # GPU: keep checkpointed activations in pinned CPU memory
     fp32_frozen_weights: bool = False  # QLoRA: peft's fp32 cast of embeddings, norms, head (fp32 residual stream)
     tiled_mlp: bool = False  # MLP in sequence tiles, recomputed in backward (harness.tiled): long sequences
@@ -353,6 +354,7 @@ def _check_lengths(recipe: Recipe, where: str) -> None:
     _positive(where, "train.grad_accum", train.grad_accum)
     _positive(where, "train.lr", train.lr)
     _positive(where, "train.log_every", train.log_every)
+    _positive(where, "train.cpu_cache_mb", train.cpu_cache_mb, allow_zero=True)
     _positive(where, "engine.sequence_parallel_size", recipe.engine.sequence_parallel_size)
     if train.max_steps <= 0 and train.epochs <= 0:
         raise RecipeError(f"{where}train.max_steps = {train.max_steps} and train.epochs = {train.epochs}: set one of them > 0")

@@ -252,6 +252,8 @@ GRID = (
     Row("longqlora-r8", "LongQLoRA, LoRA r8", train=("adapter.r=8",)),
     Row("longqlora-quarter", "LongQLoRA, 1/4 of the steps", run="longqlora", fraction=0.25),
     Row("longqlora-half", "LongQLoRA, 1/2 of the steps", run="longqlora", fraction=0.5),
+    # Why S2-trained LongQLoRA loses to full attention at 4x here: groups twice as long (512).
+    Row("longqlora-groups-half", "LongQLoRA, S2 groups of 1/2", train=("attention.group_ratio=0.5",)),
 )
 
 

@@ -32,7 +32,7 @@ from rich.console import Console
 
 from harness import checkpoint, policy, registry, rundir
 from harness.backends.engine import Engine, Hyper
-from harness.cpu_memory import release_freed_memory
+from harness.cpu_memory import apply_recipe_policy
 from harness.errors import HarnessError, first_line
 from harness.loss import CausalLMLoss
 from harness.metrics import MetricsLog, check_trackers, drop_metrics_after
@@ -51,12 +51,13 @@ def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) ->
     """Run a recipe to the end (or to a signal); returns the output directory.
 
     `after_step(step)` is called after every optimizer step (tests use it to send signals)."""
-    if recipe.train.release_cpu_memory and not torch.cuda.is_available():
-        release_freed_memory()
+    cpu_policy = apply_recipe_policy(recipe.train)
     engine = _build_engine(recipe)
     engine.setup()
     recipe = resolve(recipe, world_size=engine.data_world_size)  # batch sizes count data-parallel replicas
     console = Console(stderr=True, quiet=engine.rank != 0)
+    if cpu_policy:
+        console.print(f"CPU memory: {cpu_policy}")
     output_dir = Path(recipe.train.output_dir)
     check_trackers(report_to(recipe))
     with _locked(output_dir, engine):

@@ -104,7 +104,7 @@ def test_grid_rows_are_consistent():
             assert not (row.fraction < 1 and source.full_finetuning)  # full fine-tuning keeps no checkpoints
         assert 0 < row.fraction <= 1 and row.attention in ("full", "s2")
     assert [row.name for row in tb.trained_rows(tb.GRID)] == ["longqlora", "qlora-full", "lora-full", "full-ft",
-                                                              "longqlora-r8"]
+                                                              "longqlora-r8", "longqlora-groups-half"]
     assert [row.name for row in tb.trained_rows([tb.row_named("longqlora-half")])] == ["longqlora"]
 
 
@@ -124,7 +124,8 @@ def test_every_trained_row_resolves_with_equal_steps_and_tokens(saved_testbed, t
         recipe = load_recipe(tb.EXTEND_RECIPE, overrides)
         resolved[row.name] = recipe
         assert recipe.resolved.rope_factor == 4 and recipe.resolved.seq_len == 1024
-        assert recipe.resolved.group_size == (256 if recipe.attention.name == "s2" else 0)
+        groups = 512 if row.name == "longqlora-groups-half" else 256
+        assert recipe.resolved.group_size == (groups if recipe.attention.name == "s2" else 0)
     assert len({(r.train.max_steps, r.resolved.tokens_per_step, r.data.path) for r in resolved.values()}) == 1
     assert resolved["longqlora"].quantization.name == "nf4" and resolved["longqlora"].adapter.r == 64
     assert resolved["lora-full"].quantization.name == "none" and resolved["lora-full"].attention.name == "full"
