@@ -78,10 +78,11 @@ MAX_PREDICTED_GIB = 10.0  # skip configs whose predicted peak would exceed this 
 
 def overrides_for(config: tuple, length: int) -> list[str]:
     """The config's overrides plus the length, a PI target at least the models' 8k window (the
-    rope factor costs no memory), and one micro-batch per step."""
+    rope factor costs no memory), and one micro-batch per step; no CPU tensor pool (harness.cpu_memory):
+    what it keeps are freed blocks, not the live tensors validated here."""
     _, _, extra, _ = config
     return [*extra, f"data.max_seq_length={length}", f"position.target_length={max(length, 8192)}",
-            "train.grad_accum=1"]
+            "train.grad_accum=1", "train.cpu_cache_mb=0"]
 
 
 # --------------------------------------------------------------------------- child process

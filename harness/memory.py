@@ -53,6 +53,7 @@ MIB = 2**20
 # CUDA context + cuBLAS/cuDNN workspaces + caching-allocator slack, which torch's allocator
 # counters never see: ~0.5 GiB of context on recent drivers plus ~0.25 GiB of slack.
 CUDA_OVERHEAD_BYTES = int(0.75 * GIB)
+POOL_KEPT_AT_PEAK = 0.5  # share of train.cpu_cache_mb the CPU tensor pool keeps at the step's peak (bench/train_step.py)
 # Every projection of a decoder layer in any family (a shape's linears() holds those it has).
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
 PHASES = ("attention", "mlp", "loss", "step")
@@ -296,6 +297,7 @@ class Setup:
     cards: int = 1  # ranks of the launch: ZeRO partitions over them
     sequence_parallel: int = 1  # engine.sequence_parallel_size: ranks sharing each sequence
     tiled_mlp: bool = False  # train.tiled_mlp
+    cpu_pool: int = 0  # CPU: bytes the tensor pool may keep (train.cpu_cache_mb; harness.cpu_memory)
 
 
 GENERIC_GPU = policy.Device("cuda", (8, 0), bf16=True)  # a card the plan does not name: Ampere-class
@@ -337,6 +339,7 @@ def resolve_setup(recipe: Recipe, shape: ModelShape, *, device: str, card: Card 
         trainable_embeddings=adapter.name == "lora" and adapter.trainable_embeddings,
         trainable_norms=adapter.name == "lora" and adapter.trainable_norms,
         cards=cards, sequence_parallel=_sequence_parallel(recipe, shape, cards), tiled_mlp=recipe.train.tiled_mlp,
+        cpu_pool=recipe.train.cpu_cache_mb * 2**20 if not cuda and recipe.train.release_cpu_memory else 0,
     )
 
 
@@ -798,7 +801,11 @@ def _optimizer_parts(setup: Setup, trainable: int) -> list[Part]:
 
 def _overhead_parts(setup: Setup) -> list[Part]:
     if setup.device != "cuda":
-        return []
+        if not setup.cpu_pool:
+            return []
+        return [Part("CPU tensor pool", round(POOL_KEPT_AT_PEAK * setup.cpu_pool), dynamic=True,
+                     note=f"freed blocks kept for reuse at the peak: {POOL_KEPT_AT_PEAK:.0%} of "
+                          f"train.cpu_cache_mb = {setup.cpu_pool // 2**20}")]
     return [Part("CUDA context + allocator", CUDA_OVERHEAD_BYTES, note="constant: context, cuBLAS, allocator slack")]
 
 

@@ -78,3 +78,18 @@ def test_cache_mb_zero_and_release_false_install_no_pool():
         print(json.dumps({"zero": apply_policy(True, 0), "off": apply_policy(False, 256), "stats": pool_stats()}))
     """)
     assert result == {"zero": "freed memory returned to the OS", "off": "glibc's default malloc policy", "stats": None}
+
+
+def test_the_profiler_sees_pooled_tensors_as_torch_allocator_reports_them():
+    result = run_python("""
+        import json, torch
+        from torch.profiler import ProfilerActivity, profile
+        from harness.cpu_memory import apply_policy
+        apply_policy(True, 64)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            a = torch.empty(256, 1000)   # 1,024,000 bytes, pooled in a 1 MiB bin
+            del a
+        sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        print(json.dumps(sizes))
+    """)
+    assert result == [1_024_000, -1_024_000]

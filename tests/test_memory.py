@@ -166,7 +166,8 @@ def test_prediction_matches_a_measured_cpu_step():
     spec = importlib.util.spec_from_file_location("plan_validation", ROOT / "bench" / "plan_validation.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    overrides = list(at_length(1024)) + ["train.grad_accum=1"]
+    # the tensor pool keeps freed blocks, which are no tensors: the allocator's live bytes are planned without it
+    overrides = list(at_length(1024)) + ["train.grad_accum=1", "train.cpu_cache_mb=0"]
     r, engine, _ = bench.build("recipes/tiny_cpu.toml", overrides)
     measured = bench.allocator_peak(r, engine)
     assert plan(r, device="cpu").dynamic_bytes == pytest.approx(measured, rel=0.15)

@@ -107,7 +107,11 @@ struct Pool {
 
 Pool pool;
 
-void release(void* block) { pool.give_back(block); }
+// torch.profiler's memory events, as torch's own CPU allocator reports them (a no-op unless profiling).
+void release(void* block) {
+  c10::profiledCPUMemoryReporter().Delete(block);
+  pool.give_back(block);
+}
 
 struct PoolAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
@@ -122,6 +126,7 @@ struct PoolAllocator final : c10::Allocator {
     } else {
       block = c10::alloc_cpu(n);
     }
+    c10::profiledCPUMemoryReporter().New(block, n);
     return {block, block, &release, c10::Device(c10::DeviceType::CPU)};
   }
   c10::DeleterFnPtr raw_deleter() const override { return &release; }
