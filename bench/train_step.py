@@ -20,7 +20,7 @@ checkpointing, chunked loss) unless said:
 
 On the CPU the NF4 compute dtype and the precision resolve to fp32 ("auto"), so (b)-(e) compute
 in fp32; (a) keeps bf16 base weights (emulated on CPUs without AVX512-BF16: minutes a step, so
-the CPU default is --setups longqlora longqlora-no-pool peft-plain). Where bf16 fails on a CPU,
+the CPU default is --setups longqlora longqlora-no-pool peft-plain, the GPU's (a)-(c)). Where bf16 fails on a CPU,
 (a) reruns with fp32 weights and its row says so. Each (setup, L) runs in its own subprocess: one
 warm-up step (it also allocates the optimizer states), then --steps timed steps; tokens/s is L
 over their mean wall time. Memory: the peak RSS over the timed steps on the CPU (VmHWM reset
@@ -61,6 +61,7 @@ SETUPS = {  # name -> recipe overrides (None: not the harness), in the order of 
 }
 BASELINES = ("bf16-lora-full", "peft-plain")  # the first one measured is the ratios' baseline
 CPU_SETUPS = ("longqlora", "longqlora-no-pool", "peft-plain")
+GPU_SETUPS = ("bf16-lora-full", "qlora-full", "longqlora")  # no pool on a GPU; the peer is SmolLM2's
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_flash_attention_forward",
                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_flash_attention_backward",
@@ -314,7 +315,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=MODELS, default="smollm2-135m")
     parser.add_argument("--setups", nargs="+", choices=SETUPS,
-                        help=f"default: all on a GPU, {' '.join(CPU_SETUPS)} on a CPU")
+                        help=f"default: {' '.join(GPU_SETUPS)} on a GPU, {' '.join(CPU_SETUPS)} on a CPU")
     parser.add_argument("--lengths", type=int, nargs="+", help="default: 1k 2k 4k (SmolLM2), 8k (LLaMA2-7B)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
     parser.add_argument("--budget-gb", type=float, default=20.0, help="host memory budget of one run (GB)")
@@ -333,7 +334,9 @@ def main(argv=None) -> None:
     record = machine()
     warn_load("at the start")
     args.cuda = "CPU" not in record["device"]
-    args.setups = args.setups or (list(SETUPS) if args.cuda else list(CPU_SETUPS))
+    args.setups = args.setups or list(GPU_SETUPS if args.cuda else CPU_SETUPS)
+    if "peft-plain" in args.setups and args.model != "smollm2-135m":
+        parser.error("--setups peft-plain: the plain peft peer is SmolLM2-135M's (bench.memory.build_peft_plain)")
     if args.model != "smollm2-135m" and not args.cuda:
         parser.error(f"--model {args.model} is a GPU benchmark (a step on this CPU would take hours)")
     args.lengths = sorted(args.lengths or DEFAULT_LENGTHS[args.model])
