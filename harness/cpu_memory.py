@@ -55,6 +55,8 @@ def apply_recipe_policy(train) -> str | None:
 
 def apply_policy(release: bool, cache_mb: int) -> str:
     """Set the CPU policy of this process; returns what it set, for the run's log."""
+    if "pool" in _LOADED and not (release and cache_mb):  # an earlier run's pool (same process) keeps nothing now
+        _LOADED["pool"].harness_cpu_cache_install(ctypes.c_size_t(0), ctypes.c_size_t(POOL_MIN_BYTES))
     if not release:
         return "glibc's default malloc policy"
     returned = release_freed_memory()

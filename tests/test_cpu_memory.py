@@ -93,3 +93,17 @@ def test_the_profiler_sees_pooled_tensors_as_torch_allocator_reports_them():
         print(json.dumps(sizes))
     """)
     assert result == [1_024_000, -1_024_000]
+
+
+def test_a_later_run_without_the_pool_empties_the_installed_one():
+    result = run_python("""
+        import json, torch
+        from harness.cpu_memory import apply_policy, pool_stats
+        apply_policy(True, 64)
+        del [torch.empty(256, 1024) for _ in range(8)][:]   # 8 MiB freed into the pool
+        before = pool_stats().kept
+        said = apply_policy(True, 0)
+        a = torch.empty(256, 1024); del a                  # freed, and not kept
+        print(json.dumps({"before": before, "said": said, "after": pool_stats().kept}))
+    """)
+    assert result == {"before": 8 * 2**20, "said": "freed memory returned to the OS", "after": 0}
