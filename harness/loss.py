@@ -2,9 +2,11 @@
 
 `CausalLMLoss` wraps a (peft) causal LM so engines see one module whose forward returns
 the loss. With `chunked = True` the output head and the cross-entropy run over chunks of
-`chunk_tokens` positions, each under activation checkpointing: the (B, L, V) fp32 logits
-of a long sequence (LLaMA2 at 32k: 32768 x 32000 x 4 B = 4 GiB) never exist at once, and
-the backward pass recomputes one chunk's logits at a time.
+`chunk_tokens` positions: the (B, L, V) fp32 logits of a long sequence (LLaMA2 at 32k:
+32768 x 32000 x 4 B = 4 GiB) never exist at once, and the gradient is taken one chunk's
+logits at a time: in the forward itself for a frozen head (LoRA, QLoRA: two head GEMMs per
+chunk, the logits turned into their gradient in place), by recomputing each chunk in the
+backward for a trained one (three GEMMs).
 
 The loss is the mean over target tokens (labels != -100) of the batch, as in transformers.
 Under sequence parallelism (`sequence=` a harness.backends.sequence_parallel.SequenceShards)
@@ -53,12 +55,76 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: t
 
 def chunked_nll_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                     chunk_tokens: int = 1024) -> torch.Tensor:
-    """Summed NLL of hidden (N, d) against targets (N,), chunks of `chunk_tokens` checkpointed."""
+    """Summed NLL of hidden (N, d) against targets (N,), one chunk of `chunk_tokens` at a time.
+
+    A frozen head's loss takes its gradient as it goes (_NllSumTakingGradient: the head runs
+    once forward and once backward per chunk, and one (n, V) fp32 buffer serves the chunk); a
+    trained or ZeRO-3-partitioned one is checkpointed per chunk (forward, then forward again
+    and backward, with the log-softmax and two gradients of (n, V) at once).
+    """
+    if torch.is_grad_enabled() and hidden.requires_grad and _frozen_and_whole(head):
+        return _NllSumTakingGradient.apply(hidden, targets, head, chunk_tokens)
     total = _at_least_fp32(hidden.new_zeros(()))
     for start in range(0, targets.numel(), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
         total = total + checkpoint(_chunk_nll_sum, head, hidden[piece], targets[piece], use_reentrant=False)
     return total
+
+
+def _frozen_and_whole(head: torch.nn.Module) -> bool:
+    """No parameter trains and none is a ZeRO-3 partition (whose gathering follows module hooks)."""
+    return not any(p.requires_grad or hasattr(p, "ds_id") for p in head.parameters())
+
+
+class _NllSumTakingGradient(torch.autograd.Function):
+    """Summed NLL of hidden (N, d) through a frozen head; its gradient w.r.t. hidden is taken
+    chunk by chunk in the forward and kept, (N, d) like the gradient the backward would build."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, chunk_tokens):
+        gradient = torch.empty_like(hidden)
+        total = _at_least_fp32(hidden.new_zeros(()))
+        for start in range(0, targets.numel(), chunk_tokens):
+            piece = slice(start, start + chunk_tokens)
+            nll, gradient[piece] = _chunk_nll_sum_and_gradient(head, hidden[piece], targets[piece])
+            total += nll
+        ctx.save_for_backward(gradient)
+        ctx.spent = False
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        if ctx.spent:
+            raise RuntimeError("the chunked loss's backward ran twice; its gradient is scaled in place once")
+        ctx.spent = True
+        (gradient,) = ctx.saved_tensors
+        return gradient.mul_(grad_total.to(gradient.dtype)), None, None, None
+
+
+def _chunk_nll_sum_and_gradient(head: torch.nn.Module, hidden: torch.Tensor,
+                                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL, its gradient w.r.t. hidden) of one chunk, hidden (n, d), targets (n,).
+
+    One (n, V) fp32 buffer holds the logits, then in place their softmax, then the logits'
+    gradient softmax - onehot(target); the head's own backward takes it to hidden. (A 16-bit
+    head's output buffer is reused for that gradient's cast.)
+    """
+    with torch.enable_grad():
+        leaf = hidden.detach().requires_grad_()
+        out = head(leaf)  # (n, V); the head's backward needs its weight, not this output
+    logits = _at_least_fp32(out.detach())  # out itself where it is fp32 or wider
+    picked = targets.clamp(min=0)[:, None]  # (n, 1); ignored rows are zeroed below
+    target_logits = logits.gather(1, picked).squeeze(1)
+    peak = logits.amax(dim=1, keepdim=True)
+    probs = logits.sub_(peak).exp_()
+    sums = probs.sum(dim=1, keepdim=True)
+    probs.div_(sums)
+    counted = targets != IGNORE_INDEX
+    nll = (sums.log().add_(peak).squeeze(1) - target_logits).mul_(counted).sum()
+    probs.scatter_add_(1, picked, probs.new_full(picked.shape, -1.0))  # softmax - onehot: d nll / d logits
+    upstream = probs if out.dtype == probs.dtype else out.detach().copy_(probs)
+    (gradient,) = torch.autograd.grad(out, leaf, upstream)
+    return nll, gradient.mul_(counted[:, None])  # rows are independent: an ignored row has no gradient
 
 
 def full_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -255,7 +255,8 @@ class Dtypes:
     linear: int  # outputs of the projections: MLP intermediates, q/k/v before attention
     attention: int  # q/k/v/out as the attention kernel saves them
     lora_input: int  # the dropout output saved by lora_A, and lora_A's output
-    mask: int  # dropout mask: bool (CUDA's fused native_dropout, harness.dropout on the CPU)
+    mask: float  # dropout mask per element: bool on CUDA (native_dropout); int64 drop positions on the CPU
+    #              (harness.dropout), 8 p bytes
 
 
 @dataclass(frozen=True)
@@ -397,7 +398,7 @@ def _dtypes(recipe: Recipe, device: policy.Device, precision: str, deepspeed: bo
         base_weights=base, lora=lora, stream=stream, linear=linear,
         attention=half if autocast else linear,  # sdpa / matmul under autocast save cast copies
         lora_input=half if autocast else lora,  # lora_A casts its input to its own dtype without autocast
-        mask=1,
+        mask=1 if device.cuda else 8 * recipe.adapter.dropout,
     )
 
 
@@ -523,7 +524,7 @@ def _linear_saves(setup: Setup) -> dict[str, int]:
     trained = [name for name in (setup.targets if setup.rank else ALL_LINEAR) if name in inputs]  # this family's
     if setup.rank and (setup.dropout > 0 or setup.autocast):
         mask = t.mask if setup.dropout > 0 else 0
-        return {name: inputs[name] * (mask + t.lora_input) + setup.rank * t.lora_input for name in trained}
+        return {name: round(inputs[name] * (mask + t.lora_input)) + setup.rank * t.lora_input for name in trained}
     firsts = [next((name for name in group if name in trained), None) for group in _SHARED_INPUTS]
     saves = {name: inputs[name] * t.linear for name in firsts if name}
     for name in trained if setup.rank else ():
@@ -602,12 +603,24 @@ def dequantize_bytes(setup: Setup) -> int:
 
 
 def loss_bytes(setup: Setup) -> int:
-    """Output head + cross-entropy workspace at its peak (the backward of one chunk).
+    """Output head + cross-entropy workspace at its peak, bytes.
 
-    Per logit: the saved fp32 log_softmax, the gradient of the NLL and of the log_softmax
-    (3 x 4 bytes); the head's own (N, V) output in a 16-bit dtype is freed by then.
+    The chunked loss through a frozen head (harness.loss._chunk_nll_sum_and_gradient): one fp32
+    buffer per logit that becomes the logits' gradient in place, plus the head's 16-bit output
+    where there is one (4 or 6 bytes). Otherwise the backward of one chunk (or of all logits):
+    the saved fp32 log_softmax, the gradient of the NLL and of the log_softmax (3 x 4 bytes);
+    the head's 16-bit output is freed by then.
     """
+    if setup.chunked and head_is_frozen(setup):
+        sixteen_bit_output = setup.autocast or setup.dtypes.base_weights == 2
+        return loss_positions(setup) * setup.shape.vocab * (6 if sixteen_bit_output else 4)
     return loss_positions(setup) * setup.shape.vocab * 12
+
+
+def head_is_frozen(setup: Setup) -> bool:
+    """LoRA without trained embeddings, and no ZeRO-3 partition of the head (harness.loss._frozen_and_whole)."""
+    zero3 = setup.deepspeed is not None and setup.deepspeed.stage == 3
+    return setup.rank > 0 and not setup.trainable_embeddings and not zero3
 
 
 def loss_positions(setup: Setup) -> int:
@@ -923,7 +936,7 @@ def _held_part(setup: Setup, layer_saved: int) -> Part:
                     phases=("attention", "mlp", "loss"), dynamic=True,
                     note=f"{s.layers} x (B, L, d), {8 * t.stream}-bit")
     layer_input = tokens * s.hidden * 4 * (t.stream == 4)  # an fp32 input is what the input norm saves
-    masks = 3 * s.hidden * t.mask if setup.rank and setup.dropout > 0 else 0  # q/k/v dropout masks
+    masks = round(3 * s.hidden * t.mask) if setup.rank and setup.dropout > 0 else 0  # q/k/v dropout masks
     first_layer_saves_less = tokens * (s.hidden * 4 + 4 + masks)
     other_layers = (s.layers - 1) * (layer_saved + layer_input) - first_layer_saves_less * (s.layers > 1)
     return Part("stored activations (other layers)", other_layers + layer_input, phases=("attention", "mlp", "loss"),

@@ -8,33 +8,52 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from harness.dropout import CpuLoraDropout, keep_mask, use_cpu_lora_dropout
+from harness.dropout import CpuLoraDropout, drop_positions, use_cpu_lora_dropout
+
+
+def _keep(count: int, p: float) -> torch.Tensor:
+    """The float keep mask (1 kept, 0 dropped) that drop_positions draws for `count` elements."""
+    positions = drop_positions(count, p)
+    assert positions.dtype == torch.int64 and bool((positions.diff() > 0).all())  # sorted, no repeats
+    assert positions.numel() == 0 or 0 <= int(positions[0]) and int(positions[-1]) < count
+    return torch.ones(count, dtype=torch.float64).index_fill_(0, positions, 0)
+
+
+def _assert_bernoulli(kept: torch.Tensor, p: float) -> None:
+    """Keep rate 1 - p, and disjoint neighbour pairs both kept at (1 - p)^2, each to 5 sigma."""
+    count = kept.numel()
+    assert abs(kept.mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / count)
+    pairs = kept[: count - count % 2].view(-1, 2).prod(dim=1)
+    both = (1 - p) ** 2
+    assert abs(pairs.mean().item() - both) < 5 * math.sqrt(both * (1 - both) / pairs.numel())
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
-def test_each_element_is_kept_with_probability_one_minus_p(p):
+def test_each_element_is_dropped_independently_with_probability_p(p):
     torch.manual_seed(0)
-    count = 4_000_001  # odd: the last 64-bit draw gives one lane
-    kept = keep_mask(torch.Size([count]), p).double()
-    sigma = math.sqrt(p * (1 - p) / count)
-    assert abs(kept.mean().item() - (1 - p)) < 5 * sigma
-    # the two lanes of one draw are independent: the keep rate of pairs is (1 - p)^2
-    pairs = kept[: count - 1].view(-1, 2).prod(dim=1)
-    assert abs(pairs.mean().item() - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 * (1 - (1 - p) ** 2) / pairs.numel())
+    _assert_bernoulli(_keep(4_000_001, p), p)
 
 
-def test_forward_and_backward_are_dropout_of_the_mask_it_drew():
+def test_gaps_drawn_again_when_the_first_ones_fall_short_keep_the_distribution(monkeypatch):
+    import harness.dropout
+
+    monkeypatch.setattr(harness.dropout, "MARGIN_SIGMAS", -20)  # the first batch of gaps nearly always ends early
+    torch.manual_seed(5)
+    _assert_bernoulli(torch.cat([_keep(1000, 0.3) for _ in range(2000)]), 0.3)
+
+
+def test_forward_and_backward_are_dropout_at_the_positions_it_drew():
     torch.manual_seed(1)
     x = torch.randn(64, 96, requires_grad=True)
     dropout = CpuLoraDropout(0.25).train()
     state = torch.get_rng_state()
     y = dropout(x)
     torch.set_rng_state(state)
-    keep = keep_mask(x.shape, 0.25)
-    assert torch.equal(y, x.detach() * keep * (1 / 0.75))
+    keep = torch.ones(x.numel()).index_fill_(0, drop_positions(x.numel(), 0.25), 0).view(x.shape)
+    assert torch.equal(y, x.detach() * (1 / 0.75) * keep)
     grad = torch.randn_like(y)
     y.backward(grad)
-    assert torch.equal(x.grad, grad * keep * (1 / 0.75))
+    assert torch.equal(x.grad, grad * (1 / 0.75) * keep)
 
 
 def test_eval_mode_p_zero_and_one_are_nn_dropouts():

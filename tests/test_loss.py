@@ -7,20 +7,56 @@ import torch
 from harness.loss import CausalLMLoss, chunk_tokens_for, chunked_cross_entropy, full_cross_entropy
 
 
+@pytest.mark.parametrize("head_trains", [True, False])  # checkpointed chunks | gradient taken in the forward
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
-def test_chunked_loss_and_gradients_equal_the_plain_loss(chunk):
+def test_chunked_loss_and_gradients_equal_the_plain_loss(chunk, head_trains):
     torch.manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=False).double()
+    head = torch.nn.Linear(16, 50, bias=False).double().requires_grad_(head_trains)
     hidden = torch.randn(2, 33, 16, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 50, (2, 33))
     labels[0, 5:9] = -100  # masked positions are excluded from both
+    trained = [hidden, head.weight] if head_trains else [hidden]
     plain = full_cross_entropy(head(hidden), labels)
-    plain_grads = torch.autograd.grad(plain, [hidden, head.weight])
+    plain_grads = torch.autograd.grad(plain * 3, trained)  # a scaled loss scales the gradient
     chunked = chunked_cross_entropy(hidden, head, labels, chunk_tokens=chunk)
-    chunked_grads = torch.autograd.grad(chunked, [hidden, head.weight])
+    chunked_grads = torch.autograd.grad(chunked * 3, trained)
     torch.testing.assert_close(chunked, plain, rtol=1e-12, atol=1e-12)  # float64: equal to rounding
     for got, want in zip(chunked_grads, plain_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["soft-capped", "bf16"])
+def test_frozen_soft_capped_and_16_bit_heads_take_the_plain_losss_gradient(kind):
+    """The in-place softmax gradient through a head that caps its logits, or whose output is bf16."""
+    from harness.loss import SoftCapped
+
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(16, 40, bias=False).requires_grad_(False)
+    head = SoftCapped(linear, cap=0.5) if kind == "soft-capped" else linear.bfloat16()
+    dtype = torch.float32 if kind == "soft-capped" else torch.bfloat16
+    hidden = torch.randn(1, 21, 16, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 40, (1, 21))
+    labels[0, 3] = -100
+    plain = full_cross_entropy(head(hidden), labels)
+    (want,) = torch.autograd.grad(plain, hidden)
+    chunked = chunked_cross_entropy(hidden, head, labels, chunk_tokens=8)
+    (got,) = torch.autograd.grad(chunked, hidden)
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(chunked, plain, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance * want.abs().max().item())
+
+
+def test_a_frozen_head_runs_once_per_chunk_and_its_gradient_once():
+    head = torch.nn.Linear(8, 20, bias=False).requires_grad_(False)
+    calls = []
+    head.register_forward_hook(lambda *_: calls.append(1))
+    hidden = torch.randn(1, 31, 8, requires_grad=True)
+    labels = torch.randint(0, 20, (1, 31))
+    loss = chunked_cross_entropy(hidden, head, labels, chunk_tokens=10)
+    loss.backward(retain_graph=True)
+    assert len(calls) == 3  # 30 positions in chunks of 10; the checkpointed path would run 6
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
 
 
 def test_wrapper_matches_the_model_loss(tiny_model):
