@@ -26,7 +26,7 @@ def test_chunked_loss_and_gradients_equal_the_plain_loss(chunk, head_trains):
 
 
 @pytest.mark.parametrize("kind", ["soft-capped", "bf16"])
-def test_frozen_soft_capped_and_16_bit_heads_take_the_plain_losss_gradient(kind):
+def test_frozen_soft_capped_and_16_bit_heads_take_the_plain_loss_gradient(kind):
     """The in-place softmax gradient through a head that caps its logits, or whose output is bf16."""
     from harness.loss import SoftCapped
 
