@@ -236,6 +236,7 @@ class Row:
 
 
 FULL = 'attention.name="full"'
+PI = 'position.name="linear"'  # the paper's Position Interpolation (the recipe's default is YaRN)
 BASE_32BIT = 'quantization.name="none"'
 FULL_FINETUNING = (BASE_32BIT, 'adapter.name="none"', FULL, "train.lr=3e-4")  # a full model takes a smaller rate
 
@@ -244,16 +245,18 @@ GRID = (
     Row("pi", "zero-shot PI", position="linear"),
     Row("ntk", "zero-shot dynamic NTK", position="dynamic"),
     Row("yarn", "zero-shot YaRN", position="yarn"),
-    Row("longqlora", "LongQLoRA (PI + NF4 + LoRA r64 + S2)", train=()),
-    Row("qlora-full", "QLoRA r64, full attention", train=(FULL,)),
-    Row("lora-full", "LoRA r64, 16/32-bit base, full attention", train=(BASE_32BIT, FULL)),
-    Row("full-ft", "full fine-tuning, full attention", train=FULL_FINETUNING),
-    Row("longqlora-s2-eval", "LongQLoRA, S2 at inference", run="longqlora", attention="s2"),
-    Row("longqlora-r8", "LongQLoRA, LoRA r8", train=("adapter.r=8",)),
-    Row("longqlora-quarter", "LongQLoRA, 1/4 of the steps", run="longqlora", fraction=0.25),
-    Row("longqlora-half", "LongQLoRA, 1/2 of the steps", run="longqlora", fraction=0.5),
-    # Why S2-trained LongQLoRA loses to full attention at 4x here: groups twice as long (512).
-    Row("longqlora-groups-half", "LongQLoRA, S2 groups of 1/2", train=("attention.group_ratio=0.5",)),
+    Row("longqlora", "LongQLoRA (YaRN + NF4 + LoRA r64 + S2)", train=()),
+    Row("qlora-full", "QLoRA r64, YaRN, full attention", train=(FULL,)),
+    Row("longqlora-pi", "LongQLoRA as in the paper (PI + NF4 + LoRA r64 + S2)", train=(PI,)),
+    Row("qlora-full-pi", "QLoRA r64, PI, full attention", train=(PI, FULL)),
+    Row("lora-full", "LoRA r64, PI, 16/32-bit base, full attention", train=(PI, BASE_32BIT, FULL)),
+    Row("full-ft", "full fine-tuning, PI, full attention", train=(PI, *FULL_FINETUNING)),
+    Row("longqlora-s2-eval", "LongQLoRA (PI), S2 at inference", run="longqlora-pi", attention="s2"),
+    Row("longqlora-r8", "LongQLoRA (PI), LoRA r8", train=(PI, "adapter.r=8")),
+    Row("longqlora-quarter", "LongQLoRA (PI), 1/4 of the steps", run="longqlora-pi", fraction=0.25),
+    Row("longqlora-half", "LongQLoRA (PI), 1/2 of the steps", run="longqlora-pi", fraction=0.5),
+    # Why PI + S2 breaks under full attention past its group here: groups twice as long (512).
+    Row("longqlora-groups-half", "LongQLoRA (PI), S2 groups of 1/2", train=(PI, "attention.group_ratio=0.5")),
 )
 
 

@@ -103,14 +103,15 @@ def test_grid_rows_are_consistent():
             assert source.train is not None and row.train is None, row.name
             assert not (row.fraction < 1 and source.full_finetuning)  # full fine-tuning keeps no checkpoints
         assert 0 < row.fraction <= 1 and row.attention in ("full", "s2")
-    assert [row.name for row in tb.trained_rows(tb.GRID)] == ["longqlora", "qlora-full", "lora-full", "full-ft",
+    assert [row.name for row in tb.trained_rows(tb.GRID)] == ["longqlora", "qlora-full", "longqlora-pi",
+                                                              "qlora-full-pi", "lora-full", "full-ft",
                                                               "longqlora-r8", "longqlora-groups-half"]
-    assert [row.name for row in tb.trained_rows([tb.row_named("longqlora-half")])] == ["longqlora"]
+    assert [row.name for row in tb.trained_rows([tb.row_named("longqlora-half")])] == ["longqlora-pi"]
 
 
 def test_checkpoints_the_fraction_rows_read():
-    assert tb.checkpoint_steps(tb.GRID, "longqlora", 200) == [50, 100]
-    assert tb.save_every(tb.GRID, "longqlora", 200) == 50
+    assert tb.checkpoint_steps(tb.GRID, "longqlora-pi", 200) == [50, 100]
+    assert tb.save_every(tb.GRID, "longqlora-pi", 200) == 50
     assert tb.save_every(tb.GRID, "lora-full", 200) == 0
     assert tb.save_every([tb.row_named("longqlora")], "longqlora", 200) == 0
 
@@ -128,6 +129,8 @@ def test_every_trained_row_resolves_with_equal_steps_and_tokens(saved_testbed, t
         assert recipe.resolved.group_size == (groups if recipe.attention.name == "s2" else 0)
     assert len({(r.train.max_steps, r.resolved.tokens_per_step, r.data.path) for r in resolved.values()}) == 1
     assert resolved["longqlora"].quantization.name == "nf4" and resolved["longqlora"].adapter.r == 64
+    assert resolved["longqlora"].position.name == "yarn" and resolved["longqlora-pi"].position.name == "linear"
+    assert {name for name, r in resolved.items() if r.position.name == "yarn"} == {"longqlora", "qlora-full"}
     assert resolved["lora-full"].quantization.name == "none" and resolved["lora-full"].attention.name == "full"
     assert resolved["longqlora-r8"].adapter.r == 8
     full = resolved["full-ft"]
@@ -150,7 +153,7 @@ def test_what_each_row_evaluates(saved_testbed, tmp_path):
     assert spec("pi") == {"model": str(saved_testbed), "rope_factor": 4.0}
     assert spec("longqlora") == {"model": str(saved_testbed), "adapter": str(run / "final"), "attention": "full"}
     assert spec("longqlora-s2-eval")["attention"] == "s2"
-    assert spec("longqlora-quarter")["adapter"] == str(run / "checkpoint-50")
+    assert spec("longqlora-quarter")["adapter"] == str(run / "checkpoint-50")  # run is longqlora-pi's here
     assert spec("full-ft") == {"model": str(run / "final"), "tokenizer": str(saved_testbed), "attention": "full"}
     assert tb.evaluated_model(tb.row_named("pi"), saved_testbed, run, 200, factor=2)["rope_factor"] == 2.0
 
@@ -178,14 +181,17 @@ def records(values: dict) -> list[dict]:
 def test_targets_from_records():
     from bench.testbed import targets
 
-    found = targets(records({("base", 256): 10.0, ("longqlora", 1024): 10.4, ("lora-full", 1024): 10.2,
-                             ("longqlora-s2-eval", 1024): 12.0, ("longqlora-r8", 1024): 10.3}),
-                    {"longqlora": {"tokens_per_s": 150.0}, "lora-full": {"tokens_per_s": 100.0}}, native=256)
+    found = targets(records({("base", 256): 10.0, ("longqlora", 1024): 10.4, ("qlora-full", 1024): 10.2,
+                             ("longqlora-pi", 1024): 20.0, ("qlora-full-pi", 1024): 10.5,
+                             ("longqlora-s2-eval", 1024): 12.0, ("longqlora-r8", 1024): 19.0}),
+                    {"longqlora": {"tokens_per_s": 150.0}, "qlora-full": {"tokens_per_s": 100.0}}, native=256)
     assert found["longqlora_top_vs_base_1x"] == {"value": pytest.approx(1.04), "met": True}
-    assert found["longqlora_vs_lora_full_top"]["met"] is True
-    assert found["longqlora_speed_vs_lora_full"] == {"value": 1.5, "met": True}
-    assert found["s2_at_inference_vs_full_top"]["met"] is True
-    assert found["rank64_vs_rank8_top"]["met"] is False  # 10.4 > 10.3
+    assert found["longqlora_top_vs_qlora_full"] == {"value": pytest.approx(10.4 / 10.2), "met": True}
+    assert found["longqlora-pi_top_vs_base_1x"] == {"value": pytest.approx(2.0), "met": False}
+    assert found["longqlora-pi_top_vs_qlora_full_pi"]["met"] is False
+    assert found["longqlora_speed_vs_qlora_full"] == {"value": 1.5, "met": True}
+    assert found["s2_at_inference_vs_full_top"]["met"] is False  # 12.0 < 20.0: S2 at inference reads 1024 better
+    assert found["rank64_vs_rank8_top"]["met"] is False  # 20.0 > 19.0
     assert targets([], {}, native=256)["longqlora_top_vs_base_1x"] == {"value": None, "met": None}
 
 
