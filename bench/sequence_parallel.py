@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import (GB, RESULTS_DIR, SMOLLM2, child_env, current_rss, emit, machine, peak_rss,  # noqa: E402
                           reset_peak_rss, run_child)
 
-BOOK = ROOT.parent / "shared" / "data" / "books" / "jack_sheppard.txt"
+BOOK = ROOT / "recipes" / "data" / "books" / "jack_sheppard.txt"
 SMALL_LLAMA = ("model.init_config={vocab_size=260, hidden_size=256, intermediate_size=688, num_hidden_layers=4, "
                "num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096, rope_theta=10000.0, "
                "bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=false}")

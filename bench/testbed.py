@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
-import os
 import subprocess
 import sys
 import time
@@ -36,9 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS_DIR, ROOT, load_average, machine, shown, warn_load  # noqa: E402
 from harness import testbed as tb  # noqa: E402
 
-BOOKS = ROOT / "recipes" / "data" / "books"  # shipped with the project (public domain)
-TRAIN_BOOKS = ("jack_sheppard.txt", "news_from_nowhere.txt", "the_devils_dictionary.txt")
-HELD_OUT = "the_complete_angler.txt"
 PROTOCOLS = ("strided", "longlora")
 EVAL_BATCH = 8  # windows per forward pass: a 4.7M model's matrices are too small to keep 2 cores busy one by one
 
@@ -69,10 +64,6 @@ def lengths_of(args, native: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- data and testbed
-
-def corpus(output: Path) -> tb.Corpus:
-    return tb.split_corpus([BOOKS / name for name in TRAIN_BOOKS], BOOKS / HELD_OUT, output / "data")
-
 
 # --------------------------------------------------------------------------- training
 
@@ -128,7 +119,7 @@ def evaluate_row(row: tb.Row, spec: dict, data: tb.Corpus, protocol: str, length
 
 def run_grid(args) -> tuple[Path, list[dict], dict]:
     """(testbed, perplexity rows, training stats by run name)."""
-    data = corpus(args.output)
+    data = tb.books_corpus(args.output / "data")
     testbed = tb.build_testbed(data, args.pretrain)
     lengths = lengths_of(args, tb.native_window(testbed))
     root = args.output / testbed.name

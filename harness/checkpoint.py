@@ -81,12 +81,14 @@ def read_trainer_state(directory: Path, rank: int) -> dict:
     return state
 
 
-def prune(output_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints (0 = keep all)."""
+def prune(output_dir: Path, keep: int, *, keep_step: int | None = None) -> None:
+    """Keep the newest `keep` checkpoints (0 = keep all), and the one of step `keep_step` (the best
+    held-out evaluation) besides."""
     if keep <= 0:
         return
-    for _, path in checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+    for step, path in checkpoints(output_dir)[:-keep]:
+        if step != keep_step:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def rng_state() -> dict:

@@ -133,8 +133,11 @@ class TrainConfig:
     fp32_frozen_weights: bool = False  # QLoRA: peft's fp32 cast of embeddings, norms, head (fp32 residual stream)
     tiled_mlp: bool = False  # MLP in sequence tiles, recomputed in backward (harness.tiled): long sequences
     log_every: int = 1
-    eval_every: int = 0
-    eval_batches: int = 0  # 0 = the whole held-out split
+    eval_every: int = 0  # held-out perplexity every N steps (and at the end, whenever there is held-out data)
+    eval_batches: int = 0  # held-out samples scored at each evaluation; 0 = the whole held-out split
+    eval_s2: bool = False  # also score the target length under S2 (where S2 trains)
+    eval_rises: int = 2  # warn when full-attention perplexity at the target rose this many evaluations in a row
+    eval_stop: bool = False  # ... and stop the run there (checkpoint saved, no final/)
     save_every: int = 0  # 0 = only the final export
     keep_checkpoints: int = 2
     resume: str = "never"  # never | auto
@@ -162,6 +165,8 @@ class Resolved:
     world_size: int = 1
     effective_batch_size: int = 0  # sequences per optimizer step
     tokens_per_step: int = 0
+    best_eval_step: int = 0  # the step of the lowest held-out perplexity at seq_len, full attention (0: none yet)
+    best_eval_ppl: float = 0.0  # that perplexity
 
 
 @dataclass(frozen=True)
@@ -354,6 +359,12 @@ def _check_lengths(recipe: Recipe, where: str) -> None:
     _positive(where, "train.grad_accum", train.grad_accum)
     _positive(where, "train.lr", train.lr)
     _positive(where, "train.log_every", train.log_every)
+    _positive(where, "train.eval_every", train.eval_every, allow_zero=True)
+    _positive(where, "train.eval_batches", train.eval_batches, allow_zero=True)
+    _positive(where, "train.eval_rises", train.eval_rises, allow_zero=True)
+    if train.eval_stop and not train.eval_rises:
+        raise RecipeError(f"{where}train.eval_stop = true needs train.eval_rises > 0 (how many rises in a row stop "
+                          f"the run), e.g. train.eval_rises = 2")
     _positive(where, "train.cpu_cache_mb", train.cpu_cache_mb, allow_zero=True)
     _positive(where, "engine.sequence_parallel_size", recipe.engine.sequence_parallel_size)
     if train.max_steps <= 0 and train.epochs <= 0:
@@ -520,6 +531,7 @@ def resolve(recipe: Recipe, *, world_size: int | None = None, original_context: 
     resolved = Resolved(
         original_context=original, rope_factor=factor, seq_len=seq_len, group_size=group_size,
         weights_dtype=weights_dtype or recipe.resolved.weights_dtype, world_size=world_size, effective_batch_size=effective, tokens_per_step=effective * seq_len,
+        best_eval_step=recipe.resolved.best_eval_step, best_eval_ppl=recipe.resolved.best_eval_ppl,
     )
     return dataclasses.replace(recipe, resolved=resolved)
 

@@ -35,6 +35,9 @@ from harness.errors import HarnessError
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN_RECIPE = ROOT / "recipes" / "testbed_pretrain.toml"
 EXTEND_RECIPE = ROOT / "recipes" / "testbed_longqlora.toml"
+BOOKS = ROOT / "recipes" / "data" / "books"  # public domain, shipped: the demo and the grid run offline
+TRAIN_BOOKS = ("jack_sheppard.txt", "news_from_nowhere.txt", "the_devils_dictionary.txt")
+HELD_OUT_BOOK = "the_complete_angler.txt"  # nothing trains on it; every row is scored on it
 VALIDATION_CHARS = 16_000  # the tail of each training document held out for the plateau
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 RECORD_FILE = "testbed.json"
@@ -71,6 +74,11 @@ def split_corpus(train_files: Sequence[Path], held_out: Path, folder: Path,
     validation = folder / "validation.txt"
     _write_if_changed(validation, "\n\n".join(text[-tail_chars:] for text in texts.values()))
     return Corpus(train_dir, validation, Path(held_out))
+
+
+def books_corpus(folder: Path) -> Corpus:
+    """The shipped books, split: three train (their tails validate), The Complete Angler is held out."""
+    return split_corpus([BOOKS / name for name in TRAIN_BOOKS], BOOKS / HELD_OUT_BOOK, folder)
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -286,7 +294,8 @@ def extension_overrides(testbed: Path, corpus: Corpus, run_dir: Path, *, steps: 
     cannot resume in the harness yet, so an unfinished one starts over."""
     length = [f"position.target_length={target_length}", f"data.max_seq_length={target_length}"] if target_length else []
     resume = ["train.resume=\"never\"", "train.overwrite=true"] if row.full_finetuning else ["train.resume=\"auto\""]
-    return [f'model.name_or_path="{testbed}"', f'data.path="{corpus.train}"',
+    validation = [f'data.eval_path="{corpus.validation}"'] if corpus.validation else ["train.eval_every=0"]
+    return [f'model.name_or_path="{testbed}"', f'data.path="{corpus.train}"', *validation,
             f'train.output_dir="{run_dir}"', f"train.max_steps={steps}",
             f"train.save_every={0 if row.full_finetuning else save_every}", *resume, *length, *(row.train or ())]
 

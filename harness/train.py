@@ -9,6 +9,9 @@ Reads top to bottom:
               a resumable, rank-sliced order
     model   = base -> PI -> 4-bit -> attention -> LoRA (harness.model)
     loop    = micro-batches x grad_accum -> one optimizer step; log, eval, checkpoint
+              (eval: held-out perplexity with full attention at the target length and in windows
+              of the original context, harness.evaluation.in_training, watched for S2 that does
+              not transfer)
     export  = <output_dir>/final: PEFT adapter + resolved recipe + rope parameters
 
 SIGTERM / SIGINT finish the current optimizer step, save a checkpoint and return; the next
@@ -18,7 +21,7 @@ scheduler, RNG and data position are all restored.
 from __future__ import annotations
 
 import contextlib
-import math
+import dataclasses
 import random
 import resource
 import signal
@@ -34,6 +37,7 @@ from harness import checkpoint, policy, registry, rundir
 from harness.backends.engine import Engine, Hyper
 from harness.cpu_memory import apply_recipe_policy
 from harness.errors import HarnessError, first_line
+from harness.evaluation.in_training import LongContextEval, TransferWatch, transfer_hint
 from harness.loss import CausalLMLoss
 from harness.metrics import MetricsLog, check_trackers, drop_metrics_after
 from harness.model import build_model, load_base
@@ -238,12 +242,18 @@ class Loop:
         self.step = 0
         self.stop_signal: str | None = None
         self.after_step = after_step or (lambda step: None)
+        self.evaluator, self.watch = _long_context_eval(recipe, engine, self.collate)
+        self.train_losses: list[float] = []  # since the last evaluation
+        if recipe.train.eval_every and data.eval is None:
+            console.print(f"[yellow]train.eval_every = {recipe.train.eval_every} but there is no held-out data: set "
+                          f"data.eval_path or data.eval_fraction to see held-out perplexity during training[/]")
 
     def resume(self, directory: Path) -> None:
         state = checkpoint.read_trainer_state(directory, self.engine.rank)
         checkpoint.load_adapter_weights(self.engine.unwrap().model, directory)
         self.engine.load_state(directory)
         self.order.load_state_dict(state["data"])
+        self.watch.load_state_dict(state.get("watch", {}))
         self.step = state["step"]
         if self.engine.rank == 0:
             drop_metrics_after(self.output_dir / rundir.METRICS_FILE, self.step)
@@ -261,10 +271,11 @@ class Loop:
                 loss, tokens = self._optimizer_step(batches)
                 self.step += 1
                 record = self._record(loss, tokens, time.perf_counter() - started)
+                self.train_losses.append(record["loss"])
                 progress.update(self.step, record)
                 if self.step % self.recipe.train.log_every == 0 or self.step == self.total:
                     metrics.write(record)
-                self._maybe_evaluate(metrics)
+                self._maybe_evaluate(metrics, progress)
                 self._maybe_checkpoint()
                 self.after_step(self.step)
         metrics.close()
@@ -274,6 +285,7 @@ class Loop:
                                f"Continue with --resume.[/]")
             return
         self.export()
+        self._report_best()
 
     def _optimizer_step(self, batches) -> tuple[float, int]:
         """grad_accum micro-batches -> one optimizer step; returns (mean loss, tokens seen)."""
@@ -306,31 +318,47 @@ class Loop:
 
     # ----------------------------------------------------------------------- eval
 
-    def _maybe_evaluate(self, metrics: MetricsLog) -> None:
+    def _maybe_evaluate(self, metrics: MetricsLog, progress: Progress) -> None:
+        """Every train.eval_every steps and at the last step: held-out perplexity (full attention) at
+        the target and in windows of the original context; the watch warns (or stops the run) when
+        the target's rises while the training loss falls."""
         every = self.recipe.train.eval_every
-        if self.data.eval is None or not every or self.step % every:
+        if self.data.eval is None or not (self.step == self.total or (every and self.step % every == 0)):
             return
-        loss = self.evaluate()
-        metrics.write({"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
-        self.console.print(f"step {self.step}: eval loss {loss:.4f}, ppl {math.exp(min(loss, 50)):.2f}")
+        record = {"step": self.step, **self.evaluate()}
+        metrics.write(record)
+        progress.show_eval(record)
+        self.console.print(describe_eval(record, self.recipe))
+        warning = self.watch.add(self.step, record["eval_ppl"], sum(self.train_losses) / max(len(self.train_losses), 1))
+        self.train_losses = []
+        if warning:
+            self.console.print(f"[yellow]{warning}[/]")
+            if self.recipe.train.eval_stop and self.step < self.total:
+                self.stop_signal = "train.eval_stop (full-attention perplexity at the target kept rising)"
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean token loss over (a prefix of) the held-out split, full attention (model.eval())."""
-        module = self.engine.module
-        module.eval()
+    def evaluate(self) -> dict[str, float]:
+        """harness.evaluation.in_training over (a prefix of) this rank's share of the held-out split."""
         count = len(self.data.eval)
         if self.recipe.train.eval_batches:
             count = min(count, self.recipe.train.eval_batches * self.engine.data_world_size)
-        total, weight = 0.0, 0
-        for index in range(self.engine.data_rank, count, self.engine.data_world_size):
-            batch = {k: v.to(self.engine.device) for k, v in self.collate([self.data.eval[index]]).items()}
-            targets = int((batch["labels"][:, 1:] != -100).sum())
-            with self.engine.autocast():
-                total += module(**batch).item() * targets
-            weight += targets
-        module.train()
-        return self.engine.all_mean(total / max(weight, 1)) if weight else float("nan")
+        samples = [self.data.eval[i] for i in range(self.engine.data_rank, count, self.engine.data_world_size)]
+        return self.evaluator.run(self.engine.module, samples)
+
+    def _report_best(self) -> None:
+        best = self.watch.best
+        if best is not None and len(self.watch.history) > 1:
+            where = rundir.checkpoint_dir(self.output_dir, best.step)
+            kept = "final/" if best.step == self.step else (where.name if where.is_dir() else "no checkpoint kept")
+            self.console.print(f"Best held-out perplexity at {self.watch.target} tokens (full attention): "
+                               f"{best.ppl:.2f} at step {best.step} ({kept})")
+
+    def _recipe_to_save(self) -> Recipe:
+        """The recipe with the best evaluation so far (resolved.best_eval_step / best_eval_ppl)."""
+        best = self.watch.best
+        if best is None:
+            return self.recipe
+        resolved = dataclasses.replace(self.recipe.resolved, best_eval_step=best.step, best_eval_ppl=best.ppl)
+        return dataclasses.replace(self.recipe, resolved=resolved)
 
     # ----------------------------------------------------------------------- saving
 
@@ -342,14 +370,16 @@ class Loop:
     def save_checkpoint(self) -> None:
         """checkpoint-<step>/, filled by every rank in a temporary directory, published when complete."""
         final = rundir.checkpoint_dir(self.output_dir, self.step)
-        state = {"step": self.step, "data": self.order.state_dict(), "total_steps": self.total}
+        state = {"step": self.step, "data": self.order.state_dict(), "total_steps": self.total,
+                 "watch": self.watch.state_dict()}
         try:
             with checkpoint.collective_dir(final, self.engine) as tmp:
                 self.engine.save_state(tmp)
                 checkpoint.write_trainer_state(tmp, state, self.engine.rank)
                 self._write_model_files(tmp)
             if self.engine.rank == 0:
-                checkpoint.prune(self.output_dir, self.recipe.train.keep_checkpoints)
+                best = self.watch.best
+                checkpoint.prune(self.output_dir, self.recipe.train.keep_checkpoints, keep_step=best and best.step)
         except OSError as error:
             previous = checkpoint.latest_checkpoint(self.output_dir)
             kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
@@ -361,7 +391,7 @@ class Loop:
         peft_model = self.engine.unwrap().model
         with self.engine.gathered(peft_model):
             if self.engine.rank == 0:
-                rundir.write_model_files(directory, peft_model, self.recipe)
+                rundir.write_model_files(directory, peft_model, self._recipe_to_save())
 
     def export(self) -> None:
         """<output_dir>/final: the adapter, loadable by peft.PeftModel.from_pretrained. Where it
@@ -388,6 +418,28 @@ def rescue_dir(output_dir: Path) -> Path:
     from harness.base_model import cache_root
 
     return cache_root() / "rescued" / f"{output_dir.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _long_context_eval(recipe: Recipe, engine, collate) -> tuple[LongContextEval, TransferWatch]:
+    """The held-out evaluation and its watch for this recipe: windows of the original context
+    (not under sequence parallelism, whose shards need whole sequences), S2 where asked for."""
+    attention, train = recipe.attention, recipe.train
+    window = recipe.resolved.original_context if engine.sequence is None else 0
+    evaluator = LongContextEval(collate, engine.device, engine.autocast, engine.all_mean, window=window,
+                                s2=train.eval_s2 and attention.name == "s2")
+    hint = transfer_hint(recipe.position.name, attention.name, at_inference=attention.at_inference)
+    return evaluator, TransferWatch(recipe.resolved.seq_len, rises=train.eval_rises, hint=hint)
+
+
+def describe_eval(record: dict, recipe: Recipe) -> str:
+    """One line: step 50: held-out perplexity 6.53 at 1024 tokens, 6.41 in windows of 256, 6.40 under S2."""
+    parts = [f"step {record['step']}: held-out perplexity {record['eval_ppl']:.2f} at {recipe.resolved.seq_len} "
+             f"tokens (full attention)"]
+    if "eval_ppl_window" in record:
+        parts.append(f"{record['eval_ppl_window']:.2f} in windows of {recipe.resolved.original_context}")
+    if "eval_ppl_s2" in record:
+        parts.append(f"{record['eval_ppl_s2']:.2f} under S2")
+    return ", ".join(parts)
 
 
 def _activation_offload(enabled: bool):
@@ -443,6 +495,7 @@ class Progress:
             TimeRemainingColumn(), console=console, disable=console.quiet,
         )
         self.task = self.bar.add_task("train", total=total, completed=start, stats="")
+        self.eval = ""  # the last evaluation, shown after the step's figures
 
     def __enter__(self):
         self.bar.__enter__()
@@ -450,8 +503,12 @@ class Progress:
 
     def update(self, step: int, record: dict) -> None:
         stats = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s  "
-                 f"mem {record['peak_memory_gb']:.2f} GB")
+                 f"mem {record['peak_memory_gb']:.2f} GB{self.eval}")
         self.bar.update(self.task, completed=step, stats=stats)
+
+    def show_eval(self, record: dict) -> None:
+        window = f" / {record['eval_ppl_window']:.2f}" if "eval_ppl_window" in record else ""
+        self.eval = f"  eval ppl {record['eval_ppl']:.2f}{window}"
 
     def __exit__(self, *exc):
         self.bar.__exit__(*exc)

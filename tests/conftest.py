@@ -10,7 +10,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_BOOKS = ROOT.parent / "shared" / "data" / "books"
+BOOKS = ROOT / "recipes" / "data" / "books"  # shipped with the project
 
 
 def pytest_addoption(parser):
@@ -99,8 +99,5 @@ def byte_tokenizer():
 
 @pytest.fixture
 def book_path():
-    """Path of a public-domain book from ../shared/data; skips where shared/ is absent."""
-    path = SHARED_BOOKS / "news_from_nowhere.txt"
-    if not path.exists():
-        pytest.skip(f"shared data not found at {path} (only on development and CI machines)")
-    return path
+    """Path of a public-domain book shipped in recipes/data/books."""
+    return BOOKS / "news_from_nowhere.txt"

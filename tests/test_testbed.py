@@ -12,7 +12,7 @@ import pytest
 from harness import testbed as tb
 from harness.base_model import cache_root
 from harness.recipe import load_recipe
-from tests.conftest import ROOT, SHARED_BOOKS, tiny_llama_config
+from tests.conftest import ROOT, tiny_llama_config
 
 
 @pytest.fixture(autouse=True)
@@ -239,8 +239,6 @@ def test_shortened_grid_base_pi_longqlora_at_2x(tmp_path):
     (LongQLoRA would score like zero-shot PI)."""
     import bench.testbed as bench
 
-    if not SHARED_BOOKS.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_BOOKS}")
     pretrain = ["model.init_config.hidden_size=128", "model.init_config.intermediate_size=320",
                 "model.init_config.num_hidden_layers=4", "train.max_steps=150", "train.micro_batch_size=8",
                 "train.eval_batches=20"]

@@ -201,3 +201,47 @@ def test_no_process_group_is_an_error(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "could not form the process group (WORLD_SIZE=2)" in result.stderr
+
+
+# --------------------------------------------------------------------------- long-context evaluation
+
+def metric_rows(output_dir: Path, key: str) -> list[dict]:
+    return [r for r in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+HELD_OUT = 'data.eval_path="recipes/data/books/the_complete_angler.txt"'
+
+
+def test_held_out_perplexity_at_target_and_window_every_n_steps_and_at_the_end(tmp_path, capsys):
+    from harness import rundir
+
+    out = tmp_path / "run"
+    train(tiny(out, "data.max_seq_length=512", "train.max_steps=5", "train.eval_every=2", "train.eval_batches=2",
+               "train.eval_s2=true", "train.save_every=2", "train.keep_checkpoints=1", HELD_OUT))
+    rows = metric_rows(out, "eval_ppl")
+    assert [r["step"] for r in rows] == [2, 4, 5]  # every 2 steps, and the last
+    assert all({"eval_loss", "eval_ppl", "eval_ppl_window", "eval_ppl_s2"} <= r.keys() for r in rows)
+    best = min(rows, key=lambda r: r["eval_ppl"])
+    saved = rundir.read_recipe(out / "final").resolved
+    assert (saved.best_eval_step, saved.best_eval_ppl) == (best["step"], pytest.approx(best["eval_ppl"]))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "step 2: held-out perplexity" in err and "at 512 tokens (full attention)" in err
+    assert "in windows of 256" in err and f"Best held-out perplexity at 512 tokens (full attention): {best['eval_ppl']:.2f}" in err
+
+
+def test_rising_full_attention_perplexity_warns_and_eval_stop_stops_the_run(tmp_path, capsys, monkeypatch):
+    """The watch on a scripted evaluation (full-attention perplexity that keeps rising); the training
+    loss of the tiny recipe falls over its first steps."""
+    from harness.evaluation.in_training import LongContextEval
+
+    scripted = iter([7.0, 7.5, 8.0, 8.5, 9.0])
+    monkeypatch.setattr(LongContextEval, "run", lambda self, module, samples: {"eval_loss": 0.0,
+                                                                              "eval_ppl": next(scripted)})
+    out = tmp_path / "run"
+    train(tiny(out, "train.max_steps=10", "train.eval_every=2", "train.eval_stop=true", HELD_OUT))
+    assert losses(out)[5] < losses(out)[0]
+    err = " ".join(capsys.readouterr().err.split())
+    assert "step 6: full-attention perplexity at 256 tokens rose 7.00 -> 7.50 -> 8.00 over steps 2-6" in err
+    assert "Linear PI + S2 is measured not to transfer" in err
+    assert "Stopped by train.eval_stop" in err
+    assert not (out / "final").exists() and [p.name for _, p in checkpoint.checkpoints(out)] == ["checkpoint-6"]

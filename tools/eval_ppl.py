@@ -1,6 +1,6 @@
 """Perplexity of one or more models at several context lengths (strided or LongLoRA protocol).
 
-    python tools/eval_ppl.py --model runs/tiny/final --data ../shared/data/books --seq-lens 256,512 \
+    python tools/eval_ppl.py --model runs/tiny/final --data recipes/data/books --seq-lens 256,512 \
         --json ppl.json --plot ppl.png
 
 See `--help`; the command line is harness.cli.eval_ppl (also `python -m harness eval_ppl`).
