@@ -32,6 +32,14 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 LEGACY_ROPE_KEYS = {"rope_theta", "rope_scaling"}  # accepted by transformers' configs, stored in rope_parameters
 
 
+# What the testbed grid measured of the paper's pairing (README, "Does S2 training transfer to full attention?").
+PI_S2_DOES_NOT_TRANSFER = (
+    "position.name = \"linear\" with attention.name = \"s2\" (the paper's pairing): on the testbed grid, adapters "
+    "trained this way broke under full attention past their S2 group, the way users serve them; position.name = "
+    "\"yarn\" with S2 held. README, \"Does S2 training transfer to full attention?\""
+)
+
+
 class RecipeError(HarnessError, ValueError):
     """A recipe that cannot be used; the message names the file, the key and the fix."""
 
@@ -303,6 +311,9 @@ def validate(recipe: Recipe) -> None:
     _check_lengths(recipe, where)
     _check_combinations(recipe, where)
     _check_files(recipe, where)
+    attention = recipe.attention
+    if recipe.position.name == "linear" and attention.name == "s2" and not attention.at_inference:
+        logging.getLogger("harness").warning("%s%s", where, PI_S2_DOES_NOT_TRANSFER)
     for kind in registry.KINDS:
         table = getattr(recipe, kind)
         try:

@@ -41,6 +41,24 @@ def test_recipes_resolve_the_paper_settings(recipe, monkeypatch):
         assert loaded.engine.name == "deepspeed" and "zero2_offload" in loaded.engine.deepspeed_config
 
 
+def test_paper_recipes_keep_pi_and_modern_recipes_use_yarn(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    position = {recipe.stem: load_recipe(recipe).position.name for recipe in RECIPES}
+    assert {name for name, value in position.items() if value == "linear"} == {
+        "llama2_7b_8k", "llama2_13b_8k", "llama2_13b_12k", "vicuna_13b_8k_sft", "tiny_cpu"}
+    assert {name for name, value in position.items() if value == "yarn"} == {
+        "llama3_8b_32k", "mistral_7b_v0_3_64k", "qwen2_5_7b_128k_yarn", "smollm2_135m_16k", "testbed_longqlora"}
+
+
+def test_pi_with_s2_prints_one_line_naming_the_measurement_and_the_alternative():
+    lines = [line for line in dry_run("recipes/llama2_7b_8k.toml").stderr.splitlines() if "the paper's pairing" in line]
+    assert len(lines) == 1 and lines[0].startswith("recipes/llama2_7b_8k.toml: position.name = \"linear\" with")
+    assert "broke under full attention past their S2 group" in lines[0] and "position.name = \"yarn\"" in lines[0]
+    for quiet in (["recipes/smollm2_135m_16k.toml"], ["recipes/llama2_7b_8k.toml", "attention.name=\"full\""],
+                  ["recipes/llama2_7b_8k.toml", "attention.at_inference=true"]):
+        assert "the paper's pairing" not in dry_run(*quiet).stderr, quiet
+
+
 def test_llama2_13b_12k_resolves_factor_3():
     recipe = load_recipe(ROOT / "recipes/llama2_13b_12k.toml")
     assert recipe.resolved.rope_factor == 3.0

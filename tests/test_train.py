@@ -242,6 +242,6 @@ def test_rising_full_attention_perplexity_warns_and_eval_stop_stops_the_run(tmp_
     assert losses(out)[5] < losses(out)[0]
     err = " ".join(capsys.readouterr().err.split())
     assert "step 6: full-attention perplexity at 256 tokens rose 7.00 -> 7.50 -> 8.00 over steps 2-6" in err
-    assert "Linear PI + S2 is measured not to transfer" in err
+    assert "adapters trained this way broke under full attention past their S2 group" in err
     assert "Stopped by train.eval_stop" in err
     assert not (out / "final").exists() and [p.name for _, p in checkpoint.checkpoints(out)] == ["checkpoint-6"]

@@ -24,6 +24,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from harness.recipe import PI_S2_DOES_NOT_TRANSFER
+
 
 @contextlib.contextmanager
 def s2_at_inference(model: torch.nn.Module) -> Iterator[bool]:
@@ -166,6 +168,5 @@ def transfer_hint(position: str, attention: str, *, at_inference: bool) -> str:
     if attention != "s2" or at_inference:
         return ""
     if position == "linear":
-        return (" Linear PI + S2 is measured not to transfer (README, \"Does S2 training transfer to full "
-                "attention?\"): position.name = \"yarn\" holds there")
+        return f" {PI_S2_DOES_NOT_TRANSFER}"
     return " Try attention.name = \"full\", or serve with S2 (attention.at_inference = true)"

@@ -135,7 +135,7 @@ def test_watch_state_round_trips():
 
 
 def test_hint_names_the_measured_alternative_only_for_s2_in_training():
-    assert "position.name = \"yarn\"" in transfer_hint("linear", "s2", at_inference=False)
+    assert "position.name = \"yarn\" with S2 held" in transfer_hint("linear", "s2", at_inference=False)
     assert transfer_hint("yarn", "s2", at_inference=False).startswith(" Try attention.name")
     assert transfer_hint("linear", "full", at_inference=False) == ""
     assert transfer_hint("linear", "s2", at_inference=True) == ""
