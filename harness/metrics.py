@@ -54,7 +54,7 @@ class MetricsLog:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        values = {key: value for key, value in record.items() if key != "step"}
+        values = {key: value for key, value in record.items() if key != "step" and value is not None}
         for tracker in self.trackers:
             tracker.log(values, step=record["step"])
 

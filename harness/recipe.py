@@ -29,6 +29,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+MAX_SANE_LR = 0.1  # above it, train.lr is warned about
 LEGACY_ROPE_KEYS = {"rope_theta", "rope_scaling"}  # accepted by transformers' configs, stored in rope_parameters
 
 
@@ -309,6 +310,7 @@ def validate(recipe: Recipe) -> None:
     where = f"{recipe.source}: " if recipe.source else ""
     _check_choices(recipe, where)
     _check_lengths(recipe, where)
+    _check_adapter(recipe, where)
     _check_combinations(recipe, where)
     _check_files(recipe, where)
     attention = recipe.attention
@@ -348,9 +350,11 @@ def _check_choices(recipe: Recipe, where: str) -> None:
 
 
 def _positive(where: str, key: str, value, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    """value > 0 (>= 0 with allow_zero), and finite: NaN compares false with everything and passes a
+    plain bound check, then trains a NaN model."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise RecipeError(f"{where}{key} = {value!r} must be {bound}")
+        raise RecipeError(f"{where}{key} = {value!r} must be a finite number {bound}")
 
 
 def _check_lengths(recipe: Recipe, where: str) -> None:
@@ -369,6 +373,14 @@ def _check_lengths(recipe: Recipe, where: str) -> None:
     _positive(where, "train.micro_batch_size", train.micro_batch_size)
     _positive(where, "train.grad_accum", train.grad_accum)
     _positive(where, "train.lr", train.lr)
+    if train.lr > MAX_SANE_LR:
+        logging.getLogger("harness").warning(
+            "%strain.lr = %g is far above fine-tuning rates (1e-5 to 1e-3): the model is likely to collapse "
+            "(a zero gradient, the loss at ln(vocabulary))", where, train.lr)
+    _positive(where, "train.max_grad_norm", train.max_grad_norm, allow_zero=True)
+    _positive(where, "train.warmup_steps", train.warmup_steps, allow_zero=True)
+    _positive(where, "train.save_every", train.save_every, allow_zero=True)
+    _positive(where, "train.keep_checkpoints", train.keep_checkpoints, allow_zero=True)
     _positive(where, "train.log_every", train.log_every)
     _positive(where, "train.eval_every", train.eval_every, allow_zero=True)
     _positive(where, "train.eval_batches", train.eval_batches, allow_zero=True)
@@ -392,6 +404,22 @@ def _check_lengths(recipe: Recipe, where: str) -> None:
                           f"attention.group_ratio")
     if not 0 <= recipe.data.eval_fraction < 1:
         raise RecipeError(f"{where}data.eval_fraction = {recipe.data.eval_fraction} must be in [0, 1)")
+
+
+def _check_adapter(recipe: Recipe, where: str) -> None:
+    """LoRA's rank and dropout, before any data or weights load (peft's own errors come later and name no key)."""
+    adapter = recipe.adapter
+    if adapter.name == "none":
+        return
+    _positive(where, "adapter.r", adapter.r)
+    _positive(where, "adapter.alpha", adapter.alpha)
+    if not 0 <= adapter.dropout < 1:
+        raise RecipeError(f"{where}adapter.dropout = {adapter.dropout!r} must be in [0, 1): the share of inputs "
+                          f"LoRA drops in training (the paper: 0.05)")
+    hidden = _local_config(recipe.model).get("hidden_size")
+    if hidden and adapter.r > hidden:
+        raise RecipeError(f"{where}adapter.r = {adapter.r} is larger than the model's hidden size {hidden}: a rank "
+                          f"above it adds parameters and no capacity. Use at most {hidden} (the paper: 64)")
 
 
 def _check_combinations(recipe: Recipe, where: str) -> None:
@@ -547,16 +575,23 @@ def resolve(recipe: Recipe, *, world_size: int | None = None, original_context: 
     return dataclasses.replace(recipe, resolved=resolved)
 
 
-def _local_original_context(model: ModelConfig) -> int:
-    """The window from an inline or local config without downloading; 0 when unknown."""
+def _local_config(model: ModelConfig) -> dict:
+    """The model's config from the recipe's [model.init_config] or a local config.json; {} when unknown
+    without downloading."""
     config_file = Path(model.name_or_path).expanduser() / "config.json"
     if model.name_or_path == "random":
-        config = model.init_config
-    elif config_file.is_file():
+        return model.init_config
+    if config_file.is_file():
         import json
 
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    else:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    return {}
+
+
+def _local_original_context(model: ModelConfig) -> int:
+    """The window from an inline or local config without downloading; 0 when unknown."""
+    config = _local_config(model)
+    if not config:
         return 0
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}  # a native rope's own window first
     return int(rope.get("original_max_position_embeddings") or config.get("max_position_embeddings", 0))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import random
 import resource
 import signal
@@ -303,7 +304,30 @@ class Loop:
             losses.append(loss.item())
             tokens += int(batch["attention_mask"].sum())
         self.grad_norm = self.engine.step()
+        self._check_gradient()
         return sum(losses) / len(losses), tokens
+
+    def _check_gradient(self) -> None:
+        """A NaN/inf gradient norm stops the run (fp16's loss scaler skips such steps on its own)."""
+        norm, train = self.grad_norm, self.recipe.train
+        if norm is None or math.isfinite(norm) or self.engine.hyper.precision == "fp16":
+            return
+        raise TrainError(f"the gradient norm became {norm} at step {self.step + 1}: {self._last_good()}. Lower "
+                         f"train.lr (now {train.lr:g}) or check train.max_grad_norm (now {train.max_grad_norm:g}), "
+                         f"then resume with --resume")
+
+    def _last_good(self) -> str:
+        latest = checkpoint.latest_checkpoint(self.output_dir)
+        return f"the newest checkpoint {latest} is from before it" if latest else "no checkpoint was written yet"
+
+    def _check_weights(self) -> None:
+        """Nothing with NaN/inf weights is published: every rank checks its own trainable parameters."""
+        finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())
+                     for p in self.engine.unwrap().parameters() if p.requires_grad)
+        if self.engine.all_mean(1.0 if finite else 0.0) < 1.0:
+            raise TrainError(f"the trained weights are not finite (NaN or inf) after step {self.step}; nothing was "
+                             f"written, {self._last_good()}. Lower train.lr (now {self.recipe.train.lr:g}) and "
+                             f"resume with --resume")
 
     def _items(self, indices: list[int]) -> list[dict]:
         return [self.data.train[i] for i in indices]
@@ -369,6 +393,7 @@ class Loop:
 
     def save_checkpoint(self) -> None:
         """checkpoint-<step>/, filled by every rank in a temporary directory, published when complete."""
+        self._check_weights()
         final = rundir.checkpoint_dir(self.output_dir, self.step)
         state = {"step": self.step, "data": self.order.state_dict(), "total_steps": self.total,
                  "watch": self.watch.state_dict()}
@@ -396,6 +421,7 @@ class Loop:
     def export(self) -> None:
         """<output_dir>/final: the adapter, loadable by peft.PeftModel.from_pretrained. Where it
         cannot be written (read-only, disk full), the adapter goes to a rescue directory instead."""
+        self._check_weights()
         final = self.output_dir / rundir.FINAL_DIR
         try:
             self._export_to(final)

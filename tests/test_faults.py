@@ -266,3 +266,69 @@ def test_a_rank_that_dies_leaves_one_clear_line_on_the_others(tmp_path):
     assert len(ours) == 1 and "rank 0 lost contact with another rank" in ours[0], stderr[-3000:]
     assert "with --resume" in ours[0] and "checkpoint-" in ours[0]
     assert "[rank0]: Traceback" not in stderr
+
+
+# --------------------------------------------------------------------------- nothing silently wrong
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=inf", "train.lr = inf must be a finite number > 0"),
+    ("train.lr=nan", "train.lr = nan must be a finite number > 0"),
+    ("train.max_grad_norm=nan", "train.max_grad_norm = nan must be a finite number >= 0"),
+    ("train.max_grad_norm=-1.0", "train.max_grad_norm = -1.0 must be a finite number >= 0"),
+    ("position.factor=nan", "position.factor = nan must be a finite number >= 0"),
+    ("train.warmup_steps=-5", "train.warmup_steps = -5 must be a finite number >= 0"),
+    ("train.save_every=-1", "train.save_every = -1 must be a finite number >= 0"),
+    ("adapter.r=0", "adapter.r = 0 must be a finite number > 0"),
+    ("adapter.dropout=1.5", "adapter.dropout = 1.5 must be in [0, 1)"),
+    ("adapter.r=128", "adapter.r = 128 is larger than the model's hidden size 64"),
+])
+def test_values_that_would_train_a_broken_model_are_refused_at_load(tmp_path, override, message):
+    with pytest.raises(Exception, match=None) as caught:
+        tiny(tmp_path / "run", override)
+    assert message in str(caught.value) and type(caught.value).__name__ == "RecipeError"
+
+
+def test_an_absurd_learning_rate_is_warned_about(tmp_path, caplog):
+    tiny(tmp_path / "run", "train.lr=1e3")
+    assert "train.lr = 1000 is far above fine-tuning rates" in caplog.text
+
+
+def test_non_finite_weights_are_never_published(tmp_path):
+    """Weights poisoned after the last step: the export refuses, final/ is not written, the checkpoint stays."""
+    def poison(step):
+        if step == 4:
+            with torch.no_grad():
+                next(p for n, p in torch.nn.Module.named_parameters(poison.model) if "lora_A" in n).fill_(float("nan"))
+
+    from harness import train as train_module
+
+    original = train_module.Loop.__init__
+
+    def keep_model(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        poison.model = self.engine.unwrap()
+
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module.Loop, "__init__", keep_model)
+        with pytest.raises(TrainError, match=r"not finite \(NaN or inf\) after step 4; nothing was written, the newest "
+                                             r"checkpoint .*checkpoint-2 is from before it"):
+            train(tiny(out, "train.max_steps=4", "train.save_every=2"), after_step=poison)
+    assert not (out / "final").exists() and (out / "checkpoint-2").is_dir()
+
+
+def test_a_non_finite_gradient_stops_the_run_before_it_reaches_the_weights(tmp_path, monkeypatch):
+    clip = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def nan_on_the_third(params, max_norm):
+        norm = clip(params, max_norm)
+        calls.append(1)
+        return torch.tensor(float("nan")) if len(calls) == 3 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_on_the_third)
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match=r"the gradient norm became nan at step 3: the newest checkpoint .*checkpoint-2 "
+                                         r"is from before it\. Lower train.lr \(now 0.002\)"):
+        train(tiny(out, "train.save_every=2"))
+    assert not (out / "final").exists()

@@ -16,7 +16,8 @@ def packed(tmp_path, monkeypatch, part_mib: int = 1):
     gguf = bytes(range(256)) * 6000
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in (("wheels/x-1.0-py3-none-any.whl", b"wheel" * 200_000), (f"gguf/{carry.GGUF.rsplit('/', 1)[1]}", gguf)):
+        files = (("wheels/x-1.0-py3-none-any.whl", b"wheel" * 200_000), (f"gguf/{carry.GGUF.rsplit('/', 1)[1]}", gguf))
+        for name, data in files:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

@@ -69,10 +69,10 @@ class AccelerateEngine:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(trainable(self.module), self.hyper.max_grad_norm or float("inf"))
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer)  # skips a step with inf/NaN gradients and lowers the scale
             self.scaler.update()
-        else:
-            self.optimizer.step()
+        elif torch.isfinite(norm):
+            self.optimizer.step()  # a non-finite gradient never reaches the weights: the loop stops the run
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)

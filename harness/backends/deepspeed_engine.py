@@ -151,9 +151,9 @@ class DeepSpeedEngine:
         self.module.backward(loss)  # divides by gradient_accumulation_steps itself
         self.module.step()  # a no-op except at the accumulation boundary
 
-    def step(self) -> float:
-        norm = self.module.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+    def step(self) -> float | None:
+        norm = self.module.get_global_grad_norm()  # None: this optimizer does not report it
+        return float(norm) if norm is not None else None
 
     def unwrap(self):
         return self.module.module
