@@ -150,6 +150,7 @@ class TrainConfig:
     save_every: int = 0  # 0 = only the final export
     keep_checkpoints: int = 2
     resume: str = "never"  # never | auto
+    allow_data_change: bool = False  # resume even when data.path / data.eval_path changed since the checkpoint
     overwrite: bool = False
     report_to: list[str] = field(default_factory=list)  # trackers: tensorboard | wandb | mlflow (harness.metrics)
     tensorboard: bool = False  # the same as report_to = ["tensorboard"]

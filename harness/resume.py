@@ -23,7 +23,7 @@ from harness.recipe import Recipe
 # Keys a resumed run may change: they do not touch the optimizer, the data order or the model.
 SAFE_CHANGES = frozenset({
     "train.max_steps", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.eval_every",
-    "train.eval_batches", "train.eval_s2", "train.eval_rises", "train.eval_stop", "train.resume", "train.overwrite",
+    "train.eval_batches", "train.eval_s2", "train.eval_rises", "train.eval_stop", "train.resume", "train.overwrite", "train.allow_data_change",
     "train.tensorboard", "train.report_to", "train.output_dir",
     "data.num_proc", "data.cache_dir", "engine.deepspeed_config",
 })
@@ -48,6 +48,8 @@ def starting_point(output_dir: Path, recipe: Recipe, engine, console: Console) -
                           f"was 0). Start over with train.overwrite=true, or choose another train.output_dir")
     if latest is not None:
         show_changes(rundir.read_recipe(latest), recipe, latest, console)
+    else:
+        console.print(f"[yellow]Nothing to resume in {output_dir}: no checkpoint there; training from step 0[/]")
     return latest
 
 

@@ -36,6 +36,7 @@ from rich.console import Console
 
 from harness import checkpoint, policy, registry, rundir
 from harness.backends.engine import Engine, Hyper
+from harness.data.fingerprint import data_fingerprint
 from harness.cpu_memory import apply_recipe_policy
 from harness.errors import HarnessError, first_line
 from harness.evaluation.in_training import LongContextEval, TransferWatch, transfer_hint
@@ -245,12 +246,15 @@ class Loop:
         self.after_step = after_step or (lambda step: None)
         self.evaluator, self.watch = _long_context_eval(recipe, engine, self.collate)
         self.train_losses: list[float] = []  # since the last evaluation
+        self.data_fingerprints = {key: data_fingerprint(getattr(recipe.data, key.split(".")[1]))
+                                  for key in ("data.path", "data.eval_path")}
         if recipe.train.eval_every and data.eval is None:
             console.print(f"[yellow]train.eval_every = {recipe.train.eval_every} but there is no held-out data: set "
                           f"data.eval_path or data.eval_fraction to see held-out perplexity during training[/]")
 
     def resume(self, directory: Path) -> None:
         state = checkpoint.read_trainer_state(directory, self.engine.rank)
+        self._check_data_unchanged(state.get("data_fingerprints", {}), directory)
         checkpoint.load_adapter_weights(self.engine.unwrap().model, directory)
         self.engine.load_state(directory)
         self.order.load_state_dict(state["data"])
@@ -259,6 +263,16 @@ class Loop:
         if self.engine.rank == 0:
             drop_metrics_after(self.output_dir / rundir.METRICS_FILE, self.step)
         self.console.print(f"Resumed from {directory} at step {self.step}")
+
+    def _check_data_unchanged(self, saved: dict, directory: Path) -> None:
+        """Resume trains on the data the checkpoint trained on, or says so (harness.data.fingerprint)."""
+        changed = [key for key, value in saved.items() if self.data_fingerprints.get(key) != value]
+        if not changed or self.recipe.train.allow_data_change:
+            return
+        where = ", ".join(f"{key} = {getattr(self.recipe.data, key.split('.')[1])!r}" for key in changed)
+        raise TrainError(f"{where} changed since {directory} was saved (file names, sizes or contents differ): "
+                         f"resuming would continue on other samples. Restore the data, or resume anyway with "
+                         f"train.allow_data_change=true")
 
     def run(self) -> None:
         # Data-parallel replicas read different samples; the ranks of a sequence-parallel group the same ones.
@@ -396,7 +410,7 @@ class Loop:
         self._check_weights()
         final = rundir.checkpoint_dir(self.output_dir, self.step)
         state = {"step": self.step, "data": self.order.state_dict(), "total_steps": self.total,
-                 "watch": self.watch.state_dict()}
+                 "watch": self.watch.state_dict(), "data_fingerprints": self.data_fingerprints}
         try:
             with checkpoint.collective_dir(final, self.engine) as tmp:
                 self.engine.save_state(tmp)

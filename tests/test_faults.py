@@ -332,3 +332,23 @@ def test_a_non_finite_gradient_stops_the_run_before_it_reaches_the_weights(tmp_p
                                          r"is from before it\. Lower train.lr \(now 0.002\)"):
         train(tiny(out, "train.save_every=2"))
     assert not (out / "final").exists()
+
+
+def test_resume_refuses_changed_data_unless_allowed(tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    shutil.copyfile(ROOT / "recipes/data/the_complete_angler_excerpt.txt", data)
+    out = tmp_path / "run"
+    train(tiny(out, f"data.path=\"{data}\"", "train.max_steps=3", "train.save_every=2"))
+    data.write_text(data.read_text() + "\nOne more line.\n")
+    resumed = ["train.max_steps=4", "train.save_every=2", "train.resume=\"auto\"", f"data.path=\"{data}\""]
+    with pytest.raises(TrainError, match=r"data.path = '.*data.txt' changed since .*checkpoint-2 was saved .* "
+                                         r"train.allow_data_change=true"):
+        train(tiny(out, *resumed))
+    train(tiny(out, *resumed, "train.allow_data_change=true"))
+    assert (out / "final").is_dir()
+
+
+def test_resume_into_an_empty_folder_says_there_was_nothing_to_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny(out, "train.max_steps=1", "train.resume=\"auto\""))
+    assert "Nothing to resume in" in " ".join(capsys.readouterr().err.split())
