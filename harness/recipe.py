@@ -211,9 +211,20 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path}: not valid TOML: {error}") from None
     for override in overrides:
         apply_override(tables, override)
-    recipe = resolve(recipe_from_dict(tables, source=str(path)))
+    recipe = resolve(_expand_home(recipe_from_dict(tables, source=str(path))))
     validate(recipe)
     return recipe
+
+
+def _expand_home(recipe: Recipe) -> Recipe:
+    """"~" in the recipe's local paths means the home directory, as in a shell (not a folder named "~")."""
+    def expanded(value: str) -> str:
+        return os.path.expanduser(value) if value.startswith("~") else value
+
+    return dataclasses.replace(
+        recipe, train=dataclasses.replace(recipe.train, output_dir=expanded(recipe.train.output_dir)),
+        data=dataclasses.replace(recipe.data, path=expanded(recipe.data.path), eval_path=expanded(recipe.data.eval_path)),
+        model=dataclasses.replace(recipe.model, name_or_path=expanded(recipe.model.name_or_path)))
 
 
 def read_saved_recipe(path: str | os.PathLike) -> Recipe:
@@ -314,6 +325,7 @@ def validate(recipe: Recipe) -> None:
     _check_adapter(recipe, where)
     _check_combinations(recipe, where)
     _check_files(recipe, where)
+    _check_output_outside_data(recipe, where)
     attention = recipe.attention
     if recipe.position.name == "linear" and attention.name == "s2" and not attention.at_inference:
         logging.getLogger("harness").warning("%s%s", where, PI_S2_DOES_NOT_TRANSFER)
@@ -532,6 +544,18 @@ def _check_files(recipe: Recipe, where: str) -> None:
                 f"{where}data.path = {data_path!r}: no such file or directory. Give a file, a folder, a glob, "
                 f"or \"hub:owner/name\" for a hub dataset (override with data.path=...)"
             )
+
+
+def _check_output_outside_data(recipe: Recipe, where: str) -> None:
+    """A run's own files (metrics, checkpoints) inside a data folder would be read as data by the next run."""
+    output = Path(recipe.train.output_dir).expanduser().resolve()
+    for key in ("path", "eval_path"):
+        value = getattr(recipe.data, key)
+        folder = Path(value).expanduser()
+        if value and not value.startswith("hub:") and folder.is_dir() and output.is_relative_to(folder.resolve()):
+            raise RecipeError(f"{where}train.output_dir = {recipe.train.output_dir!r} is inside data.{key} = "
+                              f"{value!r}: the run's own files would be read as training data next time. Choose "
+                              f"an output folder outside it")
 
 
 def find_relative(name: str, recipe_source: str, *, key: str, where: str = "") -> Path:

@@ -51,6 +51,10 @@ class TrainError(HarnessError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
+class _StepDropped(Exception):
+    """A stop signal between micro-batches: the step's data position and RNG are rolled back."""
+
+
 # --------------------------------------------------------------------------- entry point
 
 def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) -> Path:
@@ -239,6 +243,12 @@ class Loop:
         self.recipe, self.engine, self.built, self.data, self.console = recipe, engine, built, data, console
         self.output_dir = Path(recipe.train.output_dir)
         self.collate = Collator(built.tokenizer.pad_token_id)
+        per_step = recipe.train.micro_batch_size * recipe.train.grad_accum * engine.data_world_size
+        if per_step > len(data.train):
+            raise TrainError(f"one optimizer step takes {per_step:,} samples (train.micro_batch_size "
+                             f"{recipe.train.micro_batch_size} x train.grad_accum {recipe.train.grad_accum:,} x "
+                             f"{engine.data_world_size} replicas) but the data holds {len(data.train):,}: lower "
+                             f"train.grad_accum or add data")
         self.order = ResumableOrder(len(data.train), seed=recipe.train.seed)
         self.total = total_steps(recipe, len(data.train), engine)
         self.step = 0
@@ -283,7 +293,10 @@ class Loop:
         with _signals(self), Progress(self.console, self.total, self.step) as progress:
             while self.step < self.total and self.stop_signal is None:
                 started = time.perf_counter()
-                loss, tokens = self._optimizer_step(batches)
+                try:
+                    loss, tokens = self._optimizer_step(batches)
+                except _StepDropped:
+                    break
                 self.step += 1
                 record = self._record(loss, tokens, time.perf_counter() - started)
                 self.train_losses.append(record["loss"])
@@ -307,7 +320,12 @@ class Loop:
         self.engine.module.train()
         self.lr = self.engine.lr()  # the rate this step uses, before the scheduler moves on
         losses, tokens = [], 0
+        order, rng = self.order.state_dict(), checkpoint.rng_state()  # where this step started
         for micro in range(self.recipe.train.grad_accum):
+            if micro and self._stopping():  # a signal between micro-batches: the step is dropped, not half-taken
+                self.order.load_state_dict(order)
+                checkpoint.set_rng_state(rng)
+                raise _StepDropped
             batch = {k: v.to(self.engine.device) for k, v in self.collate(self._items(next(batches))).items()}
             with self.engine.autocast(), _activation_offload(self.recipe.train.offload_activations):
                 loss = self.engine.module(**batch)
@@ -342,6 +360,11 @@ class Loop:
             raise TrainError(f"the trained weights are not finite (NaN or inf) after step {self.step}; nothing was "
                              f"written, {self._last_good()}. Lower train.lr (now {self.recipe.train.lr:g}) and "
                              f"resume with --resume")
+
+    def _stopping(self) -> bool:
+        """Whether a stop signal came, agreed by every rank (one rank leaving a step would hang the others)."""
+        flag = 1.0 if self.stop_signal is not None else 0.0
+        return (self.engine.all_mean(flag) if self.engine.world_size > 1 else flag) > 0
 
     def _items(self, indices: list[int]) -> list[dict]:
         return [self.data.train[i] for i in indices]

@@ -352,3 +352,52 @@ def test_resume_into_an_empty_folder_says_there_was_nothing_to_resume(tmp_path, 
     out = tmp_path / "run"
     train(tiny(out, "train.max_steps=1", "train.resume=\"auto\""))
     assert "Nothing to resume in" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_home_relative_output_dir_is_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = tiny(Path("~/x"))
+    assert recipe.train.output_dir == str(tmp_path / "x")
+
+
+def test_an_output_dir_inside_the_data_folder_is_refused(tmp_path):
+    data = tmp_path / "books"
+    data.mkdir()
+    shutil.copyfile(ROOT / "recipes/data/the_complete_angler_excerpt.txt", data / "a.txt")
+    with pytest.raises(Exception, match=r"train.output_dir = '.*books/run' is inside data.path = .*: the run's own "
+                                         r"files would be read as training data"):
+        tiny(data / "run", f"data.path=\"{data}\"")
+
+
+def losses(output_dir: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_a_stop_signal_between_micro_batches_drops_the_step_and_resumes_exactly(tmp_path, monkeypatch):
+    """grad_accum 3: SIGTERM after the 2nd micro-batch of step 2 stops there (not after 3 more); the
+    checkpoint is step 1's, and resuming gives the straight run's losses."""
+    from harness import checkpoint
+    from harness.backends.accelerate_engine import AccelerateEngine
+
+    accum = ["train.grad_accum=3", "train.max_steps=3", "train.save_every=0"]
+    train(tiny(tmp_path / "straight", *accum))
+    backward, calls = AccelerateEngine.backward, []
+
+    def signalled(self, loss, sync):
+        backward(self, loss, sync=sync)
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AccelerateEngine, "backward", signalled)
+        train(tiny(tmp_path / "stopped", *accum))
+    assert len(calls) == 5 and [p.name for _, p in checkpoint.checkpoints(tmp_path / "stopped")] == ["checkpoint-1"]
+    train(tiny(tmp_path / "stopped", *accum, "train.resume=\"auto\""))
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
+
+
+def test_more_samples_a_step_than_the_data_holds_is_a_clear_error(tmp_path):
+    with pytest.raises(TrainError, match=r"one optimizer step takes 100,000,000 samples .* but the data holds \d+: "
+                                         r"lower train.grad_accum"):
+        train(tiny(tmp_path / "run", "train.grad_accum=100000000"))
