@@ -539,6 +539,9 @@ def _check_files(recipe: Recipe, where: str) -> None:
         find_relative(recipe.engine.deepspeed_config, recipe.source, key="engine.deepspeed_config", where=where)
     data_path = recipe.data.path
     if data_path and not data_path.startswith("hub:") and not any(ch in data_path for ch in "*?["):
+        if Path(data_path).expanduser().is_symlink() and not Path(data_path).expanduser().exists():
+            raise RecipeError(f"{where}data.path = {data_path!r} is a symbolic link that leads nowhere (a loop, or a "
+                              f"missing target): point it at the data, or give the data's own path")
         if not Path(data_path).expanduser().exists():
             raise RecipeError(
                 f"{where}data.path = {data_path!r}: no such file or directory. Give a file, a folder, a glob, "

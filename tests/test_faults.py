@@ -401,3 +401,9 @@ def test_more_samples_a_step_than_the_data_holds_is_a_clear_error(tmp_path):
     with pytest.raises(TrainError, match=r"one optimizer step takes 100,000,000 samples .* but the data holds \d+: "
                                          r"lower train.grad_accum"):
         train(tiny(tmp_path / "run", "train.grad_accum=100000000"))
+
+
+def test_a_data_path_that_is_a_link_loop_is_named_at_load(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(Exception, match=r"data.path = '.*loop' is a symbolic link that leads nowhere"):
+        tiny(tmp_path / "run", f"data.path=\"{tmp_path / 'loop'}\"")

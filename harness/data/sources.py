@@ -117,6 +117,12 @@ def resolve_files(path: str, key: str) -> list[Path]:
         candidates = sorted(p for p in given.rglob("*") if p.is_file() and not _hidden(p.relative_to(given)))
     elif any(ch in path for ch in "*?["):
         candidates = sorted(Path(p) for p in glob.glob(str(given), recursive=True) if Path(p).is_file())
+    elif given.exists():
+        raise DataError(f"{key} = {path!r} is not a regular file or a folder (a FIFO, a device or a socket): give a "
+                        f"file, a folder or a glob of {_suffix_list()} files")
+    elif given.is_symlink():
+        raise DataError(f"{key} = {path!r} is a symbolic link that leads nowhere (a loop, or a missing target): "
+                        f"point it at the data, or give the data's own path")
     else:
         raise DataError(f"{key} = {path!r} does not exist; give a file, a folder or a glob of {_suffix_list()} "
                         f"files, or \"hub:owner/name\" for a hub dataset")
@@ -222,10 +228,17 @@ def _json_records(file: Path, report: Report) -> Iterator[tuple[str, Record | No
 
 
 def _parquet_rows(file: Path) -> Iterator[tuple[str, Record]]:
+    import pyarrow
     import pyarrow.parquet as pq
 
+    try:
+        parquet = pq.ParquetFile(file)
+    except pyarrow.ArrowInvalid as error:  # empty, truncated or not parquet at all
+        size = file.stat().st_size
+        raise DataError(f"{file}: not a readable parquet file ({size:,} bytes: {error}). Re-export it, or remove it "
+                        f"from the data folder") from None
     index = 0
-    for batch in pq.ParquetFile(file).iter_batches():
+    for batch in parquet.iter_batches():
         for row in batch.to_pylist():
             yield f"{file} row {index}", row
             index += 1

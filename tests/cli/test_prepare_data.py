@@ -44,3 +44,19 @@ def test_errors_are_one_message_and_exit_2(tmp_path):
     assert "error: --input = " in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "x.bin").exists()
+
+
+def test_no_input_is_ever_overwritten(tmp_path):
+    """--output on the input itself, on its sidecar's name, and inside an input folder through a link."""
+    text = tmp_path / "x.txt"
+    text.write_text("Keep me.\n")
+    sidecar_input = tmp_path / "side.bin.json"
+    sidecar_input.write_text('{"text": "and me"}\n')
+    (tmp_path / "link").symlink_to(tmp_path)
+    cases = [(text, text), (sidecar_input, tmp_path / "side.bin"), (tmp_path, tmp_path / "link" / "x.txt")]
+    for source, output in cases:
+        result = prepare("--tokenizer", "builtin:bytes", "--input", source, "--output", output,
+                         "--cache-dir", tmp_path / "cache")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "would overwrite the input" in " ".join(result.stderr.split())
+    assert text.read_text() == "Keep me.\n" and sidecar_input.read_text() == '{"text": "and me"}\n'

@@ -139,3 +139,21 @@ def test_hub_dataset_rows_and_errors(byte_tokenizer, tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"data\.path = 'hub:owner/missing': could not load hub dataset "
                                         r"'owner/missing' \(split 'train'\): Couldn't find"):
         pretrain(byte_tokenizer, "hub:owner/missing", tmp_path)
+
+
+def test_paths_that_are_not_data_say_what_they_are(byte_tokenizer, tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for path in (tmp_path / "pipe", "/dev/zero"):
+        with pytest.raises(DataError, match=r"is not a regular file or a folder \(a FIFO, a device or a socket\)"):
+            pretrain(byte_tokenizer, path, tmp_path)
+    with pytest.raises(DataError, match=r"is a symbolic link that leads nowhere \(a loop, or a missing target\)"):
+        pretrain(byte_tokenizer, tmp_path / "loop", tmp_path)
+
+
+def test_an_empty_parquet_file_is_one_clear_error(byte_tokenizer, tmp_path):
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.parquet: not a readable parquet file \(0 bytes: .*Re-export it"):
+        pretrain(byte_tokenizer, tmp_path / "empty.parquet", tmp_path)
