@@ -8,6 +8,7 @@ never touches the previous one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import random
 import shutil
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from harness import atomic, rundir
+from harness.errors import first_line
 
 COLLECTIVE_TAG = "ranks"  # one temporary name that every rank of a launch agrees on
 
@@ -50,6 +52,10 @@ def collective_dir(final: Path, engine) -> Iterator[Path]:
         yield tmp
     except OSError as error:
         failure = error
+    except RuntimeError as error:  # torch.save reports a full disk as "PytorchStreamWriter failed writing file"
+        if "writ" not in str(error):
+            raise
+        failure = OSError(errno.ENOSPC, f"writing failed ({first_line(error).split('] . ')[-1]})")
     if engine.all_mean(0.0 if failure else 1.0) == 1.0 and engine.rank == 0:
         failure = _publish(tmp, final)
     if engine.all_mean(0.0 if failure else 1.0) < 1.0:

@@ -446,7 +446,7 @@ class Loop:
             previous = checkpoint.latest_checkpoint(self.output_dir)
             kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
             raise TrainError(f"could not write checkpoint {final}: {error.strerror or error}; {kept}. "
-                             f"Free disk space and resume with --resume") from None
+                             f"{_space_advice(self.output_dir, previous)} and resume with --resume") from None
         self.engine.barrier()
 
     def _write_model_files(self, directory: Path) -> None:
@@ -474,6 +474,18 @@ class Loop:
             self._write_model_files(tmp)
             if self.engine.rank == 0:
                 rundir.write_json(tmp / rundir.STATE_FILE, {"step": self.step, "finished": True})
+
+
+def _space_advice(output_dir: Path, previous: Path | None) -> str:
+    """How much room a checkpoint wants (the size of the last one, when there is one) and what is free."""
+    import shutil
+
+    from harness.generation import format_bytes
+
+    free = shutil.disk_usage(output_dir).free
+    needed = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file()) if previous else 0
+    wants = f"a checkpoint takes about {format_bytes(needed)}, " if needed else ""
+    return f"Free disk space ({wants}{format_bytes(free)} free on {output_dir})"
 
 
 def rescue_dir(output_dir: Path) -> Path:

@@ -245,3 +245,29 @@ def test_rising_full_attention_perplexity_warns_and_eval_stop_stops_the_run(tmp_
     assert "adapters trained this way broke under full attention past their S2 group" in err
     assert "Stopped by train.eval_stop" in err
     assert not (out / "final").exists() and [p.name for _, p in checkpoint.checkpoints(out)] == ["checkpoint-6"]
+
+
+def test_torch_save_failing_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """torch.save reports a full disk as a RuntimeError from its stream writer, not an OSError."""
+    import harness.backends.accelerate_engine as engine_module
+
+    real = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "checkpoint-4" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed")
+        return real(obj, path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_module.torch, "save", full_disk)
+        with pytest.raises(TrainError, match=r"could not write checkpoint .*checkpoint-4: writing failed \(Pytorch"
+                                             r"StreamWriter failed writing file data/0: file write failed\); the "
+                                             r"previous checkpoint .*checkpoint-2 is intact\. Free disk space \(a "
+                                             r"checkpoint takes about [\d.]+ KiB, [\d.]+ GiB free on .*\) and resume "
+                                             r"with --resume"):
+            train(tiny(tmp_path, "train.max_steps=6", "train.save_every=2"))
+    assert [p.name for _, p in checkpoint.checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert not list(tmp_path.glob(".checkpoint-*"))  # the temporary folder is removed
+    train(tiny(tmp_path, "train.max_steps=6", "train.save_every=2", "train.resume=\"auto\""))  # space freed: resumes
+    assert (tmp_path / "final").is_dir()
