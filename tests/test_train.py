@@ -271,3 +271,24 @@ def test_torch_save_failing_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_pa
     assert not list(tmp_path.glob(".checkpoint-*"))  # the temporary folder is removed
     train(tiny(tmp_path, "train.max_steps=6", "train.save_every=2", "train.resume=\"auto\""))  # space freed: resumes
     assert (tmp_path / "final").is_dir()
+
+
+def test_progress_prints_plain_lines_where_the_output_is_no_terminal():
+    import io
+
+    from rich.console import Console
+
+    from harness.train import Progress
+
+    out = io.StringIO()
+    record = {"loss": 2.5, "lr": 1e-3, "tokens_per_s": 1234.0, "peak_memory_gb": 1.5}
+    with Progress(Console(file=out, width=200), total=3, start=0, plain_every_s=0) as progress:
+        for step in (1, 2, 3):
+            progress.update(step, record)
+    lines = out.getvalue().splitlines()
+    assert lines == [f"train {step}/3  loss 2.5000  lr 1.00e-03  1234 tok/s  mem 1.50 GB" for step in (1, 2, 3)]
+    quiet = io.StringIO()
+    with Progress(Console(file=quiet, width=200), total=3, start=0, plain_every_s=3600) as progress:
+        for step in (1, 2, 3):
+            progress.update(step, record)
+    assert quiet.getvalue().splitlines() == ["train 3/3  loss 2.5000  lr 1.00e-03  1234 tok/s  mem 1.50 GB"]
