@@ -407,3 +407,16 @@ def test_a_data_path_that_is_a_link_loop_is_named_at_load(tmp_path):
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     with pytest.raises(Exception, match=r"data.path = '.*loop' is a symbolic link that leads nowhere"):
         tiny(tmp_path / "run", f"data.path=\"{tmp_path / 'loop'}\"")
+
+
+def test_eval_ppl_takes_the_base_from_the_adapters_saved_recipe(tmp_path, straight):
+    from harness.cli.eval_ppl import main as eval_ppl
+
+    scores = []
+    for model in ([], ["--model", ""]):
+        out = tmp_path / f"ppl{len(scores)}.json"
+        assert eval_ppl([*model, "--adapter", str(straight / "final"), "--data", "recipes/data/the_complete_angler_excerpt.txt",
+                         "--seq-lens", "64", "--max-tokens", "500", "--json", str(out)]) == 0
+        scores.append(json.loads(out.read_text())["results"][0]["ppl"])
+    assert scores[0] == scores[1]
+    assert eval_ppl(["--data", "x.txt", "--seq-lens", "64"]) == 2  # neither --model nor --adapter: a usage error

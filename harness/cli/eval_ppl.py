@@ -19,7 +19,7 @@ PROG = "tools/eval_ppl.py"
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description="Perplexity of models at several context lengths.")
-    add_model_arguments(parser, repeatable=True)
+    add_model_arguments(parser, repeatable=True, model_required=False)  # --adapter alone names the base
     parser.add_argument("--label", action="append", help="name of each model in tables and plots; one per --model")
     parser.add_argument("--data", required=True,
                         help=".bin token file, or what data.path takes: a .txt/.jsonl/.json/.parquet file, a folder "

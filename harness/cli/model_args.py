@@ -30,9 +30,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, repeatable: bool, mo
                         help="attention at inference (default: full)")
 
 
-def model_specs(args: argparse.Namespace, models: list[str], adapters: list[str] | None,
+def model_specs(args: argparse.Namespace, models: list[str] | None, adapters: list[str] | None,
                 labels: list[str | None] | None, rope_factors: list[float] | None) -> list[ModelSpec]:
-    """--model values paired with their --adapter ('none': no adapter), --label and --rope-factor values."""
+    """--model values paired with their --adapter ('none': no adapter), --label and --rope-factor values.
+    Without --model, each --adapter's saved recipe names its base: settings are never typed twice."""
+    if not models:
+        if not adapters or any(a.lower() == "none" for a in adapters):
+            raise UsageError("give --model, or --adapter DIR alone (the base model comes from its saved recipe)")
+        models = [""] * len(adapters)
     adapters = adapters or ["none"] * len(models)
     labels = labels or [None] * len(models)
     rope_factors = rope_factors or [0.0] * len(models)

@@ -22,7 +22,7 @@ PROG = "tools/passkey.py"
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description="Passkey retrieval accuracy over lengths x depths.")
-    add_model_arguments(parser, repeatable=False)
+    add_model_arguments(parser, repeatable=False, model_required=False)  # --adapter alone names the base
     parser.add_argument("--lengths", type=int_list, default=[1024, 2048, 4096],
                         help="comma-separated prompt lengths in tokens (default: 1024,2048,4096)")
     parser.add_argument("--depths", type=depth_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
 
 
 def _passkey(args: argparse.Namespace) -> None:
-    [spec] = model_specs(args, [args.model], [args.adapter or "none"], None, [args.rope_factor or 0.0])
+    [spec] = model_specs(args, [args.model] if args.model else None, [args.adapter] if args.adapter else None, None,
+                         [args.rope_factor or 0.0])
     model, tokenizer, label = load_model(spec)
     for length in args.lengths:  # a length too short for the bare prompt fails before any generation
         try:
