@@ -25,6 +25,7 @@ from harness.resume import ResumeError, intact_checkpoint
 from harness.train import TrainError, train
 from tests.conftest import ROOT, free_port
 
+BOOK = ROOT / "recipes" / "data" / "the_complete_angler_excerpt.txt"
 STEPS = ["train.max_steps=6", "train.save_every=2", "data.max_seq_length=256", "train.keep_checkpoints=0"]
 
 
@@ -328,8 +329,8 @@ def test_a_non_finite_gradient_stops_the_run_before_it_reaches_the_weights(tmp_p
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_on_the_third)
     out = tmp_path / "run"
-    with pytest.raises(TrainError, match=r"the gradient norm became nan at step 3: the newest checkpoint .*checkpoint-2 "
-                                         r"is from before it\. Lower train.lr \(now 0.002\)"):
+    with pytest.raises(TrainError, match=r"the gradient norm became nan at step 3: the newest checkpoint "
+                                         r".*checkpoint-2 is from before it\. Lower train.lr \(now 0.002\)"):
         train(tiny(out, "train.save_every=2"))
     assert not (out / "final").exists()
 
@@ -415,8 +416,8 @@ def test_eval_ppl_takes_the_base_from_the_adapters_saved_recipe(tmp_path, straig
     scores = []
     for model in ([], ["--model", ""]):
         out = tmp_path / f"ppl{len(scores)}.json"
-        assert eval_ppl([*model, "--adapter", str(straight / "final"), "--data", "recipes/data/the_complete_angler_excerpt.txt",
-                         "--seq-lens", "64", "--max-tokens", "500", "--json", str(out)]) == 0
+        assert eval_ppl([*model, "--adapter", str(straight / "final"), "--data", str(BOOK), "--seq-lens", "64",
+                         "--max-tokens", "500", "--json", str(out)]) == 0
         scores.append(json.loads(out.read_text())["results"][0]["ppl"])
     assert scores[0] == scores[1]
     assert eval_ppl(["--data", "x.txt", "--seq-lens", "64"]) == 2  # neither --model nor --adapter: a usage error

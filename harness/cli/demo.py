@@ -13,8 +13,8 @@ PROG = "python -m harness demo"
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description="Extend a model's context window (SmolLM2-135M 8k -> 16k on a GPU, the "
                                            "256-token testbed 4x on a CPU), then show it.")
-    parser.add_argument("--data", type=Path, help="a folder of your own long documents to train on (default: the "
-                                                   "public-domain books in recipes/data/books)")
+    parser.add_argument("--data", type=Path, help="a folder of your own long documents to train on (default: "
+                                                   "the public-domain books in recipes/data/books)")
     parser.add_argument("--steps", type=int, help="optimizer steps (default: 1000 for SmolLM2, 200 for the testbed)")
     parser.add_argument("--model", choices=ROUTES, default="auto",
                         help="auto (default): SmolLM2 on a GPU, the testbed on a CPU")
