@@ -352,6 +352,15 @@ class Loop:
         latest = checkpoint.latest_checkpoint(self.output_dir)
         return f"the newest checkpoint {latest} is from before it" if latest else "no checkpoint was written yet"
 
+    def _check_run_dir(self) -> None:
+        """The run directory still holds this run's lock: one removed mid-run (rm -rf) is not filled again
+        without its lock and its metrics, which another run may now own."""
+        present = (self.output_dir / rundir.LOCK_FILE).is_file() if self.engine.rank == 0 else True
+        if self.engine.all_mean(1.0 if present else 0.0) < 1.0:
+            raise TrainError(f"{self.output_dir} was removed or emptied while this run trained into it (its lock "
+                             f"file is gone) at step {self.step}: stopping without writing, since another run may "
+                             f"own the folder now. Start again, into another train.output_dir if that one is in use")
+
     def _check_weights(self) -> None:
         """Nothing with NaN/inf weights is published: every rank checks its own trainable parameters."""
         finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())
@@ -431,6 +440,7 @@ class Loop:
     def save_checkpoint(self) -> None:
         """checkpoint-<step>/, filled by every rank in a temporary directory, published when complete."""
         self._check_weights()
+        self._check_run_dir()
         final = rundir.checkpoint_dir(self.output_dir, self.step)
         state = {"step": self.step, "data": self.order.state_dict(), "total_steps": self.total,
                  "watch": self.watch.state_dict(), "data_fingerprints": self.data_fingerprints}
@@ -459,6 +469,7 @@ class Loop:
         """<output_dir>/final: the adapter, loadable by peft.PeftModel.from_pretrained. Where it
         cannot be written (read-only, disk full), the adapter goes to a rescue directory instead."""
         self._check_weights()
+        self._check_run_dir()
         final = self.output_dir / rundir.FINAL_DIR
         try:
             self._export_to(final)

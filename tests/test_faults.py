@@ -421,3 +421,16 @@ def test_eval_ppl_takes_the_base_from_the_adapters_saved_recipe(tmp_path, straig
         scores.append(json.loads(out.read_text())["results"][0]["ppl"])
     assert scores[0] == scores[1]
     assert eval_ppl(["--data", "x.txt", "--seq-lens", "64"]) == 2  # neither --model nor --adapter: a usage error
+
+
+def test_a_run_directory_removed_mid_run_stops_the_run_at_the_next_save(tmp_path):
+    out = tmp_path / "run"
+
+    def remove(step):
+        if step == 3:
+            shutil.rmtree(out)
+
+    with pytest.raises(TrainError, match=r"run was removed or emptied while this run trained into it \(its lock file is "
+                                         r"gone\) at step 4: stopping without writing"):
+        train(tiny(out, "train.save_every=2"), after_step=remove)
+    assert not out.exists()
