@@ -8,6 +8,7 @@ table (harness.registry.table_kwargs), so a backend never sees the whole recipe.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -197,13 +198,26 @@ def load_for_eval(model_path: str, *, adapter: str | None = None, load_in_4bit: 
     )
     if tokenizer:
         recipe = replace(recipe, model=replace(recipe.model, tokenizer=tokenizer))
-    built = build_model(recipe, training=False, with_adapter=False)
+    base = load_base(recipe)
+    built = build_model(recipe, training=False, with_adapter=False, base=base)
     model = built.model
     if adapter:
+        _warn_other_base(recipe.resolved.base_fingerprint, base.path, adapter)
         model = rundir.attach_adapter(model, adapter)
     label = Path(model_path or recipe.model.name_or_path).name + (f"+{Path(adapter).name}" if adapter else "")
     label += f"+PI x{rope_factor:g}" if rope_factor and not adapter else ""
     return model.eval(), built.tokenizer, label
+
+
+def _warn_other_base(trained_on: str, base_path: str, adapter: str) -> None:
+    """An adapter on a base of the same shape but other weights loads without error and gives wrong outputs."""
+    from harness.fingerprint import weights_fingerprint
+
+    here = weights_fingerprint(base_path)
+    if trained_on and here and here != trained_on:
+        logging.getLogger("harness").warning(
+            "%s was trained on a base whose weight files differ from those of %s (fingerprint %s, here %s): its "
+            "outputs will be wrong unless this is the same model", adapter, base_path, trained_on, here)
 
 
 def _zero_shot_position(rope_factor: float):

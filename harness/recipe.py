@@ -177,6 +177,7 @@ class Resolved:
     tokens_per_step: int = 0
     best_eval_step: int = 0  # the step of the lowest held-out perplexity at seq_len, full attention (0: none yet)
     best_eval_ppl: float = 0.0  # that perplexity
+    base_fingerprint: str = ""  # the base's weight files (harness.fingerprint); "" = not known (a hub id)
 
 
 @dataclass(frozen=True)
@@ -575,7 +576,7 @@ def find_relative(name: str, recipe_source: str, *, key: str, where: str = "") -
 # --------------------------------------------------------------------------- resolution
 
 def resolve(recipe: Recipe, *, world_size: int | None = None, original_context: int | None = None,
-            weights_dtype: str = "") -> Recipe:
+            weights_dtype: str = "", base_fingerprint: str = "") -> Recipe:
     """Fill `recipe.resolved`: rope factor, sequence length, S2 group size, batch sizes, and
     (from training) the dtype the frozen weights were loaded in."""
     from harness import policy
@@ -599,6 +600,7 @@ def resolve(recipe: Recipe, *, world_size: int | None = None, original_context: 
         original_context=original, rope_factor=factor, seq_len=seq_len, group_size=group_size,
         weights_dtype=weights_dtype or recipe.resolved.weights_dtype, world_size=world_size, effective_batch_size=effective, tokens_per_step=effective * seq_len,
         best_eval_step=recipe.resolved.best_eval_step, best_eval_ppl=recipe.resolved.best_eval_ppl,
+        base_fingerprint=base_fingerprint or recipe.resolved.base_fingerprint,
     )
     return dataclasses.replace(recipe, resolved=resolved)
 

@@ -36,7 +36,7 @@ from rich.console import Console
 
 from harness import checkpoint, policy, registry, rundir
 from harness.backends.engine import Engine, Hyper
-from harness.data.fingerprint import data_fingerprint
+from harness.fingerprint import data_fingerprint, weights_fingerprint
 from harness.cpu_memory import apply_recipe_policy
 from harness.errors import HarnessError, first_line
 from harness.evaluation.in_training import LongContextEval, TransferWatch, transfer_hint
@@ -77,7 +77,8 @@ def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) ->
         # Config and tokenizer first: the data is checked before any weights load. Rank 0 builds a cached
         # base (random, GGUF) alone: under torch.distributed transformers writes config.json on rank 0 only.
         base = _rank_zero_first(engine, lambda: load_base(recipe))
-        recipe = resolve(recipe, world_size=engine.data_world_size, original_context=base.original_context)
+        recipe = resolve(recipe, world_size=engine.data_world_size, original_context=base.original_context,
+                         base_fingerprint=weights_fingerprint(base.path))
         data = _rank_zero_first(engine, lambda: _build_data(recipe, base.tokenizer))  # one tokenizer run fills the cache
         if engine.rank == 0:
             from harness.data.report import print_length_stats
@@ -275,7 +276,7 @@ class Loop:
         self.console.print(f"Resumed from {directory} at step {self.step}")
 
     def _check_data_unchanged(self, saved: dict, directory: Path) -> None:
-        """Resume trains on the data the checkpoint trained on, or says so (harness.data.fingerprint)."""
+        """Resume trains on the data the checkpoint trained on, or says so (harness.fingerprint)."""
         changed = [key for key, value in saved.items() if self.data_fingerprints.get(key) != value]
         if not changed or self.recipe.train.allow_data_change:
             return

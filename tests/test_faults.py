@@ -434,3 +434,25 @@ def test_a_run_directory_removed_mid_run_stops_the_run_at_the_next_save(tmp_path
                                          r"gone\) at step 4: stopping without writing"):
         train(tiny(out, "train.save_every=2"), after_step=remove)
     assert not out.exists()
+
+
+def test_an_adapter_on_a_base_with_other_weights_is_warned_about(tmp_path, straight, caplog):
+    """The tiny run's base is a random model (cached); a copy with one weight changed has the same shape."""
+    from safetensors.torch import save_file
+
+    from harness.model import load_for_eval
+
+    saved = rundir.read_recipe(straight / "final")
+    assert len(saved.resolved.base_fingerprint) == 16
+    base = Path(load_for_eval("", adapter=str(straight / "final"))[0].get_base_model().config._name_or_path)
+    other = tmp_path / "other-base"
+    shutil.copytree(base, other)
+    weights = load_file(str(other / "model.safetensors"))
+    first = next(iter(weights))
+    weights[first] = weights[first] + 1
+    save_file(weights, str(other / "model.safetensors"))
+    caplog.clear()
+    load_for_eval(str(base), adapter=str(straight / "final"))
+    assert "weight files differ" not in caplog.text
+    load_for_eval(str(other), adapter=str(straight / "final"))
+    assert "was trained on a base whose weight files differ from those of" in caplog.text

@@ -59,7 +59,7 @@ def _check_inputs_kept(inputs: list[str], output: str) -> None:
     "..", "~"), the files inside input folders and globs included."""
     from pathlib import Path
 
-    from harness.data.fingerprint import data_files
+    from harness.fingerprint import data_files
 
     written = {Path(output).expanduser().resolve(), Path(output + ".json").expanduser().resolve()}
     for source in inputs:

@@ -1,6 +1,8 @@
-"""A cheap fingerprint of the data a run trains on, so that a resumed run notices changed data.
+"""Cheap fingerprints of the data a run trains on and of the base it trains, so that a resumed run
+notices changed data and an adapter notices a base with other weights.
 
-    data_fingerprint("books/")  -> "3f9c0d1e2a4b5c6d"   ("" for hub data: its revision is the hub's)
+    data_fingerprint("books/")            -> "3f9c0d1e2a4b5c6d"   ("" for hub data: its revision is the hub's)
+    weights_fingerprint("models/llama")   -> the same over its weight files ("" for a hub id)
 
 Each file named by the path (the file, every file under the folder, the glob's matches) adds its
 name, its size and its first and last MiB: an edit, an append or a truncation changes it, and a
@@ -25,11 +27,26 @@ def data_files(path: str) -> list[Path]:
     return sorted(Path(p) for p in glob.glob(str(given), recursive=True) if Path(p).is_file())
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
 def data_fingerprint(path: str) -> str:
     if not path or path.startswith("hub:"):
         return ""
+    return files_fingerprint(data_files(path))
+
+
+def weights_fingerprint(path: str) -> str:
+    """Over the weight files of a local model directory (or a .gguf file); "" for anything else."""
+    given = Path(path).expanduser()
+    if not given.exists():
+        return ""
+    return files_fingerprint([f for f in data_files(path) if f.suffix in WEIGHT_SUFFIXES])
+
+
+def files_fingerprint(files: list[Path]) -> str:
     digest = hashlib.sha256()
-    for file in data_files(path):
+    for file in files:
         size = file.stat().st_size
         digest.update(f"{file.name}\0{size}\0".encode())
         with open(file, "rb") as f:
