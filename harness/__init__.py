@@ -1,0 +1,4 @@
+"""The LongQLoRA harness (see README.md and docs/)."""
+from harness import offline
+
+offline.install()  # before anything imports bitsandbytes
