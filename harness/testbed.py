@@ -257,6 +257,7 @@ GRID = (
     Row("qlora-full", "QLoRA r64, YaRN, full attention", train=(FULL,)),
     Row("longqlora-pi", "LongQLoRA as in the paper (PI + NF4 + LoRA r64 + S2)", train=(PI,)),
     Row("qlora-full-pi", "QLoRA r64, PI, full attention", train=(PI, FULL)),
+    Row("longqlora-ntk", "LongQLoRA with dynamic NTK (+ NF4 + LoRA r64 + S2)", train=('position.name="dynamic"',)),
     Row("lora-full", "LoRA r64, PI, 16/32-bit base, full attention", train=(PI, BASE_32BIT, FULL)),
     Row("full-ft", "full fine-tuning, PI, full attention", train=(PI, *FULL_FINETUNING)),
     Row("longqlora-s2-eval", "LongQLoRA (PI), S2 at inference", run="longqlora-pi", attention="s2"),
