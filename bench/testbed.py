@@ -9,9 +9,11 @@ Angler*, is held out: no row trains on it, every row is scored on its first --ev
 bytes with both protocols (strided and LongLoRA's) at 1/4, 1/2, 1, 2 and 4x the window.
 The rows are harness.testbed.GRID: the base, zero-shot PI / dynamic NTK / YaRN x4, and runs of
 recipes/testbed_longqlora.toml and its variants on the same books with the same steps and
-tokens per step (LongQLoRA, QLoRA + full attention, LoRA on a 32-bit base + full attention,
-full fine-tuning), plus the ablations (S2 at inference, rank 8, 1/4 and 1/2 of the steps,
-the last two read from checkpoints of the LongQLoRA run: the scheduler is constant).
+tokens per step: LongQLoRA as the recipe has it (YaRN + S2) and as the paper has it (PI + S2),
+QLoRA + full attention with each position method, dynamic NTK + S2, LoRA on a 32-bit base +
+full attention and full fine-tuning (PI), plus the ablations of the paper's setting (S2 at
+inference, rank 8, 1/4 and 1/2 of the steps, the last two read from checkpoints of its run:
+the scheduler is constant). Every trained row is read with full attention unless it says S2.
 
 Each training runs in its own process (peak RSS is its own); a run resumes where it stopped
 (full fine-tuning starts over: the harness cannot resume it yet), and a finished evaluation is
