@@ -14,9 +14,11 @@ Reads top to bottom:
               not transfer)
     export  = <output_dir>/final: PEFT adapter + resolved recipe + rope parameters
 
-SIGTERM / SIGINT finish the current optimizer step, save a checkpoint and return; the next
-run with train.resume = "auto" (or --resume) continues exactly there: adapter, optimizer,
-scheduler, RNG and data position are all restored.
+SIGTERM / SIGINT are read between micro-batches: a step they interrupt is dropped (its data
+position and RNG rolled back), a checkpoint of the last whole step is saved and the run returns;
+the next run with train.resume = "auto" (or --resume) continues exactly there: adapter,
+optimizer, scheduler, RNG and data position are all restored. Nothing with NaN/inf weights is
+ever saved, and a non-finite gradient stops the run before it reaches the weights.
 """
 from __future__ import annotations
 
@@ -36,10 +38,10 @@ from rich.console import Console
 
 from harness import checkpoint, policy, registry, rundir
 from harness.backends.engine import Engine, Hyper
-from harness.fingerprint import data_fingerprint, weights_fingerprint
 from harness.cpu_memory import apply_recipe_policy
 from harness.errors import HarnessError, first_line
 from harness.evaluation.in_training import LongContextEval, TransferWatch, transfer_hint
+from harness.fingerprint import data_fingerprint, weights_fingerprint
 from harness.loss import CausalLMLoss
 from harness.metrics import MetricsLog, check_trackers, drop_metrics_after
 from harness.model import build_model, load_base
