@@ -510,10 +510,12 @@ def rescue_dir(output_dir: Path) -> Path:
 
 
 def _long_context_eval(recipe: Recipe, engine, collate) -> tuple[LongContextEval, TransferWatch]:
-    """The held-out evaluation and its watch for this recipe: windows of the original context
-    (not under sequence parallelism, whose shards need whole sequences), S2 where asked for."""
+    """The held-out evaluation and its watch for this recipe: windows of the original context where
+    the target is longer (not under sequence parallelism, whose shards need whole sequences), S2
+    where asked for."""
     attention, train = recipe.attention, recipe.train
-    window = recipe.resolved.original_context if engine.sequence is None else 0
+    resolved = recipe.resolved
+    window = resolved.original_context if engine.sequence is None and resolved.seq_len > resolved.original_context else 0
     evaluator = LongContextEval(collate, engine.device, engine.autocast, engine.all_mean, window=window,
                                 s2=train.eval_s2 and attention.name == "s2")
     hint = transfer_hint(recipe.position.name, attention.name, at_inference=attention.at_inference)

@@ -68,7 +68,7 @@ class LongContextEval:
     device: torch.device
     autocast: Callable[[], contextlib.AbstractContextManager]
     all_mean: Callable[[float], float]
-    window: int = 0  # the original context: 0, or >= the samples' length, skips the window reading
+    window: int = 0  # the original context, when the samples are longer; 0 skips the window reading
     s2: bool = False  # also score the target under S2
 
     @torch.no_grad()
@@ -78,7 +78,7 @@ class LongContextEval:
         try:
             loss = self._loss(module, [[item] for item in samples])
             result = {"eval_loss": loss, "eval_ppl": _ppl(loss)}
-            if self.window and samples and max(len(item["input_ids"]) for item in samples) > self.window:
+            if self.window:  # decided alike on every rank: each reading is a collective
                 result["eval_ppl_window"] = _ppl(self._loss(module, [windows_of(item, self.window)
                                                                      for item in samples]))
             if self.s2:
@@ -90,6 +90,8 @@ class LongContextEval:
         return result
 
     def _loss(self, module, batches: list[list[dict]]) -> float:
+        """Token-weighted over every rank's batches: both sums are averaged over ranks, so a rank
+        without samples joins the collectives and counts for nothing."""
         total, weight = 0.0, 0
         for items in batches:
             batch = {k: v.to(self.device) for k, v in self.collate(items).items()}
@@ -99,8 +101,8 @@ class LongContextEval:
             with self.autocast():
                 total += module(**batch).item() * targets
             weight += targets
-        # every rank joins the collective, one without samples too (its loss counts as the others' mean)
-        return self.all_mean(total / weight if weight else float("nan"))
+        total, weight = self.all_mean(total), self.all_mean(float(weight))
+        return total / weight if weight else float("nan")
 
 
 def _ppl(loss: float) -> float:

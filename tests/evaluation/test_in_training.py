@@ -67,12 +67,34 @@ def test_target_and_window_perplexities_match_a_per_sequence_reference():
     assert "eval_ppl_s2" not in found
 
 
-def test_no_window_reading_when_the_samples_fit_the_window():
+def test_no_window_reading_without_a_window():
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM(tiny_llama_config()).eval()
-    evaluator = LongContextEval(Collator(2), torch.device("cpu"), contextlib.nullcontext, lambda x: x, window=64)
+    evaluator = LongContextEval(Collator(2), torch.device("cpu"), contextlib.nullcontext, lambda x: x)
     assert set(evaluator.run(HFLoss(model), [packed_item([64])])) == {"eval_loss", "eval_ppl"}
+
+
+def test_a_rank_without_samples_joins_every_collective_and_counts_for_nothing():
+    """Two ranks, simulated: rank 1 has no sample. Each rank's all_mean averages its value with what the
+    other rank gave to the same collective; both end with rank 0's own token-weighted perplexities."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = HFLoss(LlamaForCausalLM(tiny_llama_config()).eval())
+    given = []
+    alone = LongContextEval(Collator(2), torch.device("cpu"), contextlib.nullcontext,
+                            lambda value: given.append(value) or value, window=16)
+    expected = alone.run(model, [packed_item([64])])  # one rank: all_mean is the identity
+
+    def partnered(partner: list[float]):
+        values = iter(partner)
+        return lambda value: (value + next(values)) / 2
+
+    rank0 = LongContextEval(Collator(2), torch.device("cpu"), contextlib.nullcontext, partnered([0.0] * 4), window=16)
+    rank1 = LongContextEval(Collator(2), torch.device("cpu"), contextlib.nullcontext, partnered(given), window=16)
+    assert rank0.run(model, [packed_item([64])]) == pytest.approx(expected)
+    assert rank1.run(model, []) == pytest.approx(expected)  # 4 collectives, like rank 0, and the same result
 
 
 def test_s2_reading_uses_s2_and_restores_full_attention():
