@@ -515,7 +515,8 @@ def _long_context_eval(recipe: Recipe, engine, collate) -> tuple[LongContextEval
     where asked for."""
     attention, train = recipe.attention, recipe.train
     resolved = recipe.resolved
-    window = resolved.original_context if engine.sequence is None and resolved.seq_len > resolved.original_context else 0
+    longer = resolved.seq_len > resolved.original_context
+    window = resolved.original_context if engine.sequence is None and longer else 0
     evaluator = LongContextEval(collate, engine.device, engine.autocast, engine.all_mean, window=window,
                                 s2=train.eval_s2 and attention.name == "s2")
     hint = transfer_hint(recipe.position.name, attention.name, at_inference=attention.at_inference)
