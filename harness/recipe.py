@@ -323,8 +323,8 @@ def validate(recipe: Recipe) -> None:
     where = f"{recipe.source}: " if recipe.source else ""
     _check_choices(recipe, where)
     _check_lengths(recipe, where)
-    _check_adapter(recipe, where)
     _check_combinations(recipe, where)
+    _check_adapter(recipe, where)
     _check_files(recipe, where)
     _check_output_outside_data(recipe, where)
     attention = recipe.attention
@@ -431,7 +431,7 @@ def _check_adapter(recipe: Recipe, where: str) -> None:
         raise RecipeError(f"{where}adapter.dropout = {adapter.dropout!r} must be in [0, 1): the share of inputs "
                           f"LoRA drops in training (the paper: 0.05)")
     hidden = _local_config(recipe.model).get("hidden_size")
-    if hidden and adapter.r > hidden:
+    if isinstance(hidden, int) and adapter.r > hidden:
         raise RecipeError(f"{where}adapter.r = {adapter.r} is larger than the model's hidden size {hidden}: a rank "
                           f"above it adds parameters and no capacity. Use at most {hidden} (the paper: 64)")
 

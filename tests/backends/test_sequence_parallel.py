@@ -140,7 +140,7 @@ SP = ["engine.name=\"deepspeed\"", "engine.deepspeed_config=\"launch/deepspeed/z
     (["engine.sequence_parallel_size=2"], "needs engine.name = \"deepspeed\""),
     (SP + ["engine.sequence_parallel_size=2", "attention.kernel=\"eager\""], "attention.kernel = \"eager\""),
     (SP + ["engine.sequence_parallel_size=3"], "does not divide the model's 4 attention heads"),
-    (SP + ["engine.sequence_parallel_size=0"], "engine.sequence_parallel_size = 0 must be > 0"),
+    (SP + ["engine.sequence_parallel_size=0"], "engine.sequence_parallel_size = 0 must be a finite number > 0"),
 ])
 def test_bad_sequence_parallel_recipes_are_refused(overrides, text):
     with pytest.raises(RecipeError, match=text.replace("(", r"\(")):
