@@ -74,7 +74,7 @@ class QuantizationConfig:
     name: str = "nf4"  # nf4 | int8 | none
     double_quant: bool = True
     compute_dtype: str = "bf16"  # bf16 | fp16 | fp32 | auto (bf16 / fp16 on older GPUs / fp32 on CPU)
-    storage_dtype: str = "uint8"  # uint8, or the compute dtype for ZeRO-3 / FSDP sharding
+    storage_dtype: str = "uint8"  # uint8, or the compute dtype for ZeRO-3 sharding
 
 
 @dataclass(frozen=True)

@@ -46,11 +46,17 @@ def rng_file(directory: Path, rank: int) -> Path:
     return directory / f"rng-{rank}.pt"
 
 
+def optimizer_shard_file(directory: Path, rank: int) -> Path:
+    """One rank's optimizer state where it is sharded (FSDP)."""
+    return directory / f"optimizer-{rank}.pt"
+
+
 # --------------------------------------------------------------------------- writing
 
-def write_model_files(directory: Path, model, recipe: Recipe) -> None:
-    """Adapter (rank 0, parameters already gathered), resolved recipe and rope parameters."""
-    model.save_pretrained(directory, safe_serialization=True)
+def write_model_files(directory: Path, model, recipe: Recipe, state_dict: dict | None = None) -> None:
+    """Adapter (rank 0, parameters already gathered, or given whole in `state_dict`), resolved recipe
+    and rope parameters."""
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     save_recipe(recipe, directory / RECIPE_FILE)
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     write_rope(directory, rope_record(config, recipe.resolved.original_context))

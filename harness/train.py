@@ -37,7 +37,7 @@ import torch
 from rich.console import Console
 
 from harness import checkpoint, policy, registry, rundir
-from harness.backends.engine import Engine, Hyper
+from harness.backends.engine import Engine, Hyper, local_shard
 from harness.cpu_memory import apply_recipe_policy
 from harness.errors import HarnessError, first_line
 from harness.evaluation.in_training import LongContextEval, TransferWatch, transfer_hint
@@ -95,6 +95,8 @@ def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) ->
                          weights_dtype=built.weights_dtype)
 
         hyper = hyper_of(recipe)
+        if resume_from is not None:  # before the engine shards or wraps the parameters (FSDP: DTensors)
+            checkpoint.load_adapter_weights(built.model, resume_from)
         module = CausalLMLoss(built.model, chunked=recipe.train.chunked_loss, sequence=engine.sequence)
         engine.prepare(module, lambda params: make_optimizer(recipe, engine, hyper, params),
                        lambda optimizer: make_scheduler(recipe, optimizer, total_steps(recipe, len(data.train), engine)),
@@ -266,9 +268,9 @@ class Loop:
                           f"data.eval_path or data.eval_fraction to see held-out perplexity during training[/]")
 
     def resume(self, directory: Path) -> None:
+        """Everything but the adapter weights, which train() loads before the engine prepares the model."""
         state = checkpoint.read_trainer_state(directory, self.engine.rank)
         self._check_data_unchanged(state.get("data_fingerprints", {}), directory)
-        checkpoint.load_adapter_weights(self.engine.unwrap().model, directory)
         self.engine.load_state(directory)
         self.order.load_state_dict(state["data"])
         self.watch.load_state_dict(state.get("watch", {}))
@@ -366,8 +368,8 @@ class Loop:
 
     def _check_weights(self) -> None:
         """Nothing with NaN/inf weights is published: every rank checks its own trainable parameters."""
-        finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())
-                     for p in self.engine.unwrap().parameters() if p.requires_grad)
+        finite = all(bool(torch.isfinite(local_shard(p)).all()) for p in self.engine.unwrap().parameters()
+                     if p.requires_grad)
         if self.engine.all_mean(1.0 if finite else 0.0) < 1.0:
             raise TrainError(f"the trained weights are not finite (NaN or inf) after step {self.step}; nothing was "
                              f"written, {self._last_good()}. Lower train.lr (now {self.recipe.train.lr:g}) and "
@@ -464,9 +466,9 @@ class Loop:
 
     def _write_model_files(self, directory: Path) -> None:
         peft_model = self.engine.unwrap().model
-        with self.engine.gathered(peft_model):
+        with self.engine.gathered(peft_model) as whole:  # None, or the trainable weights gathered (FSDP)
             if self.engine.rank == 0:
-                rundir.write_model_files(directory, peft_model, self._recipe_to_save())
+                rundir.write_model_files(directory, peft_model, self._recipe_to_save(), state_dict=whole)
 
     def export(self) -> None:
         """<output_dir>/final: the adapter, loadable by peft.PeftModel.from_pretrained. Where it

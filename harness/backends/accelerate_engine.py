@@ -1,19 +1,22 @@
-"""The accelerate engine: single process, DDP (multi-GPU, or MULTI_CPU over gloo) and FSDP, as
+"""The accelerate engine: single process, DDP (multi-GPU, or MULTI_CPU over gloo) and FSDP2, as
 `accelerate launch` or torchrun configure it.
 
 On the CPU it must create `Accelerator(cpu=True)`: without it every process of a multi-process
-launch silently trains alone with world size 1.
+launch silently trains alone with world size 1. A launch that asks for FSDP is sharded by
+harness.backends.fsdp, not by accelerate (whose FSDP needs an accelerator).
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from harness import rundir
-from harness.backends.engine import Hyper, check_group, forming_group, is_quantized, trainable
+from harness.backends import fsdp
+from harness.backends.engine import EngineError, Hyper, check_group, forming_group, is_quantized, trainable
 from harness.registry import register
 
 
@@ -35,7 +38,10 @@ class AccelerateEngine:
         self.rank = self.accelerator.process_index
         self.data_rank, self.data_world_size, self.sequence = self.rank, self.world_size, None  # no sequence parallelism
         self.device = self.accelerator.device
+        self.fsdp = fsdp.requested()
         check_group(self.world_size)
+        if self.fsdp is not None and self.world_size == 1:
+            print(fsdp.ONE_PROCESS_WARNING, file=sys.stderr)
 
     def offloads_optimizer(self, hyper: Hyper) -> bool:
         return False
@@ -44,10 +50,12 @@ class AccelerateEngine:
         self.hyper = hyper
         self.scaler = torch.amp.GradScaler("cuda") if hyper.precision == "fp16" and torch.cuda.is_available() else None
         module = module.to(self.device) if not is_quantized(module) else module
-        optimizer = make_optimizer(trainable(module))
-        scheduler = make_scheduler(optimizer)
-        self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
-        self.scheduler = scheduler
+        if self.fsdp is not None:
+            fsdp.shard(module, self.fsdp, self.device, self.world_size)  # before the optimizer: DTensor parameters
+            self.module, self.optimizer = module, make_optimizer(trainable(module))
+        else:
+            self.module, self.optimizer = self.accelerator.prepare(module, make_optimizer(trainable(module)))
+        self.scheduler = make_scheduler(self.optimizer)
         return self.module
 
     def autocast(self):
@@ -58,7 +66,10 @@ class AccelerateEngine:
         scaled = loss / self.hyper.grad_accum
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
-        if sync or self.world_size == 1:
+        if self.fsdp is not None:
+            self.module.set_requires_gradient_sync(sync)  # off: gradients accumulate unsharded, no reduce-scatter
+            scaled.backward()
+        elif sync or self.world_size == 1:
             scaled.backward()
         else:
             with self.accelerator.no_sync(self.module):
@@ -68,6 +79,7 @@ class AccelerateEngine:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(trainable(self.module), self.hyper.max_grad_norm or float("inf"))
+        norm = fsdp.full(norm)  # FSDP: the norm over every rank's shards
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips a step with inf/NaN gradients and lowers the scale
             self.scaler.update()
@@ -84,21 +96,33 @@ class AccelerateEngine:
         return self.scheduler.get_last_lr()[0]
 
     def save_state(self, directory: Path) -> None:
-        if self.rank == 0:  # DDP: optimizer state is the same on every rank
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-            if self.scaler is not None:
-                state["scaler"] = self.scaler.state_dict()
-            torch.save(state, directory / rundir.OPTIMIZER_FILE)
+        """DDP: rank 0 writes the optimizer state, the same on every rank. FSDP: each rank its own shard."""
+        if self.fsdp is None and self.rank > 0:
+            return
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        torch.save(state, self._optimizer_file(directory))
+
+    def _optimizer_file(self, directory: Path) -> Path:
+        return rundir.optimizer_shard_file(directory, self.rank) if self.fsdp else directory / rundir.OPTIMIZER_FILE
 
     def load_state(self, directory: Path) -> None:
-        state = torch.load(directory / rundir.OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+        path = self._optimizer_file(directory)
+        if not path.is_file():
+            raise EngineError(f"{directory}: no {path.name} in it. Resume an FSDP checkpoint with FSDP on as many "
+                              f"ranks as wrote it, and a DDP or single-process one without FSDP")
+        state = torch.load(path, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 
     def gathered(self, model):
-        return contextlib.nullcontext()  # DDP replicates; FSDP's state dict is gathered by save_pretrained
+        """DDP replicates: nothing to gather. FSDP: the trainable weights gathered whole (every rank)."""
+        if self.fsdp is None:
+            return contextlib.nullcontext()
+        return contextlib.nullcontext(fsdp.full_trainable_state(model))
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()

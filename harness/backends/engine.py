@@ -9,7 +9,8 @@ asks which engine it has):
     engine.backward(loss, sync=bool)       one micro-batch (sync=False: no gradient all-reduce)
     grad_norm = engine.step()              clip, optimizer and scheduler step, zero grads
     engine.save_state(dir) / load_state(dir)   optimizer + scheduler (+ DeepSpeed's own files)
-    with engine.gathered(model): ...       sharded (ZeRO-3) trainable parameters made whole
+    with engine.gathered(model) as whole:  sharded trainable parameters made whole: ZeRO-3 in place
+                                           (whole is None), FSDP as {name: full tensor}
 
 Ranks and data: `rank` / `world_size` count processes; `data_rank` / `data_world_size` count
 data-parallel replicas, which read different samples. They differ under sequence parallelism
@@ -105,3 +106,10 @@ def is_quantized(module) -> bool:
 
 def trainable(module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
+
+
+def local_shard(parameter: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this rank holds: its ZeRO-3 partition, its FSDP shard, or all of it."""
+    if hasattr(parameter, "ds_tensor"):
+        return parameter.ds_tensor
+    return parameter.to_local() if hasattr(parameter, "to_local") else parameter

@@ -1,8 +1,8 @@
 """Quantization backends: the `quantization_config` the base weights are loaded with.
 
     nf4   bitsandbytes 4-bit NormalFloat (QLoRA), double quantization on by default. The
-          storage dtype can be the compute dtype, which ZeRO-3 and FSDP need to shard the
-          packed weights like any other tensor.
+          storage dtype can be the compute dtype, which ZeRO-3 needs to shard the packed
+          weights like any other tensor (the harness's FSDP2 shards uint8 as well).
     int8  bitsandbytes LLM.int8().
     none  load the weights unquantized in model.dtype.
 """
