@@ -47,6 +47,7 @@ from harness.metrics import MetricsLog, check_trackers, drop_metrics_after
 from harness.model import build_model, load_base
 from harness.recipe import Recipe, find_relative, resolve
 from harness.resume import starting_point
+from harness.step_time import StepTimeWatch
 
 
 class TrainError(HarnessError, RuntimeError):
@@ -260,6 +261,7 @@ class Loop:
         self.stop_signal: str | None = None
         self.after_step = after_step or (lambda step: None)
         self.evaluator, self.watch = _long_context_eval(recipe, engine, self.collate)
+        self.step_time = StepTimeWatch(recipe.train.grad_accum)
         self.train_losses: list[float] = []  # since the last evaluation
         self.data_fingerprints = {key: data_fingerprint(getattr(recipe.data, key.split(".")[1]))
                                   for key in ("data.path", "data.eval_path")}
@@ -326,6 +328,7 @@ class Loop:
         self.lr = self.engine.lr()  # the rate this step uses, before the scheduler moves on
         losses, tokens = [], 0
         order, rng = self.order.state_dict(), checkpoint.rng_state()  # where this step started
+        self.step_time.start()
         for micro in range(self.recipe.train.grad_accum):
             if micro and self._stopping():  # a signal between micro-batches: the step is dropped, not half-taken
                 self.order.load_state_dict(order)
@@ -340,9 +343,16 @@ class Loop:
             self.engine.backward(loss, sync=micro == self.recipe.train.grad_accum - 1)
             losses.append(loss.item())
             tokens += int(batch["attention_mask"].sum())
+            self._warn_if_slow(micro + 1)
         self.grad_norm = self.engine.step()
+        self.step_time.finish()
         self._check_gradient()
         return sum(losses) / len(losses), tokens
+
+    def _warn_if_slow(self, micro_batches_done: int) -> None:
+        warning = self.step_time.micro_batch_done(micro_batches_done, self.step + 1)
+        if warning:
+            self.console.print(f"[yellow]{warning}[/]")
 
     def _check_gradient(self) -> None:
         """A NaN/inf gradient norm stops the run (fp16's loss scaler skips such steps on its own)."""

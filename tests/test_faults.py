@@ -181,10 +181,10 @@ def test_an_export_that_cannot_be_written_is_rescued(tmp_path, straight, failure
     output = tmp_path / "run"
     write = rundir.write_model_files
 
-    def failing(directory, model, recipe):
+    def failing(directory, model, recipe, **options):
         if directory.parent == output:
             raise OSError(failure, os.strerror(failure))
-        write(directory, model, recipe)
+        write(directory, model, recipe, **options)
 
     monkeypatch.setattr(rundir, "write_model_files", failing)
     with pytest.raises(TrainError, match=os.strerror(failure)) as caught:

@@ -24,6 +24,7 @@ from functools import partial
 import numpy as np
 
 from harness.data import DataError, DataSplits, DataStats, logger
+from harness.data.long_text import PIECE_CHARS, encode_long
 from harness.data.pipeline import (ContentHash, build_splits, cached_map, digest, keep, sample_features,
                                    tokenizer_fingerprint)
 from harness.data.sources import Record, Report, iter_records
@@ -127,17 +128,24 @@ def _special(tokenizer, name: str, wanted: bool) -> list[int]:
 
 
 def _tokenize(batch: dict, tokenizer, prefix: list[int], suffix: list[int]) -> dict:
-    encoded = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
-    input_ids = [prefix + ids + suffix for ids in encoded]
+    """Ids of the batch's documents with BOS/EOS; the very long ones piece by piece (data/long_text.py)."""
+    texts = batch["text"]
+    short = [i for i, text in enumerate(texts) if len(text) <= PIECE_CHARS]
+    encoded = {i: encode_long(tokenizer, text) for i, text in enumerate(texts) if len(text) > PIECE_CHARS}
+    if short:
+        in_batch = tokenizer([texts[i] for i in short], add_special_tokens=False, verbose=False)["input_ids"]
+        encoded.update(zip(short, in_batch))
+    input_ids = [np.concatenate([prefix, encoded[i], suffix]).astype(np.int32) for i in range(len(texts))]
     return {"input_ids": input_ids, "length": [len(ids) for ids in input_ids]}
 
 
 def _shape(records, key: str, *, mode: str, max_seq_length: int, cache_dir: str, num_proc: int):
+    """Samples of the documents; the documents' ids are read as numpy arrays (4 bytes a token, not 36)."""
     return cached_map(
-        records, _pack if mode == "pack" else _truncate, stage=mode, key=digest(key, mode, max_seq_length),
+        records.with_format("numpy"), _pack if mode == "pack" else _truncate, stage=mode, key=digest(key, mode, max_seq_length),
         cache_dir=cache_dir, num_proc=num_proc, fn_kwargs={"max_seq_length": max_seq_length},
         remove_columns=records.column_names, features=sample_features(), desc=f"Shaping samples ({mode})",
-    )
+    ).with_format(None)
 
 
 def _truncate(batch: dict, max_seq_length: int) -> dict:
@@ -146,25 +154,36 @@ def _truncate(batch: dict, max_seq_length: int) -> dict:
 
 
 def _pack(batch: dict, max_seq_length: int) -> dict:
-    """Concatenate the batch's documents into rows of max_seq_length (the last may be shorter)."""
+    """Concatenate the batch's documents into rows of max_seq_length (the last may be shorter).
+    Pieces are numpy slices: a one-line book of 10M tokens stays 4-8 bytes a token, not 36."""
     rows = {"input_ids": [], "labels": [], "position_ids": []}
-    row = {name: [] for name in rows}
+    row = {name: [] for name in rows}  # the pieces of the row being filled
+    filled = 0
     for document in batch["input_ids"]:
-        start = 0
-        while start < len(document):
-            piece = document[start:start + max_seq_length - len(row["input_ids"])]
-            row["input_ids"] += piece
-            row["labels"] += [-100] + piece[1:]  # no target for a piece's first token: see the module docstring
-            row["position_ids"] += range(len(piece))
-            start += len(piece)
-            if len(row["input_ids"]) == max_seq_length:
+        document = np.asarray(document, dtype=np.int32)
+        for start in _piece_starts(len(document), max_seq_length, filled):
+            piece = document[start:start + max_seq_length - filled]
+            labels = piece.copy()
+            labels[0] = -100  # no target for a piece's first token: see the module docstring
+            row["input_ids"].append(piece)
+            row["labels"].append(labels)
+            row["position_ids"].append(np.arange(len(piece), dtype=np.int32))
+            filled += len(piece)
+            if filled == max_seq_length:
                 _append_row(rows, row)
-    if row["input_ids"]:
+                filled = 0
+    if filled:
         _append_row(rows, row)
     return rows
 
 
+def _piece_starts(length: int, max_seq_length: int, filled: int) -> list[int]:
+    """Where a document's pieces start when the current row already holds `filled` tokens."""
+    first = min(length, max_seq_length - filled)
+    return [0, *range(first, length, max_seq_length)] if length else []
+
+
 def _append_row(rows: dict, row: dict) -> None:
-    for name, values in row.items():
-        rows[name].append(list(values))
-        values.clear()
+    for name, pieces in row.items():
+        rows[name].append(np.concatenate(pieces))
+        pieces.clear()
