@@ -26,6 +26,14 @@ def accelerate_engine():
     return AccelerateEngine()
 
 
+def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
+    """The dtype this engine autocasts the forward to (None: no autocast): bf16/fp16 on CUDA only.
+    The memory planner asks this too."""
+    if device_type != "cuda":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 class AccelerateEngine:
     """accelerate: single process, DDP or FSDP, GPU or CPU (gloo)."""
 
@@ -59,8 +67,8 @@ class AccelerateEngine:
         return self.module
 
     def autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.hyper.precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None and self.device.type == "cuda")
+        dtype = autocast_dtype(self.hyper.precision, self.device.type)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def backward(self, loss: torch.Tensor, *, sync: bool) -> None:
         scaled = loss / self.hyper.grad_accum

@@ -33,6 +33,11 @@ def deepspeed_engine(*, deepspeed_config: str, sequence_parallel_size: int = 1):
     return DeepSpeedEngine(deepspeed_config, sequence_parallel_size)
 
 
+def offloads_optimizer(config: dict) -> bool:
+    """Whether a DeepSpeed config steps the optimizer on the CPU (ZeRO-Offload). The planner asks this too."""
+    return config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO-2/3 (CPU optimizer offload included), initialised by the harness."""
 
@@ -125,8 +130,7 @@ class DeepSpeedEngine:
         return self.sequence_parallel_size
 
     def offloads_optimizer(self, hyper: Hyper) -> bool:
-        zero = self.config(hyper).get("zero_optimization", {})
-        return zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
+        return offloads_optimizer(self.config(hyper))
 
     def prepare(self, module, make_optimizer: Callable, make_scheduler: Callable, hyper: Hyper):
         import deepspeed
