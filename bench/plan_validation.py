@@ -3,9 +3,9 @@
     python bench/plan_validation.py                      # all configs, both measurements
     python bench/plan_validation.py --only tiny --modes allocator
 
-Each config runs in a fresh subprocess: build the model of the recipe (+ overrides), wrap it
-as the trainer does (CausalLMLoss, the accelerate engine, make_optimizer), then run two
-optimizer steps on random tokens (the first allocates the optimizer states, the second is the
+Each config runs in a fresh subprocess: set the recipe (+ overrides) up as training does
+(harness.train.build_session), then run two optimizer steps of the training loop
+(Loop.train_step) on random tokens (the first allocates the optimizer states, the second is the
 steady state the planner predicts). What is compared is the *dynamic* part: the memory the
 steps add on top of the built model, against `harness.memory.plan(recipe, device="cpu")
 .dynamic_bytes` (activations, attention, logits/loss, gradients, optimizer states).
@@ -105,48 +105,34 @@ def static_bytes(model) -> int:
 
 
 def build(recipe_path: str, overrides: list[str]):
-    """(recipe, engine, trainable static bytes) wired as harness.train.train does."""
-    from harness.backends.accelerate_engine import AccelerateEngine
-    from harness.loss import CausalLMLoss
-    from harness.model import build_model
+    """(recipe, loop, trainable static bytes): a session set up as harness.train.train sets it up."""
     from harness.recipe import load_recipe
-    from harness.train import hyper_of, make_optimizer, make_scheduler
+    from harness.train import Loop, build_session
 
-    recipe = load_recipe(recipe_path, overrides)
-    built = build_model(recipe, training=True)
-    engine = AccelerateEngine()
-    engine.setup()
-    hyper = dataclasses.replace(hyper_of(recipe), grad_accum=1)
-    module = CausalLMLoss(built.model, chunked=recipe.train.chunked_loss)
-    engine.prepare(module, lambda params: make_optimizer(recipe, engine, hyper, params),
-                   lambda optimizer: make_scheduler(recipe, optimizer, 10), hyper)
-    return recipe, engine, static_bytes(built.model)
+    session = build_session(load_recipe(recipe_path, [*overrides, "train.grad_accum=1"]), with_data=False, steps=10)
+    return session.recipe, Loop(session), static_bytes(session.built.model)
 
 
-def train_steps(recipe, engine, steps: int = 2) -> None:
-    """Loop._optimizer_step on random tokens: forward, backward, clip + AdamW step."""
+def train_steps(recipe, loop, steps: int = 2) -> None:
+    """Optimizer steps of the training loop on random tokens: forward, backward, clip + AdamW step."""
     import torch
 
-    vocab = engine.unwrap().model.config.vocab_size  # a PeftModel forwards .config to its base model
+    vocab = loop.built.model.config.vocab_size  # a PeftModel forwards .config to its base model
     generator = torch.Generator().manual_seed(0)
     shape = (recipe.train.micro_batch_size, recipe.resolved.seq_len)
     for _ in range(steps):
         ids = torch.randint(3, vocab, shape, generator=generator)
         batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
                  "position_ids": torch.arange(shape[1]).expand(shape)}
-        engine.module.train()
-        with engine.autocast():
-            loss = engine.module(**batch)
-        engine.backward(loss, sync=True)
-        engine.step()
+        loop.train_step(iter([batch]))
 
 
-def allocator_peak(recipe, engine) -> int:
+def allocator_peak(recipe, loop) -> int:
     """Peak of live torch CPU-allocator bytes over the steps, relative to their start."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_steps(recipe, engine)
+        train_steps(recipe, loop)
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
@@ -160,15 +146,15 @@ def measure(recipe_path: str, overrides: list[str], mode: str) -> dict:
 
     os.chdir(ROOT)
     torch.manual_seed(0)
-    recipe, engine, static = build(recipe_path, overrides)
+    recipe, loop, static = build(recipe_path, overrides)
     started = time.perf_counter()
     if mode == "allocator":
-        result = {"allocator_bytes": allocator_peak(recipe, engine)}
+        result = {"allocator_bytes": allocator_peak(recipe, loop)}
     else:
         before = current_rss()
         if not reset_peak_rss():
             raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs is not writable)")
-        train_steps(recipe, engine)
+        train_steps(recipe, loop)
         result = {"rss_bytes": peak_rss() - before}
     return {**result, "static_bytes": static, "seconds": time.perf_counter() - started}
 

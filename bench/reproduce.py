@@ -31,6 +31,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS_DIR, ROOT, SMOLLM2, machine, write_results  # noqa: E402
+from harness.metrics import read_step_records  # noqa: E402
 
 BOOKS = ROOT / "recipes" / "data" / "books"
 HELD_OUT = "the_complete_angler.txt"
@@ -84,11 +85,10 @@ def train(name: str, args: argparse.Namespace, data: Path) -> dict:
                  "train.resume=\"auto\"", *TRAINED[name]]
     if not (output / "final").is_dir():
         subprocess.run([sys.executable, "launch/train.py", SMOLLM2, *overrides], cwd=ROOT, check=True)
-    steps = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    steps = [s for s in steps if "tokens_per_s" in s]
+    steps = read_step_records(output / "metrics.jsonl")
     timed = steps[1:] or steps
     return {"tokens_per_s": sum(s["tokens_per_s"] for s in timed) / len(timed),
-            "peak_memory_gb": max(s["peak_memory_gb"] for s in steps), "adapter": str(output / "final")}
+            "peak_memory_gib": max(s["peak_memory_gib"] for s in steps), "adapter": str(output / "final")}
 
 
 def evaluate(name: str, args: argparse.Namespace, adapter: str | None, rope_factor: float) -> dict[int, float]:
@@ -114,18 +114,18 @@ def run(args: argparse.Namespace) -> list[dict]:
     for row in rows:
         if "tokens_per_s" in row and baseline:
             row["speed_vs_lora"] = row["tokens_per_s"] / baseline["tokens_per_s"]
-            row["memory_vs_lora"] = row["peak_memory_gb"] / baseline["peak_memory_gb"]
+            row["memory_vs_lora"] = row["peak_memory_gib"] / baseline["peak_memory_gib"]
     return rows
 
 
 def print_table(rows: list[dict], lengths: list[int]) -> None:
     table = Table(title="SmolLM2-135M 8k -> 16k on public-domain books (held out: The Complete Angler)")
-    for column in ["model", *(f"ppl@{n}" for n in lengths), "tok/s", "peak GB", "speed/lora", "mem/lora"]:
+    for column in ["model", *(f"ppl@{n}" for n in lengths), "tok/s", "peak GiB", "speed/lora", "mem/lora"]:
         table.add_column(column, justify="right")
     for row in rows:
         trained = "tokens_per_s" in row
         table.add_row(row["name"], *(f"{row['ppl'][n]:.2f}" for n in lengths),
-                      *((f"{row['tokens_per_s']:.0f}", f"{row['peak_memory_gb']:.2f}",
+                      *((f"{row['tokens_per_s']:.0f}", f"{row['peak_memory_gib']:.2f}",
                          f"{row.get('speed_vs_lora', 0):.2f}", f"{row.get('memory_vs_lora', 0):.2f}")
                         if trained else ("-",) * 4))
     Console(width=120).print(table)  # full column names also when output is not a terminal

@@ -136,19 +136,17 @@ def tiled_recipe(length: int, tiled: bool):
 
 
 def tiled_child(length: int, tiled: bool) -> dict:
-    """Child process: build SmolLM2 as training does, tile when asked, one forward + backward."""
+    """Child process: build SmolLM2 as training does (build_model tiles the MLPs when the recipe
+    says so), one forward + backward."""
     import torch
 
     from harness.cpu_memory import apply_recipe_policy
     from harness.loss import CausalLMLoss
     from harness.model import build_model
-    from harness.tiled import tile_mlps
 
     recipe = tiled_recipe(length, tiled)
     apply_recipe_policy(recipe.train)  # as harness.train does
     built = build_model(recipe, training=True)
-    if tiled:
-        tile_mlps(built.model)
     module = CausalLMLoss(built.model, chunked=True).train()
     ids = torch.randint(3, built.model.get_output_embeddings().out_features, (1, length),
                         generator=torch.Generator().manual_seed(0))

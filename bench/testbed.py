@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS_DIR, ROOT, load_average, machine, shown, warn_load  # noqa: E402
 from harness import testbed as tb  # noqa: E402
+from harness.metrics import read_step_records  # noqa: E402
 
 PROTOCOLS = ("strided", "longlora")
 EVAL_BATCH = 8  # windows per forward pass: a 4.7M model's matrices are too small to keep 2 cores busy one by one
@@ -89,10 +90,9 @@ def train_row(row: tb.Row, testbed: Path, data: tb.Corpus, run_dir: Path, args) 
 def run_stats(metrics: Path) -> dict:
     """Median tokens/s over the steps after the first (robust to other jobs' bursts), peak RSS,
     the loss curve."""
-    steps = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    steps = [s for s in steps if "tokens_per_s" in s]
+    steps = read_step_records(metrics)
     return {"tokens_per_s": tb.median([s["tokens_per_s"] for s in steps[1:]] or [steps[0]["tokens_per_s"]]),
-            "peak_memory_gib": max(s["peak_memory_gb"] for s in steps), "steps": steps[-1]["step"],
+            "peak_memory_gib": max(s["peak_memory_gib"] for s in steps), "steps": steps[-1]["step"],
             "loss": [(s["step"], s["loss"]) for s in steps]}
 
 

@@ -74,27 +74,13 @@ DEFAULT_LENGTHS = {"smollm2-135m": [1024, 4096, 16384], "llama2-7b": [8192], "ll
 # --------------------------------------------------------------------------- child: timed steps
 
 def build(overrides: list[str]):
-    """(recipe, engine, batch) wired as harness.train.train wires them, grad_accum 1."""
-    import torch
-
-    from harness.cpu_memory import apply_recipe_policy
-    from harness.backends.accelerate_engine import AccelerateEngine
-    from harness.loss import CausalLMLoss
-    from harness.model import build_model
+    """(recipe, loop, model): a session set up as harness.train.train sets it up, batch 1, grad_accum 1."""
     from harness.recipe import load_recipe
-    from harness.train import hyper_of, make_optimizer, make_scheduler
+    from harness.train import Loop, build_session
 
-    recipe = load_recipe(ROOT / SMOLLM2, [*overrides, "train.grad_accum=1"])
-    apply_recipe_policy(recipe.train)  # before anything is allocated, as harness.train.train does
-    torch.manual_seed(0)
-    built = build_model(recipe, training=True)
-    engine = AccelerateEngine()
-    engine.setup()
-    hyper = dataclasses.replace(hyper_of(recipe), micro_batch_size=1, grad_accum=1)
-    module = CausalLMLoss(built.model, chunked=recipe.train.chunked_loss)
-    engine.prepare(module, lambda params: make_optimizer(recipe, engine, hyper, params),
-                   lambda optimizer: make_scheduler(recipe, optimizer, 100), hyper)
-    return recipe, engine, built.model
+    recipe = load_recipe(ROOT / SMOLLM2, [*overrides, "train.grad_accum=1", "train.micro_batch_size=1"])
+    session = build_session(recipe, with_data=False, steps=100)
+    return session.recipe, Loop(session), session.built.model
 
 
 def random_batch(model, length: int, device) -> dict:
@@ -106,16 +92,9 @@ def random_batch(model, length: int, device) -> dict:
             "position_ids": torch.arange(length, device=device)[None]}
 
 
-def train_step(engine, batch: dict) -> float:
-    """harness.train.Loop._optimizer_step for one micro-batch; returns the loss."""
-    import torch
-
-    engine.module.train()
-    with engine.autocast():
-        loss = engine.module(**batch)
-    engine.backward(loss, sync=True)
-    engine.step()
-    return loss.item()
+def train_step(loop, batch: dict) -> float:
+    """One optimizer step of the training loop on `batch`; returns the loss."""
+    return loop.train_step(iter([batch]))[0]
 
 
 def measure(model_name: str, setup: str, extra: list[str], length: int, steps: int, gpu_cap_gib: float | None,
@@ -128,8 +107,8 @@ def measure(model_name: str, setup: str, extra: list[str], length: int, steps: i
         step, model, precision = *build_peer(), "fp32"
     else:
         overrides = [*model_overrides(model_name, length), *SETUPS[setup], *extra, f"data.max_seq_length={length}"]
-        recipe, engine, model = build(overrides)
-        step, precision = (lambda batch: train_step(engine, batch)), engine.hyper.precision
+        recipe, loop, model = build(overrides)
+        step, precision = (lambda batch: train_step(loop, batch)), loop.engine.hyper.precision
     batch = random_batch(model, length, model.device)
     result = timed_steps(step, batch, steps)
     result.update(weights_dtype=str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),

@@ -100,6 +100,17 @@ def flat_config(tables: dict) -> dict:
             for table, values in tables.items() for key, value in values.items()}
 
 
+def read_step_records(path: Path) -> list[dict]:
+    """The training-step records of a metrics.jsonl (evaluation records left out). Runs written
+    before the memory key named its unit call it peak_memory_gb (it always held GiB)."""
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    steps = [r for r in records if "tokens_per_s" in r]
+    for step in steps:
+        if "peak_memory_gb" in step:
+            step["peak_memory_gib"] = step.pop("peak_memory_gb")
+    return steps
+
+
 def drop_metrics_after(path: Path, step: int) -> None:
     """Drop the records of steps after `step` (they are trained again after a resume)."""
     if not path.is_file():

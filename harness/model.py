@@ -61,7 +61,7 @@ def build_model(recipe: Recipe, *, training: bool = True, with_adapter: bool = T
     config = base.config
     factor = _backend_call(recipe, "position", config, original_context=base.original_context)
     quantization = _backend_call(recipe, "quantization")
-    weights_dtype = policy.frozen_weights_dtype(cfg.dtype, recipe.quantization.compute_dtype, policy.Device.current())
+    weights_dtype = weights_dtype_of(recipe)
     model = _load_weights(base.path, config, quantization, dtype=TORCH_DTYPES[weights_dtype], trust=cfg.trust_remote_code)
     implementation = _backend_call(recipe, "attention", model)
     if training:
@@ -69,9 +69,18 @@ def build_model(recipe: Recipe, *, training: bool = True, with_adapter: bool = T
                               checkpointing=recipe.train.gradient_checkpointing)
     if with_adapter:
         model = _backend_call(recipe, "adapter", model)
+    if training and recipe.train.tiled_mlp:
+        from harness.tiled import tile_mlps
+
+        tile_mlps(model)  # MLPs in sequence tiles, recomputed in backward
     if console is not None:
         print_summary(model, console)
     return BuiltModel(model, base.tokenizer, base.original_context, factor, implementation, weights_dtype)
+
+
+def weights_dtype_of(recipe: Recipe) -> str:
+    """The dtype the frozen unquantized weights load in on this machine (harness.policy decides)."""
+    return policy.frozen_weights_dtype(recipe.model.dtype, recipe.quantization.compute_dtype, policy.Device.current())
 
 
 def _backend_call(recipe: Recipe, kind: str, *args, **extra):

@@ -30,7 +30,7 @@ import resource
 import signal
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -44,10 +44,13 @@ from harness.evaluation.in_training import LongContextEval, TransferWatch, trans
 from harness.fingerprint import data_fingerprint, weights_fingerprint
 from harness.loss import CausalLMLoss
 from harness.metrics import MetricsLog, check_trackers, drop_metrics_after
-from harness.model import build_model, load_base
+from harness.model import BuiltModel, build_model, load_base, weights_dtype_of
 from harness.recipe import Recipe, find_relative, resolve
 from harness.resume import starting_point
 from harness.step_time import StepTimeWatch
+
+if TYPE_CHECKING:
+    from harness.data import DataSplits
 
 
 class TrainError(HarnessError, RuntimeError):
@@ -64,50 +67,66 @@ def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) ->
     """Run a recipe to the end (or to a signal); returns the output directory.
 
     `after_step(step)` is called after every optimizer step (tests use it to send signals)."""
-    cpu_policy = apply_recipe_policy(recipe.train)
-    engine = _build_engine(recipe)
-    engine.setup()
-    recipe = resolve(recipe, world_size=engine.data_world_size)  # batch sizes count data-parallel replicas
+    cpu_policy = apply_recipe_policy(recipe.train)  # before anything is allocated
+    engine = start_engine(recipe)
     console = Console(stderr=True, quiet=engine.rank != 0)
     if cpu_policy:
         console.print(f"CPU memory: {cpu_policy}")
     output_dir = Path(recipe.train.output_dir)
     check_trackers(report_to(recipe))
     with _locked(output_dir, engine):
-        resume_from = starting_point(output_dir, recipe, engine, console)
-        seed_everything(recipe.train.seed + engine.rank)
-
-        # Config and tokenizer first: the data is checked before any weights load. Rank 0 builds a cached
-        # base (random, GGUF) alone: under torch.distributed transformers writes config.json on rank 0 only.
-        base = _rank_zero_first(engine, lambda: load_base(recipe))
-        recipe = resolve(recipe, world_size=engine.data_world_size, original_context=base.original_context,
-                         base_fingerprint=weights_fingerprint(base.path))
-        data = _rank_zero_first(engine, lambda: _build_data(recipe, base.tokenizer))  # one tokenizer run fills the cache
-        if engine.rank == 0:
-            from harness.data.report import print_length_stats
-
-            print_length_stats(data.stats, console=console)
-        built = build_model(recipe, training=True, base=base, console=console)
-        if recipe.train.tiled_mlp:
-            from harness.tiled import tile_mlps
-
-            tile_mlps(built.model)  # MLPs in sequence tiles, recomputed in backward
-        recipe = resolve(recipe, world_size=engine.data_world_size, original_context=built.original_context,
-                         weights_dtype=built.weights_dtype)
-
-        hyper = hyper_of(recipe)
-        if resume_from is not None:  # before the engine shards or wraps the parameters (FSDP: DTensors)
-            checkpoint.load_adapter_weights(built.model, resume_from)
-        module = CausalLMLoss(built.model, chunked=recipe.train.chunked_loss, sequence=engine.sequence)
-        engine.prepare(module, lambda params: make_optimizer(recipe, engine, hyper, params),
-                       lambda optimizer: make_scheduler(recipe, optimizer, total_steps(recipe, len(data.train), engine)),
-                       hyper)
-        loop = Loop(recipe, engine, built, data, console, after_step=after_step)
+        resume_from = starting_point(output_dir, resolve(recipe, world_size=engine.data_world_size), engine, console)
+        session = build_session(recipe, engine=engine, console=console, resume_from=resume_from)
+        loop = Loop(session, after_step=after_step)
         if resume_from is not None:
             loop.resume(resume_from)
         with _peer_loss_reported(engine, output_dir):
             loop.run()
     return output_dir
+
+
+# --------------------------------------------------------------------------- set-up
+
+@dataclasses.dataclass
+class Session:
+    """A run set up as train() sets it up, ready to step. Benchmarks build one too (with_data=False
+    and their own batches), so that they time what training runs."""
+    recipe: Recipe  # resolved with every fact of this launch: world size, original context, weights dtype
+    engine: Engine  # set up; the model prepared (wrapped or sharded), optimizer and scheduler made
+    built: BuiltModel
+    data: DataSplits | None  # None: the caller brings its own batches
+    total_steps: int
+    console: Console
+
+
+def build_session(recipe: Recipe, *, engine: Engine | None = None, console: Console | None = None,
+                  resume_from: Path | None = None, with_data: bool = True, steps: int = 0) -> Session:
+    """Engine, base, data and model of `recipe`, as a run uses them. Without data, the schedule
+    runs over `steps` (or train.max_steps) steps."""
+    if engine is None:
+        apply_recipe_policy(recipe.train)
+        engine = start_engine(recipe)
+    console = console or Console(stderr=True, quiet=engine.rank != 0)
+    seed_everything(recipe.train.seed + engine.rank)
+    # Config and tokenizer first: the data is checked before any weights load. Rank 0 builds a cached
+    # base (random, GGUF) alone: under torch.distributed transformers writes config.json on rank 0 only.
+    base = _rank_zero_first(engine, lambda: load_base(recipe))
+    recipe = resolve(recipe, world_size=engine.data_world_size, original_context=base.original_context,
+                     weights_dtype=weights_dtype_of(recipe), base_fingerprint=weights_fingerprint(base.path))
+    data = _rank_zero_first(engine, lambda: _build_data(recipe, base.tokenizer)) if with_data else None
+    if data is not None and engine.rank == 0:
+        from harness.data.report import print_length_stats
+
+        print_length_stats(data.stats, console=console)
+    built = build_model(recipe, training=True, base=base, console=console)
+    if resume_from is not None:  # before the engine shards or wraps the parameters (FSDP: DTensors)
+        checkpoint.load_adapter_weights(built.model, resume_from)
+    total = total_steps(recipe, len(data.train), engine) if data is not None else steps or recipe.train.max_steps
+    hyper = hyper_of(recipe, engine)
+    engine.prepare(CausalLMLoss(built.model, chunked=recipe.train.chunked_loss, sequence=engine.sequence),
+                   lambda params: make_optimizer(recipe, engine, hyper, params),
+                   lambda optimizer: make_scheduler(recipe, optimizer, total), hyper)
+    return Session(recipe, engine, built, data, total, console)
 
 
 @contextlib.contextmanager
@@ -131,13 +150,16 @@ def report_to(recipe: Recipe) -> list[str]:
     return names + ["tensorboard"] if recipe.train.tensorboard and "tensorboard" not in names else names
 
 
-def _build_engine(recipe: Recipe) -> Engine:
+def start_engine(recipe: Recipe) -> Engine:
+    """The recipe's engine, its process group formed and checked."""
     backend = registry.get("engine", recipe.engine.name, key="engine.name")
     kwargs = registry.table_kwargs(backend, recipe.engine)
     if kwargs.get("deepspeed_config"):
         kwargs["deepspeed_config"] = str(find_relative(kwargs["deepspeed_config"], recipe.source,
                                                        key="engine.deepspeed_config"))
-    return backend.fn(**kwargs)
+    engine = backend.fn(**kwargs)
+    engine.setup()
+    return engine
 
 
 def _build_data(recipe: Recipe, tokenizer):
@@ -196,16 +218,17 @@ def _check_writable(output_dir: Path) -> None:
 
 # --------------------------------------------------------------------------- optimizer
 
-def hyper_of(recipe: Recipe) -> Hyper:
-    """The engine's settings: batch shape, clipping and the precision harness.policy picks here."""
+def hyper_of(recipe: Recipe, engine: Engine) -> Hyper:
+    """The engine's settings: batch shape, clipping and the precision harness.policy picks for its device."""
     train = recipe.train
-    precision = policy.precision(train.precision, recipe.quantization.compute_dtype, policy.Device.current())
+    precision = policy.precision(train.precision, recipe.quantization.compute_dtype, policy.Device.of(engine.device))
     return Hyper(train.micro_batch_size, train.grad_accum, train.max_grad_norm, precision)
 
 
 def make_optimizer(recipe: Recipe, engine: Engine, hyper: Hyper, params):
     """train.optimizer, as harness.policy.optimizer chooses it for this device and engine."""
-    name = policy.optimizer(recipe.train.optimizer, policy.Device.current(), offloaded=engine.offloads_optimizer(hyper))
+    name = policy.optimizer(recipe.train.optimizer, policy.Device.of(engine.device),
+                            offloaded=engine.offloads_optimizer(hyper))
     kwargs = dict(lr=recipe.train.lr, weight_decay=recipe.train.weight_decay, betas=(0.9, 0.999))
     if name == "deepspeed_cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -238,25 +261,33 @@ def total_steps(recipe: Recipe, num_samples: int, engine) -> int:
 
 # --------------------------------------------------------------------------- the loop
 
+def _data_order(recipe: Recipe, engine: Engine, data: DataSplits):
+    """The resumable sample order; refused when one step takes more samples than the data holds."""
+    from harness.data.order import ResumableOrder
+
+    per_step = recipe.train.micro_batch_size * recipe.train.grad_accum * engine.data_world_size
+    if per_step > len(data.train):
+        raise TrainError(f"one optimizer step takes {per_step:,} samples (train.micro_batch_size "
+                         f"{recipe.train.micro_batch_size} x train.grad_accum {recipe.train.grad_accum:,} x "
+                         f"{engine.data_world_size} replicas) but the data holds {len(data.train):,}: lower "
+                         f"train.grad_accum or add data")
+    return ResumableOrder(len(data.train), seed=recipe.train.seed)
+
+
 class Loop:
-    """State of one run: step counter, data order, metrics; run() is the loop itself."""
+    """State of one run: step counter, data order, metrics; run() is the loop itself, step() one
+    optimizer step (what benchmarks time)."""
 
-    def __init__(self, recipe: Recipe, engine, built, data, console: Console, *,
-                 after_step: Callable[[int], None] | None = None):
+    def __init__(self, session: Session, *, after_step: Callable[[int], None] | None = None):
         from harness.data.collate import Collator
-        from harness.data.order import ResumableOrder
 
-        self.recipe, self.engine, self.built, self.data, self.console = recipe, engine, built, data, console
+        recipe, engine, data = session.recipe, session.engine, session.data
+        self.recipe, self.engine, self.built, self.data = recipe, engine, session.built, data
+        self.console = session.console
         self.output_dir = Path(recipe.train.output_dir)
-        self.collate = Collator(built.tokenizer.pad_token_id)
-        per_step = recipe.train.micro_batch_size * recipe.train.grad_accum * engine.data_world_size
-        if per_step > len(data.train):
-            raise TrainError(f"one optimizer step takes {per_step:,} samples (train.micro_batch_size "
-                             f"{recipe.train.micro_batch_size} x train.grad_accum {recipe.train.grad_accum:,} x "
-                             f"{engine.data_world_size} replicas) but the data holds {len(data.train):,}: lower "
-                             f"train.grad_accum or add data")
-        self.order = ResumableOrder(len(data.train), seed=recipe.train.seed)
-        self.total = total_steps(recipe, len(data.train), engine)
+        self.collate = Collator(session.built.tokenizer.pad_token_id)
+        self.order = _data_order(recipe, engine, data) if data is not None else None
+        self.total = session.total_steps
         self.step = 0
         self.stop_signal: str | None = None
         self.after_step = after_step or (lambda step: None)
@@ -265,7 +296,7 @@ class Loop:
         self.train_losses: list[float] = []  # since the last evaluation
         self.data_fingerprints = {key: data_fingerprint(getattr(recipe.data, key.split(".")[1]))
                                   for key in ("data.path", "data.eval_path")}
-        if recipe.train.eval_every and data.eval is None:
+        if recipe.train.eval_every and data is not None and data.eval is None:
             console.print(f"[yellow]train.eval_every = {recipe.train.eval_every} but there is no held-out data: set "
                           f"data.eval_path or data.eval_fraction to see held-out perplexity during training[/]")
 
@@ -295,13 +326,14 @@ class Loop:
         # Data-parallel replicas read different samples; the ranks of a sequence-parallel group the same ones.
         batches = self.order.batches(self.recipe.train.micro_batch_size, rank=self.engine.data_rank,
                                      world_size=self.engine.data_world_size)
+        micro_batches = (self.collate(self._items(indices)) for indices in batches)
         metrics = MetricsLog(self.output_dir, report_to(self.recipe), self.recipe.to_dict(),
                              enabled=self.engine.rank == 0)
         with _signals(self), Progress(self.console, self.total, self.step) as progress:
             while self.step < self.total and self.stop_signal is None:
                 started = time.perf_counter()
                 try:
-                    loss, tokens = self._optimizer_step(batches)
+                    loss, tokens = self.train_step(micro_batches)
                 except _StepDropped:
                     break
                 self.step += 1
@@ -322,19 +354,23 @@ class Loop:
         self.export()
         self._report_best()
 
-    def _optimizer_step(self, batches) -> tuple[float, int]:
-        """grad_accum micro-batches -> one optimizer step; returns (mean loss, tokens seen)."""
+    def train_step(self, micro_batches: Iterator[dict]) -> tuple[float, int]:
+        """One optimizer step over train.grad_accum collated micro-batches; returns (mean loss, tokens seen).
+        A stop signal between micro-batches drops the step: data position and RNG roll back (_StepDropped).
+        (The step counter is `self.step`.)"""
         self.engine.module.train()
         self.lr = self.engine.lr()  # the rate this step uses, before the scheduler moves on
         losses, tokens = [], 0
-        order, rng = self.order.state_dict(), checkpoint.rng_state()  # where this step started
+        order = self.order.state_dict() if self.order is not None else None  # where this step started
+        rng = checkpoint.rng_state()
         self.step_time.start()
         for micro in range(self.recipe.train.grad_accum):
             if micro and self._stopping():  # a signal between micro-batches: the step is dropped, not half-taken
-                self.order.load_state_dict(order)
+                if order is not None:
+                    self.order.load_state_dict(order)
                 checkpoint.set_rng_state(rng)
                 raise _StepDropped
-            batch = {k: v.to(self.engine.device) for k, v in self.collate(self._items(next(batches))).items()}
+            batch = {k: v.to(self.engine.device) for k, v in next(micro_batches).items()}
             with self.engine.autocast(), _activation_offload(self.recipe.train.offload_activations):
                 loss = self.engine.module(**batch)
             if not torch.isfinite(loss):
@@ -398,7 +434,7 @@ class Loop:
         return {
             "step": self.step, "loss": self.engine.all_mean(loss), "lr": self.lr,
             "grad_norm": self.grad_norm, "tokens_per_s": world_tokens / max(seconds, 1e-9),
-            "peak_memory_gb": peak_memory_gb(), "seconds": seconds,
+            "peak_memory_gib": peak_memory_gib(), "seconds": seconds,
         }
 
     # ----------------------------------------------------------------------- eval
@@ -580,7 +616,7 @@ class _signals:
 
 # --------------------------------------------------------------------------- reporting
 
-def peak_memory_gb() -> float:
+def peak_memory_gib() -> float:
     """Peak GPU memory allocated, or the process's peak RSS on the CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -612,7 +648,7 @@ class Progress:
 
     def update(self, step: int, record: dict) -> None:
         stats = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s  "
-                 f"mem {record['peak_memory_gb']:.2f} GB{self.eval}")
+                 f"mem {record['peak_memory_gib']:.2f} GiB{self.eval}")
         self.bar.update(self.task, completed=step, stats=stats)
         if self.plain and (step == self.total or time.monotonic() - self.last_plain >= self.plain_every_s):
             self.last_plain = time.monotonic()

@@ -77,7 +77,7 @@ def test_testbed_key_follows_recipe_overrides_and_text(tmp_path):
 
 def test_pretraining_record_and_plateau(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    lines = [{"step": s, "loss": 3.0 - s / 100, "tokens_per_s": 1000.0 + s, "peak_memory_gb": 1.0, "lr": 0.1}
+    lines = [{"step": s, "loss": 3.0 - s / 100, "tokens_per_s": 1000.0 + s, "peak_memory_gib": 1.0, "lr": 0.1}
              for s in range(1, 101)]
     lines += [{"step": 80, "eval_loss": 2.0}, {"step": 100, "eval_loss": 1.9}]
     metrics.write_text("".join(json.dumps(line) + "\n" for line in sorted(lines, key=lambda r: r["step"])))
@@ -223,7 +223,7 @@ def test_run_stats_use_the_median_after_the_first_step(tmp_path):
 
     metrics = tmp_path / "metrics.jsonl"
     speeds = [10.0, 100.0, 300.0, 200.0]
-    metrics.write_text("".join(json.dumps({"step": i + 1, "loss": 1.0, "tokens_per_s": s, "peak_memory_gb": 1 + i})
+    metrics.write_text("".join(json.dumps({"step": i + 1, "loss": 1.0, "tokens_per_s": s, "peak_memory_gib": 1 + i})
                                + "\n" for i, s in enumerate(speeds)))
     stats = run_stats(metrics)
     assert stats["tokens_per_s"] == 200.0 and stats["peak_memory_gib"] == 4 and stats["steps"] == 4

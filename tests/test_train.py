@@ -281,14 +281,14 @@ def test_progress_prints_plain_lines_where_the_output_is_no_terminal():
     from harness.train import Progress
 
     out = io.StringIO()
-    record = {"loss": 2.5, "lr": 1e-3, "tokens_per_s": 1234.0, "peak_memory_gb": 1.5}
+    record = {"loss": 2.5, "lr": 1e-3, "tokens_per_s": 1234.0, "peak_memory_gib": 1.5}
     with Progress(Console(file=out, width=200), total=3, start=0, plain_every_s=0) as progress:
         for step in (1, 2, 3):
             progress.update(step, record)
     lines = out.getvalue().splitlines()
-    assert lines == [f"train {step}/3  loss 2.5000  lr 1.00e-03  1234 tok/s  mem 1.50 GB" for step in (1, 2, 3)]
+    assert lines == [f"train {step}/3  loss 2.5000  lr 1.00e-03  1234 tok/s  mem 1.50 GiB" for step in (1, 2, 3)]
     quiet = io.StringIO()
     with Progress(Console(file=quiet, width=200), total=3, start=0, plain_every_s=3600) as progress:
         for step in (1, 2, 3):
             progress.update(step, record)
-    assert quiet.getvalue().splitlines() == ["train 3/3  loss 2.5000  lr 1.00e-03  1234 tok/s  mem 1.50 GB"]
+    assert quiet.getvalue().splitlines() == ["train 3/3  loss 2.5000  lr 1.00e-03  1234 tok/s  mem 1.50 GiB"]
