@@ -9,7 +9,7 @@ users serve the model, whatever attention trains:
     eval_ppl_s2       at the target under S2, where S2 trains and train.eval_s2 = true
 
 An adapter trained with S2 can hold inside its S2 group and break past it under full
-attention (README, "Does S2 training transfer to full attention?"): eval_ppl then rises while
+attention (docs/experiments.md, "Does S2 training transfer to full attention?"): eval_ppl then rises while
 the training loss falls. TransferWatch says so in one line after train.eval_rises rises in a
 row, stops the run there when train.eval_stop = true, and keeps the best evaluation, which the
 saved recipe records (resolved.best_eval_step, resolved.best_eval_ppl).
