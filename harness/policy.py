@@ -16,6 +16,8 @@ a V100 makes exactly the choices a run on a V100 makes. Dtypes are names: "bf16"
                         AdamW on a GPU, AdamW on the CPU (paged optimizers page GPU memory)
     S2 group size       attention.group_size, else group_ratio x L rounded down to even, at
                         least 2 and at most L
+    rope factor         position.factor, else ceil(target length / original window) (the paper)
+    world size          WORLD_SIZE as the launcher set it (torchrun, accelerate, deepspeed), else 1
     attention kernel    "auto": flash-attn on CUDA cards of compute capability 8.0 (Ampere) or
                         newer, in 16-bit, when installed; SDPA otherwise (eager for soft-capped
                         attention, which SDPA cannot compute). flash-attn has no kernels below
@@ -27,12 +29,16 @@ a V100 makes exactly the choices a run on a V100 makes. Dtypes are names: "bf16"
 from __future__ import annotations
 
 import importlib.util
+import math
+import os
 from dataclasses import dataclass
 
 from harness.errors import HarnessError
 
 FLASH_CAPABILITY = (8, 0)  # flash-attn 2 and SDPA's flash kernel need Ampere or newer
 HALF = ("bf16", "fp16")
+KERNELS = ("auto", "sdpa", "flash", "eager")  # attention.kernel
+OPTIMIZERS = ("auto", "adamw", "paged_adamw_32bit", "deepspeed_cpu_adam")  # train.optimizer
 
 
 class PolicyError(HarnessError, ValueError):
@@ -123,14 +129,35 @@ def s2_group_size(seq_len: int, group_ratio: float = 0.25, group_size: int = 0) 
 
     A fixed group_size must be even and >= 2. A batch shorter than it (short documents in
     truncate mode) gets groups of its own length, rounded down to even: S2 needs G <= L."""
+    check_s2_group(group_ratio, group_size)
+    if group_size == 0:
+        group_size = int(seq_len * group_ratio) // 2 * 2
+    return max(2, min(group_size, seq_len // 2 * 2))
+
+
+def check_s2_group(group_ratio: float, group_size: int) -> None:
+    """attention.group_size is 0 or even and >= 2 (shifted heads move by half a group); else
+    attention.group_ratio is a share in (0, 1]."""
     if group_size < 0 or group_size % 2 or group_size == 1:
         raise PolicyError(f"attention.group_size = {group_size} must be even and >= 2 (shifted heads move by half "
                           f"a group), or 0 to use attention.group_ratio")
-    if group_size == 0:
-        if not 0 < group_ratio <= 1:
-            raise PolicyError(f"attention.group_ratio = {group_ratio} must be in (0, 1]; the paper uses 0.25")
-        group_size = int(seq_len * group_ratio) // 2 * 2
-    return max(2, min(group_size, seq_len // 2 * 2))
+    if not 0 < group_ratio <= 1:
+        raise PolicyError(f"attention.group_ratio = {group_ratio} must be in (0, 1]; the paper uses 0.25")
+
+
+def interpolation_factor(target_length: int, original: int, factor: float = 0.0) -> float:
+    """The rope factor: `factor` when given, else ceil(target_length / original) as in the paper;
+    0.0 when neither length is known (the recipe checks target_length, the position backends refuse 0)."""
+    if factor:
+        return float(factor)
+    if target_length <= 0 or original <= 0:
+        return 0.0
+    return float(math.ceil(target_length / original))
+
+
+def launched_world_size() -> int:
+    """The processes a launcher started (WORLD_SIZE from torchrun, accelerate launch, deepspeed); 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def flash_installed() -> bool:

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from harness import policy
 
-KERNELS = ("auto", "sdpa", "flash", "eager")
+KERNELS = policy.KERNELS  # the kernel names attention.kernel takes (harness.policy owns them)
 
 
 class HeadWindow(NamedTuple):
