@@ -22,6 +22,9 @@ a V100 makes exactly the choices a run on a V100 makes. Dtypes are names: "bf16"
                         newer, in 16-bit, when installed; SDPA otherwise (eager for soft-capped
                         attention, which SDPA cannot compute). flash-attn has no kernels below
                         sm80: on a V100 or T4 it would crash.
+    S2 piece size       how much of the query one SDPA call of S2 holds: the whole query on a GPU's
+                        fused kernels, 1/PIECE_SHARE of it on the math fallback and the CPU (at
+                        least CPU_PIECE_FLOOR elements there); see piece_budget
     SDPA math fallback  torch's fused SDPA kernels take grouped-query attention (enable_gqa)
                         only in flash form: 16-bit on Ampere or newer. Unmasked GQA elsewhere on
                         CUDA runs the math kernel, which materialises the scores.
@@ -158,6 +161,28 @@ def interpolation_factor(target_length: int, original: int, factor: float = 0.0)
 def launched_world_size() -> int:
     """The processes a launcher started (WORLD_SIZE from torchrun, accelerate launch, deepspeed); 1 without one."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# How much of the query one SDPA piece holds. Small pieces bound the backward's transients (a few
+# piece-sized tensors: the recomputed output, the piece's gradients, the kernel's buffers, and on
+# SDPA's math fallback the piece's (queries, G) scores); each piece costs kernel calls.
+# - CPU: 1/PIECE_SHARE of the query (one KV head x one group at the least), but CPU_PIECE_FLOOR
+#   elements even so: a busy CPU makes many small threaded calls slow (a 512-token LLaMA-shaped
+#   query on 2 loaded cores: 50 s of backward in 128 pieces, 0.6 s in one).
+# - GPU, fused kernels: the whole query (one piece per half and segment). The transients are a
+#   few (B, L, H/2, D) tensors of one layer; 1/128 pieces made S2 24x slower than full attention
+#   at 8k on an H100 (launch-bound), whole ones 3x faster.
+# - GPU, math fallback (GQA before Ampere, or fp32 GQA): 1/PIECE_SHARE, as the scores are per piece.
+PIECE_SHARE = 128
+CPU_PIECE_FLOOR = 2**20
+
+
+def piece_budget(query_elements: int, device_type: str, math_fallback: bool) -> int:
+    """The most query elements one SDPA piece of S2 may hold (harness.backends.s2 cuts its pieces to it)."""
+    share = query_elements // PIECE_SHARE
+    if device_type == "cpu":
+        return max(share, CPU_PIECE_FLOOR)
+    return share if math_fallback else query_elements
 
 
 def flash_installed() -> bool:
