@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS_DIR, ROOT, machine, shown, warn_load  # noqa: E402
+from harness import experiments as ex  # noqa: E402
 from harness import testbed as tb  # noqa: E402
 
 PROBE = "harness_probe"
@@ -121,17 +122,18 @@ def main(argv=None) -> None:
     windows = (group, 2 * group, top)
     rows = []
     for name in args.rows.split(","):
-        adapter = args.runs / testbed.name / f"{name}-x{args.factor}-{args.steps}steps" / "final"
-        if not adapter.is_dir():
-            sys.exit(f"error: {adapter} does not exist: run bench/testbed.py --rows {name} --factor {args.factor} "
-                     f"--steps {args.steps} first")
+        run_dir = args.runs / testbed.name / ex.run_dir_name(name, args.factor, args.steps)
+        adapter = ex.finished_run(run_dir)
+        if adapter is None:
+            sys.exit(f"error: {run_dir / 'final'} does not exist: run bench/testbed.py --rows {name} --factor "
+                     f"{args.factor} --steps {args.steps} first")
         started = time.perf_counter()
         model, tokenizer, _ = load_model(ModelSpec(str(testbed), adapter=str(adapter)))
         install_probe(model)
         sequences = held_out_sequences(tokenizer, corpus.held_out, top, args.eval_tokens)
         ppl = {w: windowed_ppl(model, sequences, w) for w in windows}
         mass = attention_mass(model, sequences, buckets)
-        rows.append({"name": name, "label": tb.row_named(name).label, "ppl_by_window": ppl, "mass": mass,
+        rows.append({"name": name, "label": ex.row_named(name).label, "ppl_by_window": ppl, "mass": mass,
                      "seconds": time.perf_counter() - started})
         print(f"{name}: {', '.join(f'window {w}: {v:.2f}' for w, v in ppl.items())}")
     print_tables(rows, windows, buckets)

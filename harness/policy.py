@@ -16,10 +16,15 @@ a V100 makes exactly the choices a run on a V100 makes. Dtypes are names: "bf16"
                         AdamW on a GPU, AdamW on the CPU (paged optimizers page GPU memory)
     S2 group size       attention.group_size, else group_ratio x L rounded down to even, at
                         least 2 and at most L
+    rope factor         position.factor, else ceil(target length / original window) (the paper)
+    world size          WORLD_SIZE as the launcher set it (torchrun, accelerate, deepspeed), else 1
     attention kernel    "auto": flash-attn on CUDA cards of compute capability 8.0 (Ampere) or
                         newer, in 16-bit, when installed; SDPA otherwise (eager for soft-capped
                         attention, which SDPA cannot compute). flash-attn has no kernels below
                         sm80: on a V100 or T4 it would crash.
+    S2 piece size       how much of the query one SDPA call of S2 holds: the whole query on a GPU's
+                        fused kernels, 1/PIECE_SHARE of it on the math fallback and the CPU (at
+                        least CPU_PIECE_FLOOR elements there); see piece_budget
     SDPA math fallback  torch's fused SDPA kernels take grouped-query attention (enable_gqa)
                         only in flash form: 16-bit on Ampere or newer. Unmasked GQA elsewhere on
                         CUDA runs the math kernel, which materialises the scores.
@@ -27,12 +32,16 @@ a V100 makes exactly the choices a run on a V100 makes. Dtypes are names: "bf16"
 from __future__ import annotations
 
 import importlib.util
+import math
+import os
 from dataclasses import dataclass
 
 from harness.errors import HarnessError
 
 FLASH_CAPABILITY = (8, 0)  # flash-attn 2 and SDPA's flash kernel need Ampere or newer
 HALF = ("bf16", "fp16")
+KERNELS = ("auto", "sdpa", "flash", "eager")  # attention.kernel
+OPTIMIZERS = ("auto", "adamw", "paged_adamw_32bit", "deepspeed_cpu_adam")  # train.optimizer
 
 
 class PolicyError(HarnessError, ValueError):
@@ -123,14 +132,57 @@ def s2_group_size(seq_len: int, group_ratio: float = 0.25, group_size: int = 0) 
 
     A fixed group_size must be even and >= 2. A batch shorter than it (short documents in
     truncate mode) gets groups of its own length, rounded down to even: S2 needs G <= L."""
+    check_s2_group(group_ratio, group_size)
+    if group_size == 0:
+        group_size = int(seq_len * group_ratio) // 2 * 2
+    return max(2, min(group_size, seq_len // 2 * 2))
+
+
+def check_s2_group(group_ratio: float, group_size: int) -> None:
+    """attention.group_size is 0 or even and >= 2 (shifted heads move by half a group); else
+    attention.group_ratio is a share in (0, 1]."""
     if group_size < 0 or group_size % 2 or group_size == 1:
         raise PolicyError(f"attention.group_size = {group_size} must be even and >= 2 (shifted heads move by half "
                           f"a group), or 0 to use attention.group_ratio")
-    if group_size == 0:
-        if not 0 < group_ratio <= 1:
-            raise PolicyError(f"attention.group_ratio = {group_ratio} must be in (0, 1]; the paper uses 0.25")
-        group_size = int(seq_len * group_ratio) // 2 * 2
-    return max(2, min(group_size, seq_len // 2 * 2))
+    if not 0 < group_ratio <= 1:
+        raise PolicyError(f"attention.group_ratio = {group_ratio} must be in (0, 1]; the paper uses 0.25")
+
+
+def interpolation_factor(target_length: int, original: int, factor: float = 0.0) -> float:
+    """The rope factor: `factor` when given, else ceil(target_length / original) as in the paper;
+    0.0 when neither length is known (the recipe checks target_length, the position backends refuse 0)."""
+    if factor:
+        return float(factor)
+    if target_length <= 0 or original <= 0:
+        return 0.0
+    return float(math.ceil(target_length / original))
+
+
+def launched_world_size() -> int:
+    """The processes a launcher started (WORLD_SIZE from torchrun, accelerate launch, deepspeed); 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# How much of the query one SDPA piece holds. Small pieces bound the backward's transients (a few
+# piece-sized tensors: the recomputed output, the piece's gradients, the kernel's buffers, and on
+# SDPA's math fallback the piece's (queries, G) scores); each piece costs kernel calls.
+# - CPU: 1/PIECE_SHARE of the query (one KV head x one group at the least), but CPU_PIECE_FLOOR
+#   elements even so: a busy CPU makes many small threaded calls slow (a 512-token LLaMA-shaped
+#   query on 2 loaded cores: 50 s of backward in 128 pieces, 0.6 s in one).
+# - GPU, fused kernels: the whole query (one piece per half and segment). The transients are a
+#   few (B, L, H/2, D) tensors of one layer; 1/128 pieces made S2 24x slower than full attention
+#   at 8k on an H100 (launch-bound), whole ones 3x faster.
+# - GPU, math fallback (GQA before Ampere, or fp32 GQA): 1/PIECE_SHARE, as the scores are per piece.
+PIECE_SHARE = 128
+CPU_PIECE_FLOOR = 2**20
+
+
+def piece_budget(query_elements: int, device_type: str, math_fallback: bool) -> int:
+    """The most query elements one SDPA piece of S2 may hold (harness.backends.s2 cuts its pieces to it)."""
+    share = query_elements // PIECE_SHARE
+    if device_type == "cpu":
+        return max(share, CPU_PIECE_FLOOR)
+    return share if math_fallback else query_elements
 
 
 def flash_installed() -> bool:

@@ -3,8 +3,9 @@
     recipe = load_recipe("recipes/llama2_13b_12k.toml", overrides=["train.max_steps=10"])
 
 Every table maps to one dataclass below. Unknown keys are rejected with their full dotted
-path and a did-you-mean; values are checked against the field types; backend names are
-checked against the registry. `resolve` then computes the derived values (the PI factor,
+path and a did-you-mean; values are checked against the field types; `validate` runs the
+validators of harness.registry (the cross-field checks of harness.recipe_checks, backend names
+included, then each backend's own). `resolve` computes the derived values (the PI factor,
 the S2 group size, the effective batch size) into `recipe.resolved`, and `save_recipe`
 writes the whole resolved recipe back as TOML beside every checkpoint.
 """
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
-import math
 import os
 import sys
 import typing
@@ -29,7 +28,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
-MAX_SANE_LR = 0.1  # above it, train.lr is warned about
 LEGACY_ROPE_KEYS = {"rope_theta", "rope_scaling"}  # accepted by transformers' configs, stored in rope_parameters
 
 
@@ -217,6 +215,21 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
+def validate(recipe: Recipe) -> None:
+    """Every validator of harness.registry, in order: the cross-field checks (harness.recipe_checks),
+    then the backends' own; an error names the recipe's file."""
+    from harness import registry
+
+    where = f"{recipe.source}: " if recipe.source else ""
+    for validator in registry.validators():
+        try:
+            validator(recipe)
+        except RecipeError:
+            raise
+        except (HarnessError, ValueError) as error:
+            raise RecipeError(f"{where}{error}") from None
+
+
 def _expand_home(recipe: Recipe) -> Recipe:
     """"~" in the recipe's local paths means the home directory, as in a shell (not a folder named "~")."""
     def expanded(value: str) -> str:
@@ -299,10 +312,10 @@ def _convert(hint, value, *, path: str, where: str):
     if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         return value
     raise RecipeError(f"{where}{path} = {value!r} has type {type(value).__name__}, expected {hint.__name__}"
-                      f"{_type_hint(hint, value)}")
+                      f"{type_hint(hint, value)}")
 
 
-def _type_hint(hint, value) -> str:
+def type_hint(hint, value) -> str:
     """How to write the value: unquoted when the string is one, else an example of the type."""
     examples = {int: "an integer, e.g. 10", float: "a number, e.g. 2e-4", bool: "true or false"}
     if not isinstance(value, str) or hint not in examples:
@@ -314,253 +327,7 @@ def _type_hint(hint, value) -> str:
     return f" (write {value} without quotes)" if quoted else f" (write {examples[hint]})"
 
 
-# --------------------------------------------------------------------------- validation
-
-def validate(recipe: Recipe) -> None:
-    """Cross-field checks of a resolved recipe: backend names, choices, lengths, files."""
-    from harness import registry
-
-    where = f"{recipe.source}: " if recipe.source else ""
-    _check_choices(recipe, where)
-    _check_lengths(recipe, where)
-    _check_combinations(recipe, where)
-    _check_adapter(recipe, where)
-    _check_files(recipe, where)
-    _check_output_outside_data(recipe, where)
-    attention = recipe.attention
-    if recipe.position.name == "linear" and attention.name == "s2" and not attention.at_inference:
-        logging.getLogger("harness").warning("%s%s", where, PI_S2_DOES_NOT_TRANSFER)
-    for kind in registry.KINDS:
-        table = getattr(recipe, kind)
-        try:
-            backend = registry.get(kind, table.name, key=f"{kind}.name")
-        except registry.BackendError as error:
-            raise RecipeError(f"{where}{error}") from None
-        for message in registry.ignored_settings(backend, table, section=kind):
-            logging.getLogger("harness").warning("%s%s", where, message)
-
-
-def _choice(where: str, key: str, value, choices) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise RecipeError(f"{where}{key} = {value!r} is not one of {', '.join(map(repr, choices))}.{hint}")
-
-
-def _check_choices(recipe: Recipe, where: str) -> None:
-    _choice(where, "model.dtype", recipe.model.dtype, DTYPES)
-    _choice(where, "quantization.compute_dtype", recipe.quantization.compute_dtype, DTYPES)
-    _choice(where, "quantization.storage_dtype", recipe.quantization.storage_dtype, ("uint8",) + DTYPES)
-    _choice(where, "attention.kernel", recipe.attention.kernel, ("auto", "sdpa", "flash", "eager"))
-    _choice(where, "adapter.bias", recipe.adapter.bias, ("none", "all", "lora_only"))
-    _choice(where, "data.mode", recipe.data.mode, ("truncate", "pack"))
-    _choice(where, "data.format", recipe.data.format, ("auto", "vicuna", "sharegpt", "messages"))
-    _choice(where, "train.scheduler", recipe.train.scheduler, ("constant_with_warmup", "cosine", "linear"))
-    _choice(where, "train.optimizer", recipe.train.optimizer, ("auto", "adamw", "paged_adamw_32bit", "deepspeed_cpu_adam"))
-    _choice(where, "train.precision", recipe.train.precision, DTYPES)
-    _choice(where, "train.resume", recipe.train.resume, ("never", "auto"))
-    for index, tracker in enumerate(recipe.train.report_to):
-        _choice(where, f"train.report_to[{index}]", tracker, ("tensorboard", "wandb", "mlflow"))
-
-
-def _positive(where: str, key: str, value, *, allow_zero: bool = False) -> None:
-    """value > 0 (>= 0 with allow_zero), and finite: NaN compares false with everything and passes a
-    plain bound check, then trains a NaN model."""
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise RecipeError(f"{where}{key} = {value!r} must be a finite number {bound}")
-
-
-def _check_lengths(recipe: Recipe, where: str) -> None:
-    position, train = recipe.position, recipe.train
-    if position.name != "none":
-        _positive(where, "position.target_length", position.target_length)
-        original = recipe.resolved.original_context
-        if original and position.target_length < original:
-            raise RecipeError(
-                f"{where}position.target_length = {position.target_length} is shorter than the model's "
-                f"original context of {original} tokens: context extension needs a longer "
-                f"target (e.g. {2 * original}), or position.name = \"none\""
-            )
-    _positive(where, "position.factor", position.factor, allow_zero=True)
-    _positive(where, "data.max_seq_length", recipe.data.max_seq_length, allow_zero=True)
-    _positive(where, "train.micro_batch_size", train.micro_batch_size)
-    _positive(where, "train.grad_accum", train.grad_accum)
-    _positive(where, "train.lr", train.lr)
-    if train.lr > MAX_SANE_LR:
-        logging.getLogger("harness").warning(
-            "%strain.lr = %g is far above fine-tuning rates (1e-5 to 1e-3): the model is likely to collapse "
-            "(a zero gradient, the loss at ln(vocabulary))", where, train.lr)
-    _positive(where, "train.max_grad_norm", train.max_grad_norm, allow_zero=True)
-    _positive(where, "train.warmup_steps", train.warmup_steps, allow_zero=True)
-    _positive(where, "train.save_every", train.save_every, allow_zero=True)
-    _positive(where, "train.keep_checkpoints", train.keep_checkpoints, allow_zero=True)
-    _positive(where, "train.log_every", train.log_every)
-    _positive(where, "train.eval_every", train.eval_every, allow_zero=True)
-    _positive(where, "train.eval_batches", train.eval_batches, allow_zero=True)
-    _positive(where, "train.eval_rises", train.eval_rises, allow_zero=True)
-    if train.eval_stop and not train.eval_rises:
-        raise RecipeError(f"{where}train.eval_stop = true needs train.eval_rises > 0 (how many rises in a row stop "
-                          f"the run), e.g. train.eval_rises = 2")
-    _positive(where, "train.cpu_cache_mb", train.cpu_cache_mb, allow_zero=True)
-    _positive(where, "engine.sequence_parallel_size", recipe.engine.sequence_parallel_size)
-    if train.max_steps <= 0 and train.epochs <= 0:
-        raise RecipeError(f"{where}train.max_steps = {train.max_steps} and train.epochs = {train.epochs}: set one of them > 0")
-    attention = recipe.attention
-    if not 0 < attention.group_ratio <= 1:
-        raise RecipeError(f"{where}attention.group_ratio = {attention.group_ratio} must be in (0, 1]; the paper uses 0.25")
-    if attention.group_size and attention.group_size % 2:
-        raise RecipeError(f"{where}attention.group_size = {attention.group_size} must be even (shifted heads move by half a group)")
-    seq_len = recipe.resolved.seq_len
-    if attention.name == "s2" and seq_len and attention.group_size > seq_len:
-        raise RecipeError(f"{where}attention.group_size = {attention.group_size} is longer than the training sequence "
-                          f"of {seq_len} tokens: choose a group of at most {seq_len // 2 * 2} tokens, or 0 to use "
-                          f"attention.group_ratio")
-    if not 0 <= recipe.data.eval_fraction < 1:
-        raise RecipeError(f"{where}data.eval_fraction = {recipe.data.eval_fraction} must be in [0, 1)")
-
-
-def _check_adapter(recipe: Recipe, where: str) -> None:
-    """LoRA's rank and dropout, before any data or weights load (peft's own errors come later and name no key)."""
-    adapter = recipe.adapter
-    if adapter.name == "none":
-        return
-    _positive(where, "adapter.r", adapter.r)
-    _positive(where, "adapter.alpha", adapter.alpha)
-    if not 0 <= adapter.dropout < 1:
-        raise RecipeError(f"{where}adapter.dropout = {adapter.dropout!r} must be in [0, 1): the share of inputs "
-                          f"LoRA drops in training (the paper: 0.05)")
-    hidden = _local_config(recipe.model).get("hidden_size")
-    if isinstance(hidden, int) and adapter.r > hidden:
-        raise RecipeError(f"{where}adapter.r = {adapter.r} is larger than the model's hidden size {hidden}: a rank "
-                          f"above it adds parameters and no capacity. Use at most {hidden} (the paper: 64)")
-
-
-def _check_combinations(recipe: Recipe, where: str) -> None:
-    if recipe.quantization.name != "none" and recipe.adapter.name == "none":
-        raise RecipeError(
-            f"{where}quantization.name = {recipe.quantization.name!r} with adapter.name = \"none\": a quantized "
-            f"base is frozen, so there is nothing to train. Use adapter.name = \"lora\" (QLoRA), or "
-            f"quantization.name = \"none\" for full fine-tuning"
-        )
-    if recipe.engine.name == "deepspeed" and not recipe.engine.deepspeed_config:
-        raise RecipeError(
-            f"{where}engine.name = \"deepspeed\" needs engine.deepspeed_config, the DeepSpeed JSON file, "
-            f"e.g. engine.deepspeed_config = \"launch/deepspeed/zero2_offload.json\""
-        )
-    if recipe.model.name_or_path == "random" and not recipe.model.init_config:
-        raise RecipeError(f"{where}model.name_or_path = \"random\" needs a [model.init_config] table: model_type (default \"llama\") and that family's config values")
-    if recipe.model.name_or_path == "random":
-        _check_init_config(recipe.model.init_config, where)
-    _check_sequence_parallel(recipe, where)
-    if not recipe.model.name_or_path:
-        raise RecipeError(f"{where}model.name_or_path is empty: give a hub id, a local directory, a .gguf file or \"random\"")
-
-
-def _check_sequence_parallel(recipe: Recipe, where: str) -> None:
-    """engine.sequence_parallel_size > 1: the DeepSpeed engine, a kernel that takes a 2-D mask, and
-    (when the recipe gives the shape) heads that split over N ranks. The launch is checked at start."""
-    size = recipe.engine.sequence_parallel_size
-    if size <= 1:
-        return
-    if recipe.engine.name != "deepspeed":
-        raise RecipeError(
-            f"{where}engine.sequence_parallel_size = {size} needs engine.name = \"deepspeed\" (Ulysses, DeepSpeed's "
-            f"ALST), not {recipe.engine.name!r}: accelerate's own sequence parallelism runs only through its DeepSpeed "
-            f"plugin, which forms no multi-rank group on the CPU, and its context parallelism needs FSDP2 on CUDA "
-            f"with torch's SDPA, not S2. Set engine.name = \"deepspeed\" and engine.deepspeed_config = "
-            f"\"launch/deepspeed/zero2_sp.json\""
-        )
-    if recipe.attention.kernel == "eager":
-        raise RecipeError(
-            f"{where}attention.kernel = \"eager\" with engine.sequence_parallel_size = {size}: eager attention "
-            f"builds a (B, 1, L, L) mask of one rank's shard, not of the whole sequence. Use attention.kernel = "
-            f"\"sdpa\" or \"auto\""
-        )
-    init = recipe.model.init_config
-    if recipe.model.name_or_path == "random" and "num_attention_heads" in init:
-        from harness.backends.sequence_parallel import SequenceParallelError, check_heads
-
-        heads = int(init["num_attention_heads"])
-        try:
-            check_heads(heads, int(init.get("num_key_value_heads") or heads), size)
-        except SequenceParallelError as error:
-            raise RecipeError(f"{where}{error}") from None
-
-
-def _check_init_config(init_config: dict, where: str) -> None:
-    """model_type names a causal-LM family of transformers ("llama" when absent), and every other
-    [model.init_config] key is a field of that family's config class, of its type (before any weights)."""
-    import inspect
-
-    from harness.base_model import DEFAULT_MODEL_TYPE
-
-    config_class = _init_config_class(init_config.get("model_type", DEFAULT_MODEL_TYPE), where)
-    defaults = config_class().to_dict()
-    known = set(defaults) | set(inspect.signature(config_class.__init__).parameters) | LEGACY_ROPE_KEYS
-    for key, value in init_config.items():
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" Did you mean model.init_config.{close[0]}?" if close else ""
-            raise RecipeError(f"{where}unknown key model.init_config.{key}: {config_class.__name__} has no such "
-                              f"field.{hint}")
-        expected = type(defaults.get(key, value))
-        if expected in (int, float, bool) and not _is_a(value, expected):
-            raise RecipeError(f"{where}model.init_config.{key} = {value!r} has type {type(value).__name__}, expected "
-                              f"{expected.__name__}{_type_hint(expected, value)}")
-
-
-def _init_config_class(model_type, where: str):
-    """transformers' config class of a causal-LM family, e.g. "qwen2" -> Qwen2Config."""
-    from transformers import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    families = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    if model_type not in families:
-        close = difflib.get_close_matches(str(model_type), families, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise RecipeError(f"{where}model.init_config.model_type = {model_type!r} is not a causal-LM family of "
-                          f"transformers.{hint} Known: {', '.join(families)}")
-    return CONFIG_MAPPING[model_type]
-
-
-def _is_a(value, expected: type) -> bool:
-    if isinstance(value, bool) or expected is bool:
-        return isinstance(value, bool) and expected is bool
-    return isinstance(value, int) if expected is int else isinstance(value, (int, float))
-
-
-def _check_files(recipe: Recipe, where: str) -> None:
-    model_path = recipe.model.name_or_path
-    from harness.base_model import looks_local
-
-    if looks_local(model_path) and not Path(model_path).expanduser().exists():
-        raise RecipeError(f"{where}model.name_or_path = {model_path!r}: no such file or directory")
-    if recipe.engine.deepspeed_config:
-        find_relative(recipe.engine.deepspeed_config, recipe.source, key="engine.deepspeed_config", where=where)
-    data_path = recipe.data.path
-    if data_path and not data_path.startswith("hub:") and not any(ch in data_path for ch in "*?["):
-        if Path(data_path).expanduser().is_symlink() and not Path(data_path).expanduser().exists():
-            raise RecipeError(f"{where}data.path = {data_path!r} is a symbolic link that leads nowhere (a loop, or a "
-                              f"missing target): point it at the data, or give the data's own path")
-        if not Path(data_path).expanduser().exists():
-            raise RecipeError(
-                f"{where}data.path = {data_path!r}: no such file or directory. Give a file, a folder, a glob, "
-                f"or \"hub:owner/name\" for a hub dataset (override with data.path=...)"
-            )
-
-
-def _check_output_outside_data(recipe: Recipe, where: str) -> None:
-    """A run's own files (metrics, checkpoints) inside a data folder would be read as data by the next run."""
-    output = Path(recipe.train.output_dir).expanduser().resolve()
-    for key in ("path", "eval_path"):
-        value = getattr(recipe.data, key)
-        folder = Path(value).expanduser()
-        if value and not value.startswith("hub:") and folder.is_dir() and output.is_relative_to(folder.resolve()):
-            raise RecipeError(f"{where}train.output_dir = {recipe.train.output_dir!r} is inside data.{key} = "
-                              f"{value!r}: the run's own files would be read as training data next time. Choose "
-                              f"an output folder outside it")
-
+# --------------------------------------------------------------------------- files named in a recipe
 
 def find_relative(name: str, recipe_source: str, *, key: str, where: str = "") -> Path:
     """A file named in a recipe: relative to the working directory, else to the recipe."""
@@ -581,13 +348,13 @@ def resolve(recipe: Recipe, *, world_size: int | None = None, original_context: 
     (from training) the dtype the frozen weights were loaded in."""
     from harness import policy
 
-    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = world_size or policy.launched_world_size()
     original = original_context or recipe.model.original_context or _local_original_context(recipe.model)
     position = recipe.position
     seq_len = recipe.data.max_seq_length or position.target_length or original
     factor = position.factor
-    if not factor and original and position.name != "none":
-        factor = float(math.ceil(position.target_length / original))
+    if position.name != "none":
+        factor = policy.interpolation_factor(position.target_length, original, factor)
     attention = recipe.attention
     group_size = 0
     if attention.name == "s2" and seq_len:
@@ -605,7 +372,7 @@ def resolve(recipe: Recipe, *, world_size: int | None = None, original_context: 
     return dataclasses.replace(recipe, resolved=resolved)
 
 
-def _local_config(model: ModelConfig) -> dict:
+def local_config(model: ModelConfig) -> dict:
     """The model's config from the recipe's [model.init_config] or a local config.json; {} when unknown
     without downloading."""
     config_file = Path(model.name_or_path).expanduser() / "config.json"
@@ -620,7 +387,7 @@ def _local_config(model: ModelConfig) -> dict:
 
 def _local_original_context(model: ModelConfig) -> int:
     """The window from an inline or local config without downloading; 0 when unknown."""
-    config = _local_config(model)
+    config = local_config(model)
     if not config:
         return 0
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}  # a native rope's own window first

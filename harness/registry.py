@@ -10,6 +10,13 @@ the harness never fails for a missing extra, but *selecting* such a backend fail
 pip command that installs it. Third-party packages add backends through the entry-point
 group ``harness.backends``: each entry point names a module (or callable) whose import
 registers its backends with this decorator.
+
+A module may also register a check of the whole recipe, run at every recipe load
+(harness.recipe.validate) after harness.recipe_checks' own, which checks the backend names; it
+raises a ValueError naming the key, the value and the fix, and the recipe adds its file:
+
+    @register_validator
+    def check_sequence_parallel(recipe): ...
 """
 from __future__ import annotations
 
@@ -25,14 +32,17 @@ from harness.errors import HarnessError
 KINDS = ("position", "quantization", "attention", "adapter", "engine", "data")
 ENTRY_POINT_GROUP = "harness.backends"
 
-# Modules that register the built-in backends when imported.
+# Modules that register the built-in backends (and validators) when imported; the recipe's own
+# cross-field checks first, so they run before any backend's.
 _BUILTIN_MODULES = (
+    "harness.recipe_checks",
     "harness.backends.position",
     "harness.backends.quantization",
     "harness.backends.attention",
     "harness.backends.adapter",
     "harness.backends.accelerate_engine",
     "harness.backends.deepspeed_engine",
+    "harness.backends.sequence_parallel",
     "harness.data.backends",
 )
 
@@ -63,6 +73,7 @@ class Backend:
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {kind: {} for kind in KINDS}
+_VALIDATORS: list[Callable] = []  # fn(recipe) -> None, raising ValueError
 _loaded = False
 
 
@@ -76,6 +87,19 @@ def register(kind: str, name: str, *, description: str, requires: tuple[tuple[st
         return fn
 
     return decorate
+
+
+def register_validator(fn: Callable) -> Callable:
+    """Decorator: `fn(recipe)` checks a loaded recipe for a backend (see the module docstring)."""
+    if fn not in _VALIDATORS:
+        _VALIDATORS.append(fn)
+    return fn
+
+
+def validators() -> list[Callable]:
+    """The registered recipe checks, in registration order (the backends loaded first)."""
+    load_backends()
+    return list(_VALIDATORS)
 
 
 def load_backends() -> None:

@@ -1,10 +1,9 @@
-"""The short-window testbed: a small LLaMA pretrained by the harness itself, and the grid of
-ways to extend it 4x (bench/testbed.py runs the grid; harness.demo shows three of its rows).
+"""The short-window testbed: a small LLaMA pretrained by the harness itself. The grid of ways to
+extend it 4x is harness.experiments (bench/testbed.py runs it; harness.demo shows three of its rows).
 
     corpus = split_corpus(train_files, held_out, folder)   # training text, its tails, held-out text
     testbed = build_testbed(corpus)                        # $HARNESS_CACHE/testbed/<key>/, built once
     variant = zero_shot_dir(testbed, "yarn", 1024)         # the testbed with YaRN x4 in its config
-    overrides = extension_overrides(testbed, corpus, run_dir, steps=200, row=row_named("lora-full"))
 
 The testbed is recipes/testbed_pretrain.toml: a 6-layer, d=256 byte-level LLaMA (4.7M
 parameters) trained from random weights with full fine-tuning and full attention at a native
@@ -34,7 +33,6 @@ from harness.errors import HarnessError
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN_RECIPE = ROOT / "recipes" / "testbed_pretrain.toml"
-EXTEND_RECIPE = ROOT / "recipes" / "testbed_longqlora.toml"
 BOOKS = ROOT / "recipes" / "data" / "books"  # public domain, shipped: the demo and the grid run offline
 TRAIN_BOOKS = ("jack_sheppard.txt", "news_from_nowhere.txt", "the_devils_dictionary.txt")
 HELD_OUT_BOOK = "the_complete_angler.txt"  # nothing trains on it; every row is scored on it
@@ -218,105 +216,3 @@ def zero_shot_dir(testbed: Path, position: str, target_length: int) -> Path:
                 (tmp / file.name).symlink_to(file.resolve())
 
     return _atomic_build(testbed.parent / f"{testbed.name}-{position}-{target_length}", build)
-
-
-# --------------------------------------------------------------------------- the grid
-
-@dataclass(frozen=True)
-class Row:
-    """One row of the comparison grid: a model to evaluate, trained or not."""
-
-    name: str
-    label: str
-    train: tuple[str, ...] | None = None  # overrides of recipes/testbed_longqlora.toml; None: nothing trains
-    run: str = ""  # the trained row whose run this row evaluates ("": its own)
-    position: str = "none"  # an untrained row's zero-shot rope: none | linear | dynamic | yarn
-    attention: str = "full"  # attention at inference: full | s2
-    fraction: float = 1.0  # the checkpoint at this share of the run's steps
-
-    @property
-    def run_name(self) -> str:
-        return self.run or self.name
-
-    @property
-    def full_finetuning(self) -> bool:
-        return self.train is not None and 'adapter.name="none"' in self.train
-
-
-FULL = 'attention.name="full"'
-PI = 'position.name="linear"'  # the paper's Position Interpolation (the recipe's default is YaRN)
-BASE_32BIT = 'quantization.name="none"'
-FULL_FINETUNING = (BASE_32BIT, 'adapter.name="none"', FULL, "train.lr=3e-4")  # a full model takes a smaller rate
-
-GRID = (
-    Row("base", "testbed, no PI"),
-    Row("pi", "zero-shot PI", position="linear"),
-    Row("ntk", "zero-shot dynamic NTK", position="dynamic"),
-    Row("yarn", "zero-shot YaRN", position="yarn"),
-    Row("longqlora", "LongQLoRA (YaRN + NF4 + LoRA r64 + S2)", train=()),
-    Row("qlora-full", "QLoRA r64, YaRN, full attention", train=(FULL,)),
-    Row("longqlora-pi", "LongQLoRA as in the paper (PI + NF4 + LoRA r64 + S2)", train=(PI,)),
-    Row("qlora-full-pi", "QLoRA r64, PI, full attention", train=(PI, FULL)),
-    Row("longqlora-ntk", "LongQLoRA with dynamic NTK (+ NF4 + LoRA r64 + S2)", train=('position.name="dynamic"',)),
-    Row("lora-full", "LoRA r64, PI, 16/32-bit base, full attention", train=(PI, BASE_32BIT, FULL)),
-    Row("full-ft", "full fine-tuning, PI, full attention", train=(PI, *FULL_FINETUNING)),
-    Row("longqlora-s2-eval", "LongQLoRA (PI), S2 at inference", run="longqlora-pi", attention="s2"),
-    Row("longqlora-r8", "LongQLoRA (PI), LoRA r8", train=(PI, "adapter.r=8")),
-    Row("longqlora-quarter", "LongQLoRA (PI), 1/4 of the steps", run="longqlora-pi", fraction=0.25),
-    Row("longqlora-half", "LongQLoRA (PI), 1/2 of the steps", run="longqlora-pi", fraction=0.5),
-    # Why PI + S2 breaks under full attention past its group here: groups twice as long (512).
-    Row("longqlora-groups-half", "LongQLoRA (PI), S2 groups of 1/2", train=(PI, "attention.group_ratio=0.5")),
-)
-
-
-def row_named(name: str, rows: Sequence[Row] = GRID) -> Row:
-    for row in rows:
-        if row.name == name:
-            return row
-    raise TestbedError(f"no grid row {name!r}; rows: {', '.join(r.name for r in rows)}")
-
-
-def trained_rows(rows: Sequence[Row]) -> list[Row]:
-    """The rows whose runs must exist for `rows`: those that train, and those another row reads."""
-    needed = {row.run_name for row in rows}
-    return [row for row in GRID if row.train is not None and row.name in needed]
-
-
-def checkpoint_steps(rows: Sequence[Row], run: str, steps: int) -> list[int]:
-    """The steps at which run `run` must leave a checkpoint for the rows that read it (a
-    fraction of the steps; the last step is final/)."""
-    return sorted({round(row.fraction * steps) for row in rows if row.run_name == run and row.fraction < 1})
-
-
-def extension_overrides(testbed: Path, corpus: Corpus, run_dir: Path, *, steps: int, row: Row,
-                        save_every: int = 0, target_length: int = 0) -> list[str]:
-    """recipes/testbed_longqlora.toml's overrides for `row` on this testbed: same data, steps and
-    tokens per step for every row. A LoRA run resumes (train.resume = auto); full fine-tuning
-    cannot resume in the harness yet, so an unfinished one starts over."""
-    length = [f"position.target_length={target_length}", f"data.max_seq_length={target_length}"] if target_length else []
-    resume = ["train.resume=\"never\"", "train.overwrite=true"] if row.full_finetuning else ["train.resume=\"auto\""]
-    validation = [f'data.eval_path="{corpus.validation}"'] if corpus.validation else ["train.eval_every=0"]
-    return [f'model.name_or_path="{testbed}"', f'data.path="{corpus.train}"', *validation,
-            f'train.output_dir="{run_dir}"', f"train.max_steps={steps}",
-            f"train.save_every={0 if row.full_finetuning else save_every}", *resume, *length, *(row.train or ())]
-
-
-def save_every(rows: Sequence[Row], run: str, steps: int) -> int:
-    """train.save_every for run `run`: every checkpoint the rows read falls on a multiple of it."""
-    return math.gcd(*checkpoint_steps(rows, run, steps)) if checkpoint_steps(rows, run, steps) else 0
-
-
-def evaluated_model(row: Row, testbed: Path, run_dir: Path | None, steps: int, factor: int = 4) -> dict:
-    """ModelSpec keywords for a row: the testbed, a zero-shot variant (x factor), an adapter
-    (final/ or a checkpoint) on the testbed, or a fully fine-tuned model with the testbed's tokenizer."""
-    if row.train is None and not row.run:
-        if row.position == "linear":
-            return {"model": str(testbed), "rope_factor": float(factor)}
-        if row.position != "none":
-            return {"model": str(zero_shot_dir(testbed, row.position, factor * native_window(testbed)))}
-        return {"model": str(testbed)}
-    step = round(row.fraction * steps)
-    directory = run_dir / "final" if step == steps else run_dir / f"checkpoint-{step}"
-    if row_named(row.run_name).full_finetuning:
-        return {"model": str(directory), "tokenizer": str(testbed), "attention": row.attention}
-    return {"model": str(testbed), "adapter": str(directory), "attention": row.attention}

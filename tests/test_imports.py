@@ -79,3 +79,49 @@ def test_deferred_relative_and_from_imports_are_edges():
 def test_no_import_cycle_in_harness():
     found = cycles(import_graph())
     assert not found, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in found)
+
+
+# --------------------------------------------------------------------------- layers
+
+ENGINES = ("harness.backends.accelerate_engine", "harness.backends.deepspeed_engine", "harness.backends.engine",
+           "harness.backends.fsdp", "harness.train")
+KERNELS = ("harness.backends.s2", "harness.backends.attention_kernels")
+# module prefix -> the modules (and their submodules) it must not import, and why
+LAYERS = {
+    "harness": (("bench",), "the library never reaches into the benchmarks"),
+    "harness.recipe": (("harness.backends",), "a recipe is read and checked without any backend; "
+                                              "a backend's own checks come through harness.registry.validators"),
+    "harness.recipe_checks": (("harness.backends",), "as harness.recipe"),
+    **{kernel: (ENGINES, "a kernel is a tensor function, runnable without an engine or the training loop")
+       for kernel in KERNELS},
+}
+
+
+def forbidden_imports(name: str, imported: set[str]) -> list[str]:
+    """The imports of module `name` that LAYERS forbids, each with its reason."""
+    found = []
+    for layer, (banned, why) in LAYERS.items():
+        if name == layer or name.startswith(layer + "."):
+            found += [f"{name} imports {module}: {why}" for module in sorted(imported)
+                      if any(module == ban or module.startswith(ban + ".") for ban in banned)]
+    return found
+
+
+def test_a_deferred_import_across_a_layer_is_found():
+    source = "def f():\n    from harness.backends.position import linear_position\n    import bench.common\n"
+    assert forbidden_imports("harness.recipe", imported_names(source, "harness.recipe")) == [
+        "harness.recipe imports bench.common: the library never reaches into the benchmarks",
+        "harness.recipe imports harness.backends.position: " + LAYERS["harness.recipe"][1],
+        "harness.recipe imports harness.backends.position.linear_position: " + LAYERS["harness.recipe"][1],
+    ]
+    assert forbidden_imports("harness.backends.attention", imported_names(source, "harness.backends.attention")) == [
+        "harness.backends.attention imports bench.common: the library never reaches into the benchmarks"]
+
+
+def test_library_layers_hold():
+    named = set(KERNELS) | {"harness.recipe", "harness.recipe_checks"}
+    assert named <= set(import_graph())  # the rules name real modules
+    found = [message for path in HARNESS.rglob("*.py")
+             for message in forbidden_imports(module_name(path), imported_names(
+                 path.read_text(encoding="utf-8"), module_name(path), package=path.name == "__init__.py"))]
+    assert not found, "\n".join(found)

@@ -82,3 +82,26 @@ def test_backends_cli_prints_a_table():
     assert result.returncode == 0, result.stderr
     for word in ("kind", "quantization", "nf4", "present", "deepspeed"):
         assert word in result.stdout
+
+
+def test_validators_run_at_recipe_load_after_the_recipe_checks_and_name_the_file(tmp_path):
+    from harness.backends.sequence_parallel import check_recipe
+    from harness.recipe import RecipeError, load_recipe
+    from harness.recipe_checks import validate
+
+    order = registry.validators()
+    assert order[0] is validate and check_recipe in order  # the cross-field checks first, then the backends'
+    recipe = tmp_path / "r.toml"
+    recipe.write_text((ROOT / "recipes/tiny_cpu.toml").read_text(encoding="utf-8"), encoding="utf-8")
+
+    @registry.register_validator
+    def refuse_big_ranks(loaded):
+        if loaded.adapter.r > 8:
+            raise ValueError(f"adapter.r = {loaded.adapter.r} is above 8 for this test backend: use adapter.r = 8")
+
+    try:
+        with pytest.raises(RecipeError, match=rf"^{recipe}: adapter.r = 16 is above 8"):
+            load_recipe(recipe, ["adapter.r=16"])
+        assert load_recipe(recipe, ["adapter.r=8"]).adapter.r == 8
+    finally:
+        registry._VALIDATORS.remove(refuse_big_ranks)

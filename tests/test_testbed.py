@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import experiments as ex
 from harness import testbed as tb
 from harness.base_model import cache_root
 from harness.recipe import load_recipe
@@ -95,34 +96,34 @@ def test_plateau_of_a_short_curve_is_unknown():
 # --------------------------------------------------------------------------- the grid as data
 
 def test_grid_rows_are_consistent():
-    names = [row.name for row in tb.GRID]
+    names = [row.name for row in ex.GRID]
     assert len(set(names)) == len(names)
-    for row in tb.GRID:
+    for row in ex.GRID:
         if row.run:
-            source = tb.row_named(row.run)
+            source = ex.row_named(row.run)
             assert source.train is not None and row.train is None, row.name
             assert not (row.fraction < 1 and source.full_finetuning)  # full fine-tuning keeps no checkpoints
         assert 0 < row.fraction <= 1 and row.attention in ("full", "s2")
-    assert [row.name for row in tb.trained_rows(tb.GRID)] == ["longqlora", "qlora-full", "longqlora-pi",
+    assert [row.name for row in ex.trained_rows(ex.GRID)] == ["longqlora", "qlora-full", "longqlora-pi",
                                                               "qlora-full-pi", "longqlora-ntk", "lora-full", "full-ft",
                                                               "longqlora-r8", "longqlora-groups-half"]
-    assert [row.name for row in tb.trained_rows([tb.row_named("longqlora-half")])] == ["longqlora-pi"]
+    assert [row.name for row in ex.trained_rows([ex.row_named("longqlora-half")])] == ["longqlora-pi"]
 
 
 def test_checkpoints_the_fraction_rows_read():
-    assert tb.checkpoint_steps(tb.GRID, "longqlora-pi", 200) == [50, 100]
-    assert tb.save_every(tb.GRID, "longqlora-pi", 200) == 50
-    assert tb.save_every(tb.GRID, "lora-full", 200) == 0
-    assert tb.save_every([tb.row_named("longqlora")], "longqlora", 200) == 0
+    assert ex.checkpoint_steps(ex.GRID, "longqlora-pi", 200) == [50, 100]
+    assert ex.save_every(ex.GRID, "longqlora-pi", 200) == 50
+    assert ex.save_every(ex.GRID, "lora-full", 200) == 0
+    assert ex.save_every([ex.row_named("longqlora")], "longqlora", 200) == 0
 
 
 def test_every_trained_row_resolves_with_equal_steps_and_tokens(saved_testbed, tmp_path):
     corpus = corpus_of(tmp_path)
     resolved = {}
-    for row in tb.trained_rows(tb.GRID):
-        overrides = tb.extension_overrides(saved_testbed, corpus, tmp_path / row.name, steps=40, row=row,
+    for row in ex.trained_rows(ex.GRID):
+        overrides = ex.extension_overrides(saved_testbed, corpus, tmp_path / row.name, steps=40, row=row,
                                            save_every=10)
-        recipe = load_recipe(tb.EXTEND_RECIPE, overrides)
+        recipe = load_recipe(ex.EXTEND_RECIPE, overrides)
         resolved[row.name] = recipe
         assert recipe.resolved.rope_factor == 4 and recipe.resolved.seq_len == 1024
         groups = 512 if row.name == "longqlora-groups-half" else 256
@@ -140,29 +141,29 @@ def test_every_trained_row_resolves_with_equal_steps_and_tokens(saved_testbed, t
 
 
 def test_two_x_overrides(saved_testbed, tmp_path):
-    overrides = tb.extension_overrides(saved_testbed, corpus_of(tmp_path), tmp_path / "run", steps=5,
-                                       row=tb.row_named("longqlora"), target_length=512)
-    recipe = load_recipe(tb.EXTEND_RECIPE, overrides)
+    overrides = ex.extension_overrides(saved_testbed, corpus_of(tmp_path), tmp_path / "run", steps=5,
+                                       row=ex.row_named("longqlora"), target_length=512)
+    recipe = load_recipe(ex.EXTEND_RECIPE, overrides)
     assert (recipe.resolved.rope_factor, recipe.resolved.seq_len, recipe.resolved.group_size) == (2, 512, 128)
 
 
 def test_what_each_row_evaluates(saved_testbed, tmp_path):
     run = tmp_path / "run"
-    spec = lambda name: tb.evaluated_model(tb.row_named(name), saved_testbed, run, 200)  # noqa: E731
+    spec = lambda name: ex.evaluated_model(ex.row_named(name), saved_testbed, run, 200)  # noqa: E731
     assert spec("base") == {"model": str(saved_testbed)}
     assert spec("pi") == {"model": str(saved_testbed), "rope_factor": 4.0}
     assert spec("longqlora") == {"model": str(saved_testbed), "adapter": str(run / "final"), "attention": "full"}
     assert spec("longqlora-s2-eval")["attention"] == "s2"
     assert spec("longqlora-quarter")["adapter"] == str(run / "checkpoint-50")  # run is longqlora-pi's here
     assert spec("full-ft") == {"model": str(run / "final"), "tokenizer": str(saved_testbed), "attention": "full"}
-    assert tb.evaluated_model(tb.row_named("pi"), saved_testbed, run, 200, factor=2)["rope_factor"] == 2.0
+    assert ex.evaluated_model(ex.row_named("pi"), saved_testbed, run, 200, factor=2)["rope_factor"] == 2.0
 
 
 @pytest.mark.parametrize("position, rope_type", [("dynamic", "dynamic"), ("yarn", "yarn")])
 def test_zero_shot_variant_is_the_testbed_with_another_rope(saved_testbed, position, rope_type):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    variant = Path(tb.evaluated_model(tb.row_named("ntk" if position == "dynamic" else "yarn"), saved_testbed,
+    variant = Path(ex.evaluated_model(ex.row_named("ntk" if position == "dynamic" else "yarn"), saved_testbed,
                                       None, 200)["model"])
     config = AutoConfig.from_pretrained(variant)
     assert config.rope_parameters["rope_type"] == rope_type and config.rope_parameters["factor"] == 4
@@ -208,7 +209,7 @@ def test_finished_evaluations_are_reused_until_settings_change(tmp_path, monkeyp
     monkeypatch.setattr("harness.evaluation.compare_models", fake_compare)
     args = bench.parse_args(["--output", str(tmp_path), "--eval-tokens", "1000"])
     corpus = tb.Corpus(tmp_path, None, tmp_path / "held_out.txt")
-    row = tb.row_named("base")
+    row = ex.row_named("base")
     first = bench.evaluate_row(row, {"model": "m"}, corpus, "strided", [64, 128], args)
     again = bench.evaluate_row(row, {"model": "m"}, corpus, "strided", [64, 128], args)
     assert first == again and len(calls) == 1
@@ -273,3 +274,15 @@ def test_the_default_longqlora_holds_under_full_attention_at_2x(tmp_path):
     assert ppl("base", 512) > 1.04 * ppl("base", 256)  # the testbed degrades past its window
     assert ppl("longqlora", 512) <= 1.03 * ppl("base", 256)  # 2x its window at about its own perplexity...
     assert ppl("longqlora", 512) <= 0.97 * ppl("base", 512)  # ...and clearly better than the base there
+
+
+def test_runs_are_named_by_their_settings_and_a_finished_one_is_reused(tmp_path):
+    assert ex.run_dir_name("longqlora-pi", 4, 400) == "longqlora-pi-x4-400steps"
+    other = ex.run_dir_name("longqlora-pi", 4, 400, ["train.micro_batch_size=2"])
+    assert other.startswith("longqlora-pi-x4-400steps-") and len(other) == len("longqlora-pi-x4-400steps-") + 8
+    run_dir = tmp_path / "run"
+    assert ex.finished_run(run_dir) is None
+    (run_dir / "final").mkdir(parents=True)
+    corpus = tb.Corpus(tmp_path, None, tmp_path / "held_out.txt")
+    # no testbed exists at tmp_path / "none": training would fail, the finished run is returned as it is
+    assert ex.train_or_reuse(ex.row_named("longqlora"), tmp_path / "none", corpus, run_dir, steps=5) == run_dir / "final"

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from harness import policy
-from harness.backends.s2 import causal_attention, shift_short_attention, sliding_window_attention
+from harness.backends.attention_kernels import sliding_window_attention
+from harness.backends.s2 import causal_attention, shift_short_attention
 from harness.errors import HarnessError
 from harness.registry import BackendError, register
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from harness import rundir
+from harness import policy, rundir
 from harness.backends import sequence_parallel
 from harness.backends.engine import EngineError, Hyper, check_group, forming_group, is_quantized, trainable
 from harness.registry import register
@@ -199,7 +199,7 @@ def _set_single_process_variables() -> None:
     """A process that no launcher started (`python launch/train.py`, one-process `accelerate
     launch`) gets the variables the `deepspeed` launcher would set for a group of one, on a free
     local port. Without them DeepSpeed looks for MPI (mpi4py) and then asserts on LOCAL_RANK."""
-    if all(name in os.environ for name in LAUNCHER_VARIABLES) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if all(name in os.environ for name in LAUNCHER_VARIABLES) or policy.launched_world_size() > 1:
         return
     import socket
 

@@ -23,13 +23,13 @@ and harness.backends.deepspeed_engine (ZeRO-2/3, CPU offload).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Protocol
 
 import torch
 
+from harness import policy
 from harness.errors import HarnessError
 
 
@@ -71,8 +71,7 @@ class Engine(Protocol):
 
 # --------------------------------------------------------------------------- shared by the engines
 
-def expected_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+expected_world_size = policy.launched_world_size  # the one reader of WORLD_SIZE
 
 
 class forming_group:

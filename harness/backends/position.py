@@ -24,10 +24,9 @@ Families:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
+from harness import policy
 from harness.errors import HarnessError
 from harness.registry import register
 
@@ -47,12 +46,10 @@ def original_context_of(config, original_context: int = 0) -> int:
 
 
 def interpolation_factor(target_length: int, original: int, factor: float = 0.0) -> float:
-    """The paper's factor: ceil(target / original) unless given explicitly."""
-    if factor:
-        return float(factor)
-    if target_length <= 0:
+    """The paper's factor (harness.policy.interpolation_factor); a backend needs a length or a factor."""
+    if not factor and target_length <= 0:
         raise PositionError("position: give target_length or factor")
-    return float(math.ceil(target_length / original))
+    return policy.interpolation_factor(target_length, original, factor)
 
 
 def _rope_tables(config) -> dict[str | None, dict]:

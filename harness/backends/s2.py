@@ -39,7 +39,9 @@ gradients into one dq, dk, dv, so its peak memory stays at full attention's (_Pi
 "auto" asks harness.policy.attention_kernel: "flash" for fp16/bf16 CUDA tensors on Ampere or newer
 when flash-attn is installed, else "sdpa".
 
-Every function here is a pure tensor function; the transformers glue (the attention
+The padding and document rules (`tokens_of`, `zero_padding`) and sliding-window attention are
+harness.backends.attention_kernels'; how much query one SDPA piece holds is harness.policy's
+(`piece_budget`). Every function here is a pure tensor function; the transformers glue (the attention
 interface, S2 in training and full attention in eval) is harness.backends.attention.
 """
 from __future__ import annotations
@@ -50,8 +52,11 @@ import torch
 import torch.nn.functional as F
 
 from harness import policy
+from harness.backends.attention_kernels import Tokens, sliding_window_attention, tokens_of, zero_padding  # noqa: F401
 
-KERNELS = ("auto", "sdpa", "flash", "eager")
+KERNELS = policy.KERNELS  # the kernel names attention.kernel takes (harness.policy owns them)
+PIECE_SHARE = policy.PIECE_SHARE  # harness.memory and tests/test_memory.py read it here; harness.policy owns it
+WINDOW_QUERY_BLOCK = None  # tests/backends/test_s2_families.py patches this name; attention_kernels' is the one used
 
 
 class HeadWindow(NamedTuple):
@@ -60,12 +65,6 @@ class HeadWindow(NamedTuple):
     offset: int
     heads: int
     kv_heads: int
-
-
-class _Tokens(NamedTuple):
-    valid: torch.Tensor  # (B, L) bool, False for padding
-    doc: torch.Tensor  # (B, L) long, document index within the row
-    plain: bool  # no padding and one document per row: plain causal masks suffice
 
 
 # ---------------------------------------------------------------------------- public API
@@ -77,28 +76,28 @@ def shift_short_attention(query, key, value, group_size, attention_mask=None, po
     head_window: which global heads the query holds (None: all of them)."""
     _check_qkv(query, key, value)
     _check_group_size(group_size, query.shape[2])
-    tokens = _tokens(attention_mask, position_ids, query)
+    tokens = tokens_of(attention_mask, position_ids, query)
     kernel = _select_kernel(kernel, query)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if kernel == "sdpa":
-        budget = piece_budget(query.numel(), query.device.type, _math_fallback(query, key, tokens))
+        budget = policy.piece_budget(query.numel(), query.device.type, _math_fallback(query, key, tokens))
         pieces = _sdpa_pieces(query.shape, key.shape[1], group_size, tokens, budget, head_window)
-        return _zero_padding(_PiecewiseSDPA.apply(query, key, value, pieces, scaling), tokens)
+        return zero_padding(_PiecewiseSDPA.apply(query, key, value, pieces, scaling), tokens)
     halves = _split_heads(query, key, value, head_window)
     run = _KERNELS[kernel]
     outs = [run(q, k, v, group_size, shift, tokens, scaling)
             for (q, k, v), shift in zip(halves, (0, group_size // 2)) if q.shape[1]]  # a window may hold one half
-    return _zero_padding(torch.cat(outs, dim=2), tokens)
+    return zero_padding(torch.cat(outs, dim=2), tokens)
 
 
 def causal_attention(query, key, value, attention_mask=None, position_ids=None, kernel="auto", scaling=None):
     """Full causal attention with the same padding/packing rules: (B, H, L, D) ... -> (B, L, H, D)."""
     _check_qkv(query, key, value)
-    tokens = _tokens(attention_mask, position_ids, query)
+    tokens = tokens_of(attention_mask, position_ids, query)
     run = _KERNELS[_select_kernel(kernel, query)]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     seq_len = query.shape[2]  # one group covering the whole sequence
-    return _zero_padding(run(query, key, value, seq_len, 0, tokens, scaling), tokens)
+    return zero_padding(run(query, key, value, seq_len, 0, tokens, scaling), tokens)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -170,27 +169,6 @@ def _split(x, sizes, dim):
     return [part.transpose(1, 2) for part in x.transpose(1, 2).split(sizes, dim=token_major_dim)]
 
 
-def _tokens(attention_mask, position_ids, query) -> _Tokens:
-    batch, seq_len, device = query.shape[0], query.shape[2], query.device
-    valid = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
-    if attention_mask is not None:
-        if attention_mask.shape != (batch, seq_len):
-            raise ValueError(f"attention_mask must have shape (B, L) = {(batch, seq_len)}, "
-                             f"got {tuple(attention_mask.shape)}")
-        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError("attention_mask must hold only 0/1 (or bool) values, got "
-                             f"{attention_mask.unique().tolist()}")
-        valid = attention_mask.to(device=device, dtype=torch.bool)
-    doc = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
-    if position_ids is not None:
-        if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq_len:
-            raise ValueError(f"position_ids must have shape (B, L) = {(batch, seq_len)} or (1, L), "
-                             f"got {tuple(position_ids.shape)}")
-        doc = (position_ids.to(device).expand(batch, seq_len) == 0).cumsum(dim=1)  # +1 at each restart
-    plain = bool(valid.all()) and bool((doc == doc[:, :1]).all())
-    return _Tokens(valid, doc, plain)
-
-
 def _select_kernel(kernel: str, query) -> str:
     """An explicit kernel runs as asked; "auto" follows harness.policy for the query's device and dtype."""
     if kernel not in KERNELS:
@@ -199,11 +177,6 @@ def _select_kernel(kernel: str, query) -> str:
         return kernel
     return policy.attention_kernel("auto", policy.Device.of(query.device), policy.dtype_name(query.dtype),
                                    installed=policy.flash_installed())
-
-
-def _zero_padding(out, tokens: _Tokens):
-    """out (B, L, H, D) with padding query rows set to zero."""
-    return out if tokens.plain else out * tokens.valid[:, :, None, None].to(out.dtype)
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -215,7 +188,7 @@ def _group_ids(seq_len: int, group_size: int, shift: int, device) -> torch.Tenso
     return (torch.arange(seq_len, device=device) + shift) // group_size
 
 
-def _eager_kernel(q, k, v, group_size, shift, tokens: _Tokens, scaling):
+def _eager_kernel(q, k, v, group_size, shift, tokens: Tokens, scaling):
     """Dense softmax attention under the explicit (L, L) S2 mask."""
     seq_len = q.shape[2]
     group = _group_ids(seq_len, group_size, shift, q.device)
@@ -240,7 +213,7 @@ def _segments(seq_len: int, group_size: int, shift: int) -> list[tuple[int, int,
             ((0, shift, shift), (shift, body, group_size), (shift + body, tail, tail)) if length]
 
 
-def _sdpa_kernel(q, k, v, group_size, shift, tokens: _Tokens, scaling):
+def _sdpa_kernel(q, k, v, group_size, shift, tokens: Tokens, scaling):
     """SDPA over grouped views, one call per segment (full attention: one call)."""
     segments = _segments(q.shape[2], group_size, shift)
     lengths = [length for _, length, _ in segments]
@@ -270,7 +243,7 @@ def _sdpa_blocks(q, k, v, block, mask, scaling):
     return _unblocks(out, q.shape[0])
 
 
-def _block_mask(tokens: _Tokens, start, length, block):
+def _block_mask(tokens: Tokens, start, length, block):
     """(B * n, 1, block, block) bool for tokens [start, start + length): causal, same document, key
     not padding, or the diagonal (so no row is empty); None when plain causal masks suffice."""
     if tokens.plain:
@@ -291,35 +264,13 @@ class _Piece(NamedTuple):
     mask: torch.Tensor | None  # (B * n, 1, block, block) bool, or None for plain causal blocks
 
 
-# How much of the query one SDPA piece holds. Small pieces bound the backward's transients (a few
-# piece-sized tensors: the recomputed output, the piece's gradients, the kernel's buffers, and on
-# SDPA's math fallback the piece's (queries, G) scores); each piece costs kernel calls.
-# - CPU: 1/PIECE_SHARE of the query (one KV head x one group at the least), but CPU_PIECE_FLOOR
-#   elements even so: a busy CPU makes many small threaded calls slow (a 512-token LLaMA-shaped
-#   query on 2 loaded cores: 50 s of backward in 128 pieces, 0.6 s in one).
-# - GPU, fused kernels: the whole query (one piece per half and segment). The transients are a
-#   few (B, L, H/2, D) tensors of one layer; 1/128 pieces made S2 24x slower than full attention
-#   at 8k on an H100 (launch-bound), whole ones 3x faster.
-# - GPU, math fallback (GQA before Ampere, or fp32 GQA): 1/PIECE_SHARE, as the scores are per piece.
-PIECE_SHARE = 128
-CPU_PIECE_FLOOR = 2**20
-
-
-def piece_budget(query_elements: int, device_type: str, math_fallback: bool) -> int:
-    """The most query elements one SDPA piece may hold."""
-    share = query_elements // PIECE_SHARE
-    if device_type == "cpu":
-        return max(share, CPU_PIECE_FLOOR)
-    return share if math_fallback else query_elements
-
-
-def _math_fallback(query, key, tokens: _Tokens) -> bool:
+def _math_fallback(query, key, tokens: Tokens) -> bool:
     """Whether CUDA SDPA runs its math kernel on these pieces (harness.policy.sdpa_math_fallback)."""
     return policy.sdpa_math_fallback(policy.Device.of(query.device), policy.dtype_name(query.dtype),
                                      gqa=query.shape[1] != key.shape[1], masked=not tokens.plain)
 
 
-def _sdpa_pieces(query_shape, kv_heads, group_size, tokens: _Tokens, budget: int,
+def _sdpa_pieces(query_shape, kv_heads, group_size, tokens: Tokens, budget: int,
                  window: HeadWindow | None = None) -> list[_Piece]:
     """The SDPA calls of S2 for a query of `query_shape` (B, H, L, D): per half of the heads and
     per segment of equal groups, runs of whole groups times runs of whole KV heads (with the
@@ -457,7 +408,7 @@ def flash_varlen_layout(valid, doc, group_size, shift):
     return indices, bounds.to(torch.int32), max_seqlen
 
 
-def _flash_kernel(q, k, v, group_size, shift, tokens: _Tokens, scaling):
+def _flash_kernel(q, k, v, group_size, shift, tokens: Tokens, scaling):
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError as err:
@@ -475,30 +426,3 @@ def _flash_kernel(q, k, v, group_size, shift, tokens: _Tokens, scaling):
 
 
 _KERNELS = {"eager": _eager_kernel, "sdpa": _sdpa_kernel, "flash": _flash_kernel}
-
-
-WINDOW_QUERY_BLOCK = 1024  # sliding-window attention: queries per SDPA call (each reads its block + W keys)
-
-
-def sliding_window_attention(query, key, value, window: int, attention_mask=None, position_ids=None, scaling=None):
-    """Causal attention inside a sliding window, with S2's padding and document rules :
-    token i reads j iff i - window < j <= i (transformers' sliding_window_overlay), both in one document,
-    j not padding. query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D). Queries run in blocks
-    of WINDOW_QUERY_BLOCK against the window - 1 keys before the block and the block's own: no (L, L) mask."""
-    tokens = _tokens(attention_mask, position_ids, query)
-    heads, seq_len = query.shape[1], query.shape[2]
-    repeat = heads // key.shape[1]  # masked SDPA: repeat KV heads, as transformers' sdpa does
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    outs = []
-    for start in range(0, seq_len, WINDOW_QUERY_BLOCK):
-        stop, first = min(start + WINDOW_QUERY_BLOCK, seq_len), max(0, start - window + 1)
-        q_pos = torch.arange(start, stop, device=query.device)[:, None]  # (q, 1)
-        k_pos = torch.arange(first, stop, device=query.device)[None, :]  # (1, k)
-        allowed = (k_pos <= q_pos) & (k_pos > q_pos - window)  # (q, k)
-        allowed = allowed & (tokens.doc[:, start:stop, None] == tokens.doc[:, None, first:stop])
-        allowed = (allowed & tokens.valid[:, None, first:stop]) | (k_pos == q_pos)  # padding rows: never empty
-        k = key[:, :, first:stop].repeat_interleave(repeat, dim=1)
-        v = value[:, :, first:stop].repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(query[:, :, start:stop], k, v, attn_mask=allowed[:, None], scale=scaling)
-        outs.append(out.transpose(1, 2))  # (B, q, H, D)
-    return _zero_padding(torch.cat(outs, dim=1), tokens)

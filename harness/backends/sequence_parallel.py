@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from harness.backends.s2 import HeadWindow, causal_attention
 from harness.errors import HarnessError
+from harness.registry import register_validator
 
 ULYSSES_IMPLEMENTATION = "harness_ulysses"
 IGNORE_INDEX = -100
@@ -102,6 +103,34 @@ def _mask_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- checks
+
+@register_validator
+def check_recipe(recipe) -> None:
+    """engine.sequence_parallel_size > 1: the DeepSpeed engine, a kernel that takes a 2-D mask, and
+    (when the recipe gives the shape) heads that split over N ranks; run at recipe load
+    (harness.registry.validators). The launch is checked at start (check_world)."""
+    size = recipe.engine.sequence_parallel_size
+    if size <= 1:
+        return
+    if recipe.engine.name != "deepspeed":
+        raise SequenceParallelError(
+            f"engine.sequence_parallel_size = {size} needs engine.name = \"deepspeed\" (Ulysses, DeepSpeed's "
+            f"ALST), not {recipe.engine.name!r}: accelerate's own sequence parallelism runs only through its DeepSpeed "
+            f"plugin, which forms no multi-rank group on the CPU, and its context parallelism needs FSDP2 on CUDA "
+            f"with torch's SDPA, not S2. Set engine.name = \"deepspeed\" and engine.deepspeed_config = "
+            f"\"launch/deepspeed/zero2_sp.json\""
+        )
+    if recipe.attention.kernel == "eager":
+        raise SequenceParallelError(
+            f"attention.kernel = \"eager\" with engine.sequence_parallel_size = {size}: eager attention "
+            f"builds a (B, 1, L, L) mask of one rank's shard, not of the whole sequence. Use attention.kernel = "
+            f"\"sdpa\" or \"auto\""
+        )
+    init = recipe.model.init_config
+    if recipe.model.name_or_path == "random" and "num_attention_heads" in init:
+        heads = int(init["num_attention_heads"])
+        check_heads(heads, int(init.get("num_key_value_heads") or heads), size)
+
 
 def check_heads(heads: int, kv_heads: int, size: int) -> None:
     """Ulysses gives each rank H/N query heads and H_kv/N KV heads (or one KV head replicated)."""

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness import policy
 from harness.backends import s2
 from harness.backends.attention import S2Settings, s2_attention_forward
+from harness.backends.attention_kernels import tokens_of
 from harness.backends.s2 import causal_attention, flash_varlen_layout, shift_short_attention
 
 ATOL = 1e-10  # float64 on CPU
@@ -166,8 +168,8 @@ def test_sdpa_piece_sizes_and_backward_paths_match_dense_reference(case, piece_s
     """Pieces from one per segment (share 1) to one KV head x one group (128 at these sizes), and
     both backward paths: torch's CPU flash pair, and recomputing through SDPA (GPUs)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(s2, "PIECE_SHARE", piece_share)
-        patch.setattr(s2, "CPU_PIECE_FLOOR", 0)  # else these small queries are one piece per segment
+        patch.setattr(policy, "PIECE_SHARE", piece_share)
+        patch.setattr(policy, "CPU_PIECE_FLOOR", 0)  # else these small queries are one piece per segment
         patch.setattr(s2, "_cpu_flash_available", lambda q: cpu_flash)
         assert_s2_matches_reference(case, ["sdpa"])
 
@@ -178,9 +180,9 @@ def test_piece_counts_of_a_small_llama_query():
     3 shifted). On SDPA's math fallback, into 1/PIECE_SHARE of it each: one KV head x one group,
     or two KV heads x one of the shifted half's G/2 partial groups (16 x 4 + 16 x 3 + 2 x 8)."""
     shape, group_size = (1, 32, 512, 128), 128
-    tokens = s2._tokens(None, None, torch.empty(shape))
+    tokens = tokens_of(None, None, torch.empty(shape))
     counts = {(device, fallback): len(s2._sdpa_pieces(shape, 32, group_size, tokens,
-                                                      s2.piece_budget(math.prod(shape), device, fallback)))
+                                                      policy.piece_budget(math.prod(shape), device, fallback)))
               for device, fallback in (("cpu", False), ("cuda", False), ("cuda", True))}
     assert counts == {("cpu", False): 4, ("cuda", False): 4, ("cuda", True): 16 * 4 + 16 * 3 + 2 * 8}
 
