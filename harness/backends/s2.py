@@ -52,11 +52,10 @@ import torch
 import torch.nn.functional as F
 
 from harness import policy
-from harness.backends.attention_kernels import Tokens, sliding_window_attention, tokens_of, zero_padding  # noqa: F401
+from harness.backends.attention_kernels import Tokens, tokens_of, zero_padding
 
 KERNELS = policy.KERNELS  # the kernel names attention.kernel takes (harness.policy owns them)
 PIECE_SHARE = policy.PIECE_SHARE  # harness.memory and tests/test_memory.py read it here; harness.policy owns it
-WINDOW_QUERY_BLOCK = None  # tests/backends/test_s2_families.py patches this name; attention_kernels' is the one used
 
 
 class HeadWindow(NamedTuple):
