@@ -78,6 +78,20 @@ def dequantized_copy(nf4):
 
 
 @pytest.fixture
+def session_cache(tmp_path_factory, monkeypatch):
+    """Base models built once per test session (HARNESS_CACHE), recipes read from the repo root."""
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
+    monkeypatch.chdir(ROOT)
+
+
+def tiny_recipe(*overrides: str):
+    """recipes/tiny_cpu.toml with `section.key=value` overrides."""
+    from harness.recipe import load_recipe
+
+    return load_recipe(ROOT / "recipes" / "tiny_cpu.toml", list(overrides))
+
+
+@pytest.fixture
 def tiny_config():
     return tiny_llama_config()
 

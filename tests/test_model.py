@@ -5,18 +5,10 @@ import pytest
 import torch
 
 from harness.model import build_model, parameter_counts
-from harness.recipe import load_recipe
-from tests.conftest import ROOT, dequantized_copy, is_4bit
+from tests.conftest import dequantized_copy, is_4bit, tiny_recipe
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
-    monkeypatch.chdir(ROOT)
-
-
-def tiny(*overrides):
-    return load_recipe("recipes/tiny_cpu.toml", list(overrides))
+pytestmark = pytest.mark.usefixtures("session_cache")
 
 
 def nf4_levels() -> torch.Tensor:
@@ -34,7 +26,7 @@ def test_nf4_model_computes_with_its_dequantized_weights():
     Train mode: in eval mode without gradients bitsandbytes repacks the weights for its CPU kernel,
     which on CPUs with AVX512-BF16 computes in bf16 (logits then differ by ~3e-3)."""
     ids = torch.randint(3, 260, (2, 96), generator=torch.Generator().manual_seed(0))
-    nf4 = build_model(tiny("attention.name=\"full\""), training=False, with_adapter=False).model
+    nf4 = build_model(tiny_recipe("attention.name=\"full\""), training=False, with_adapter=False).model
     assert sum(map(is_4bit, nf4.modules())) == 14  # 7 projections x 2 layers; lm_head stays fp32
     plain = dequantized_copy(nf4)
     with torch.no_grad():
@@ -47,9 +39,9 @@ def test_nf4_weights_are_the_blockwise_nf4_rounding_of_the_fp32_weights():
     blocks of 64: w / absmax(block) -> the nearest NF4 level, times the block's stored absmax. With
     double quantization the absmax is itself 8-bit quantized (blocks of 256): within 1% (0.55%
     measured). 30% weight noise, FP4, another block size or other source weights would all fail."""
-    full = build_model(tiny("quantization.name=\"none\"", "attention.name=\"full\""), training=False,
+    full = build_model(tiny_recipe("quantization.name=\"none\"", "attention.name=\"full\""), training=False,
                        with_adapter=False).model
-    nf4 = build_model(tiny("attention.name=\"full\""), training=False, with_adapter=False).model
+    nf4 = build_model(tiny_recipe("attention.name=\"full\""), training=False, with_adapter=False).model
     levels, originals = nf4_levels(), dict(full.named_modules())
     plain = dict(dequantized_copy(nf4).named_modules())
     checked = 0
@@ -72,7 +64,7 @@ def trainable_names(model) -> set[str]:
 
 
 def test_only_lora_weights_are_trainable():
-    names = trainable_names(build_model(tiny("attention.name=\"full\"")).model)
+    names = trainable_names(build_model(tiny_recipe("attention.name=\"full\"")).model)
     linear = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     expected = {f"base_model.model.model.layers.{layer}.{block}.{proj}.lora_{ab}.default.weight"
                 for layer in range(2) for proj in linear for ab in "AB"
@@ -81,7 +73,7 @@ def test_only_lora_weights_are_trainable():
 
 
 def test_embeddings_and_norms_become_trainable_when_asked():
-    names = trainable_names(build_model(tiny("attention.name=\"full\"", "adapter.trainable_embeddings=true",
+    names = trainable_names(build_model(tiny_recipe("attention.name=\"full\"", "adapter.trainable_embeddings=true",
                                              "adapter.trainable_norms=true")).model)
     extra = {n for n in names if "lora_" not in n}
     assert extra == {
@@ -94,14 +86,14 @@ def test_embeddings_and_norms_become_trainable_when_asked():
 
 
 def test_full_finetuning_trains_everything():
-    model = build_model(tiny("quantization.name=\"none\"", "adapter.name=\"none\"", "attention.name=\"full\"")).model
+    model = build_model(tiny_recipe("quantization.name=\"none\"", "adapter.name=\"none\"", "attention.name=\"full\"")).model
     counts = parameter_counts(model)
     assert sum(r["trainable"] for r in counts.values()) == sum(r["total"] for r in counts.values())
 
 
 def test_gradient_checkpointing_switch():
-    on = build_model(tiny("attention.name=\"full\"")).model
-    off = build_model(tiny("attention.name=\"full\"", "train.gradient_checkpointing=false")).model
+    on = build_model(tiny_recipe("attention.name=\"full\"")).model
+    off = build_model(tiny_recipe("attention.name=\"full\"", "train.gradient_checkpointing=false")).model
     assert on.base_model.model.is_gradient_checkpointing
     assert not off.base_model.model.is_gradient_checkpointing
 
@@ -109,7 +101,7 @@ def test_gradient_checkpointing_switch():
 def test_summary_counts_packed_4bit_storage(capsys):
     from rich.console import Console
 
-    build_model(tiny("attention.name=\"full\""), console=Console(width=120))
+    build_model(tiny_recipe("attention.name=\"full\""), console=Console(width=120))
     out = capsys.readouterr().out
     assert "uint8" in out and "trainable" in out and "Estimated memory" in out
 
@@ -119,7 +111,7 @@ def test_frozen_weights_set_the_residual_stream_dtype(upcast, stream):
     """QLoRA with 16-bit weights: by default the embeddings, norms and head keep model.dtype, so the
     hidden states that checkpointing saves (each layer's input) are 16-bit; train.fp32_frozen_weights
     restores peft's fp32 cast, and with it an fp32 stream. LoRA weights are fp32 either way."""
-    recipe = tiny("attention.name=\"full\"", "model.dtype=\"bf16\"", "quantization.compute_dtype=\"bf16\"",
+    recipe = tiny_recipe("attention.name=\"full\"", "model.dtype=\"bf16\"", "quantization.compute_dtype=\"bf16\"",
                   f"train.fp32_frozen_weights={str(upcast).lower()}")
     model = build_model(recipe).model
     inner = model.base_model.model.model
@@ -136,7 +128,7 @@ def test_frozen_weights_set_the_residual_stream_dtype(upcast, stream):
 
 
 def test_trainable_embeddings_and_norms_train_in_fp32_over_16_bit_weights():
-    recipe = tiny("attention.name=\"full\"", "model.dtype=\"bf16\"", "quantization.compute_dtype=\"bf16\"",
+    recipe = tiny_recipe("attention.name=\"full\"", "model.dtype=\"bf16\"", "quantization.compute_dtype=\"bf16\"",
                   "adapter.trainable_embeddings=true", "adapter.trainable_norms=true")
     model = build_model(recipe).model
     trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}

@@ -14,19 +14,11 @@ import torch
 from harness import policy
 from harness.backends.position import PositionError, linear_position
 from harness.model import build_model
-from harness.recipe import load_recipe
-from tests.conftest import ROOT, tiny_llama_config
+from tests.conftest import tiny_llama_config, tiny_recipe
 from tests.test_families import FAMILIES, NAMES, family
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
-    monkeypatch.chdir(ROOT)
-
-
-def tiny(*overrides):
-    return load_recipe("recipes/tiny_cpu.toml", list(overrides))
+pytestmark = pytest.mark.usefixtures("session_cache")
 
 
 def reference_linear_rope(positions, head_dim, theta, factor):
@@ -43,7 +35,7 @@ def default_inv_freq(head_dim, theta):
 
 
 def test_linear_pi_matches_the_definition():
-    built = build_model(tiny("quantization.name=\"none\"", "attention.name=\"full\""), training=False, with_adapter=False)
+    built = build_model(tiny_recipe("quantization.name=\"none\"", "attention.name=\"full\""), training=False, with_adapter=False)
     config = built.model.config
     assert built.rope_factor == 2.0
     assert config.rope_parameters == {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
@@ -135,7 +127,7 @@ def assert_rotary(rotary, positions, inv_freq, scale=1.0):
 
 @pytest.mark.parametrize("name", list(OTHER_ROPE))
 def test_other_position_backends_write_the_config_and_rotate_by_the_published_formulas(name):
-    built = build_model(tiny("quantization.name=\"none\"", "attention.name=\"full\"", f"position.name=\"{name}\""),
+    built = build_model(tiny_recipe("quantization.name=\"none\"", "attention.name=\"full\"", f"position.name=\"{name}\""),
                         training=False, with_adapter=False)
     config, rotary = built.model.config, built.model.model.rotary_emb
     rope_parameters, max_positions = OTHER_ROPE[name]
