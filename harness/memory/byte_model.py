@@ -1049,7 +1049,7 @@ def _sequence_parallel_suggestion(recipe: Recipe, shape: ModelShape, device: str
 
 
 def _zero_offload(recipe: Recipe) -> Recipe:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return _with(_with(recipe, "engine", name="deepspeed",
                        deepspeed_config=str(root / "launch" / "deepspeed" / "zero2_offload.json")),
                  "train", optimizer="auto")
