@@ -14,9 +14,9 @@ from pathlib import Path
 
 from harness.recipe import Recipe
 
-from .byte_model import GIB, MIB, MemoryPlan, plan_setup
+from .byte_model import GIB, MemoryPlan, plan_setup
 from .runtime import resolve_setup
-from .shapes import Card, ModelShape
+from .shapes import MIB, Card, ModelShape
 
 SEARCH_STEP = 1024  # longest-sequence search: multiples of this many tokens
 SEARCH_LIMIT = 16 * 1024 * SEARCH_STEP  # ... up to 16M tokens (sequence parallelism over many cards)

@@ -42,10 +42,9 @@ from harness.loss import chunk_tokens_for
 from harness.recipe import Recipe
 
 from .runtime import Setup, local_tokens
-from .shapes import ALL_LINEAR, ModelShape
+from .shapes import ALL_LINEAR, MIB, ModelShape
 
 GIB = 2**30
-MIB = 2**20
 # CUDA context + cuBLAS/cuDNN workspaces + caching-allocator slack, which torch's allocator
 # counters never see: ~0.5 GiB of context on recent drivers plus ~0.25 GiB of slack.
 CUDA_OVERHEAD_BYTES = int(0.75 * GIB)
@@ -411,7 +410,7 @@ def _overhead_parts(setup: Setup) -> list[Part]:
             return []
         return [Part("CPU tensor pool", round(POOL_KEPT_AT_PEAK * setup.cpu_pool), dynamic=True,
                      note=f"freed blocks kept for reuse at the peak: {POOL_KEPT_AT_PEAK:.0%} of "
-                          f"train.cpu_cache_mb = {setup.cpu_pool // 2**20}")]
+                          f"train.cpu_cache_mb = {setup.cpu_pool // MIB}")]
     return [Part("CUDA context + allocator", CUDA_OVERHEAD_BYTES, note="constant: context, cuBLAS, allocator slack")]
 
 

@@ -16,7 +16,7 @@ from harness import policy
 from harness.recipe import Recipe
 
 from .rules import Adaptation, QuantizationRule, Zero, rule_for
-from .shapes import Card, ModelShape, PlanError
+from .shapes import MIB, Card, ModelShape, PlanError
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GENERIC_GPU = policy.Device("cuda", (8, 0), bf16=True)  # a card the plan does not name: Ampere-class
@@ -67,7 +67,7 @@ class Setup:
     cards: int = 1  # ranks of the launch: ZeRO partitions over them
     sequence_parallel: int = 1  # engine.sequence_parallel_size: ranks sharing each sequence
     tiled_mlp: bool = False  # train.tiled_mlp
-    cpu_pool: int = 0  # CPU: bytes the tensor pool may keep (train.cpu_cache_mb; harness.cpu_memory)
+    cpu_pool: int = 0  # CPU: bytes the tensor pool may keep (train.cpu_cache_mb, which holds MiB; harness.cpu_memory)
 
 
 def planned_device(device: str, card: Card | None) -> policy.Device:
@@ -108,7 +108,7 @@ def resolve_setup(recipe: Recipe, shape: ModelShape, *, device: str, card: Card 
         dropout=adaptation.dropout, trainable_embeddings=adaptation.trainable_embeddings,
         trainable_norms=adaptation.trainable_norms,
         cards=cards, sequence_parallel=_sequence_parallel(recipe, shape, cards), tiled_mlp=recipe.train.tiled_mlp,
-        cpu_pool=recipe.train.cpu_cache_mb * 2**20 if not cuda and recipe.train.release_cpu_memory else 0,
+        cpu_pool=recipe.train.cpu_cache_mb * MIB if not cuda and recipe.train.release_cpu_memory else 0,
     )
 
 

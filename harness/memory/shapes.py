@@ -47,7 +47,7 @@ class Card:
         return policy.Device("cuda", self.capability, self.bf16)
 
 
-CARDS = {card.name: card for card in (
+CARDS = {card.name: card for card in (  # named by the vendors' labels, whose "GB" are GiB
     Card("v100-32gb", 32768, (7, 0), bf16=False),
     Card("a100-40gb", 40960, (8, 0), bf16=True),
     Card("a100-80gb", 81920, (8, 0), bf16=True),
