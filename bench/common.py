@@ -20,15 +20,19 @@ import sys
 import time
 from pathlib import Path
 
+from harness.memory import LLAMA2_SHAPES as PUBLISHED_LLAMA2_SHAPES
+
 ROOT = Path(__file__).resolve().parents[1]
+
 RESULTS_DIR = ROOT / "bench" / "results"
 SMOLLM2 = "recipes/smollm2_135m_16k.toml"
 GB = 1e9  # memory is reported in GB (10^9 bytes), as the table states it
 POLL_S = 0.2  # how often the parent samples a child's RSS against the budget
-LLAMA2_SHAPES = {  # name -> (hidden, intermediate, layers, heads) of the published LLaMA2 configs (MHA)
-    "llama2-7b": (4096, 11008, 32, 32),
-    "llama2-13b": (5120, 13824, 40, 40),
-    "llama-tiny": (64, 160, 2, 4),  # smoke runs of the GPU benchmarks on a CPU
+LLAMA2_SHAPES = {  # name -> config.json shape keys: the published LLaMA2 configs (harness.memory's) ...
+    **PUBLISHED_LLAMA2_SHAPES,
+    # ... and a LLaMA2-like tiny one, for smoke runs of the GPU benchmarks on a CPU
+    "llama-tiny": {"vocab_size": 32000, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": False},
 }
 LLAMA2_CONTEXT = 4096
 LOAD_WARNING = 1.5  # 1-minute load average above which timings are shared with other jobs
@@ -77,11 +81,8 @@ def _total_ram() -> int:
 # --------------------------------------------------------------------------- LLaMA2-shaped models
 
 def llama2_config(name: str) -> dict:
-    hidden, intermediate, layers, heads = LLAMA2_SHAPES[name]
-    return {"vocab_size": 32000, "hidden_size": hidden, "intermediate_size": intermediate,
-            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
-            "max_position_embeddings": LLAMA2_CONTEXT, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    return {**LLAMA2_SHAPES[name], "max_position_embeddings": LLAMA2_CONTEXT, "rope_theta": 10000.0,
+            "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 
 def llama2_overrides(weights: Path, target_length: int) -> tuple[str, ...]:

@@ -12,9 +12,9 @@ steps add on top of the built model, against `harness.memory.plan(recipe, device
 
 Measurements:
 
-    allocator  (primary) torch.profiler with profile_memory=True records every allocation and
-               free of torch's CPU allocator; the running sum from the post-build state gives
-               the exact peak of live tensor bytes, the CPU analogue of
+    allocator  (primary; harness.memory.measure.allocator_peak) torch.profiler with profile_memory=True
+               records every allocation and free of torch's CPU allocator; the running sum from the
+               post-build state gives the exact peak of live tensor bytes, the CPU analogue of
                torch.cuda.max_memory_allocated. Not counted: memory outside torch's allocator
                (oneDNN scratch, Python objects), which the planner does not model either.
     rss        (secondary) the process's peak resident set (VmHWM, reset through
@@ -31,7 +31,6 @@ as real ones. Results go to bench/results/plan_validation.json with a machine re
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -87,74 +86,31 @@ def overrides_for(config: tuple, length: int) -> list[str]:
 
 # --------------------------------------------------------------------------- child process
 
-def static_bytes(model) -> int:
-    """Parameters and bitsandbytes quantization state of a built model, each storage once."""
-    seen, total = set(), 0
-    for parameter in model.parameters():
-        tensors = [parameter]
-        state = getattr(parameter, "quant_state", None)
-        if state is not None:
-            tensors += [state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset]
-                                                     if state.nested else [])
-        for tensor in tensors:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-    return total
-
-
 def build(recipe_path: str, overrides: list[str]):
-    """(recipe, loop, trainable static bytes): a session set up as harness.train.train sets it up."""
+    """The training loop of the recipe (+ overrides, one micro-batch per step), set up as training sets it up."""
+    from harness.memory.measure import training_loop
     from harness.recipe import load_recipe
-    from harness.train import Loop, build_session
 
-    session = build_session(load_recipe(recipe_path, [*overrides, "train.grad_accum=1"]), with_data=False, steps=10)
-    return session.recipe, Loop(session), static_bytes(session.built.model)
-
-
-def train_steps(recipe, loop, steps: int = 2) -> None:
-    """Optimizer steps of the training loop on random tokens: forward, backward, clip + AdamW step."""
-    import torch
-
-    vocab = loop.built.model.config.vocab_size  # a PeftModel forwards .config to its base model
-    generator = torch.Generator().manual_seed(0)
-    shape = (recipe.train.micro_batch_size, recipe.resolved.seq_len)
-    for _ in range(steps):
-        ids = torch.randint(3, vocab, shape, generator=generator)
-        batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
-                 "position_ids": torch.arange(shape[1]).expand(shape)}
-        loop.train_step(iter([batch]))
-
-
-def allocator_peak(recipe, loop) -> int:
-    """Peak of live torch CPU-allocator bytes over the steps, relative to their start."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_steps(recipe, loop)
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+    return training_loop(load_recipe(recipe_path, [*overrides, "train.grad_accum=1"]))
 
 
 def measure(recipe_path: str, overrides: list[str], mode: str) -> dict:
     import torch
 
+    from harness.memory.measure import allocator_peak, static_bytes, train_steps
+
     os.chdir(ROOT)
     torch.manual_seed(0)
-    recipe, loop, static = build(recipe_path, overrides)
+    loop = build(recipe_path, overrides)
+    static = static_bytes(loop.built.model)
     started = time.perf_counter()
     if mode == "allocator":
-        result = {"allocator_bytes": allocator_peak(recipe, loop)}
+        result = {"allocator_bytes": allocator_peak(loop)}
     else:
         before = current_rss()
         if not reset_peak_rss():
             raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs is not writable)")
-        train_steps(recipe, loop)
+        train_steps(loop)
         result = {"rss_bytes": peak_rss() - before}
     return {**result, "static_bytes": static, "seconds": time.perf_counter() - started}
 

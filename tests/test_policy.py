@@ -4,10 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import policy
+from harness import policy, registry
 from harness.backends import attention, s2
-from harness.memory import BYTES, CARDS, model_shape, resolve_setup
-from harness.recipe import load_recipe
+from harness.memory import BYTES, CARDS, Card, model_shape, resolve_setup
+from harness.model import weights_dtype_of
+from harness.recipe import find_relative, load_recipe
+from harness.train import hyper_of
 from tests.conftest import ROOT
 
 V100 = CARDS["v100-32gb"].device
@@ -18,27 +20,64 @@ def recipes():
     return sorted(p.name for p in (ROOT / "recipes").glob("*.toml"))
 
 
+@pytest.fixture
+def on_card(monkeypatch):
+    """This machine seen as one CUDA card of `card` (faked at torch's level, as the V100 test below does)."""
+    def become(card: Card) -> torch.device:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *device: card.capability)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: card.bf16)
+        return torch.device("cuda", 0)
+
+    return become
+
+
+def engine_of(recipe, device: torch.device):
+    """The recipe's engine as harness.train.start_engine makes it, not set up (no process group), on `device`."""
+    backend = registry.get("engine", recipe.engine.name)
+    kwargs = registry.table_kwargs(backend, recipe.engine)
+    if kwargs.get("deepspeed_config"):
+        kwargs["deepspeed_config"] = str(find_relative(kwargs["deepspeed_config"], recipe.source,
+                                                       key="engine.deepspeed_config"))
+    engine = backend.fn(**kwargs)
+    engine.device = device
+    return engine
+
+
+def autocast_of(engine) -> torch.dtype | None:
+    """The dtype the engine's forward context autocasts to, None when it does not."""
+    with engine.autocast():
+        return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+
+
 @pytest.mark.parametrize("card", sorted(CARDS))
 @pytest.mark.parametrize("recipe_name", recipes())
-def test_the_planner_makes_the_policy_choices_on_every_card(card, recipe_name, monkeypatch):
+def test_the_planner_makes_the_choices_a_run_on_the_card_makes(card, recipe_name, on_card, monkeypatch):
+    """Precision, autocast, optimizer offload and optimizer, compute and frozen-weight dtypes, S2 group:
+    the plan's against what a run's engine, hyper_of, make_optimizer's rule and the backends take on that card."""
     monkeypatch.chdir(ROOT)
     recipe = load_recipe(ROOT / "recipes" / recipe_name)
-    device = CARDS[card].device
+    engine = engine_of(recipe, on_card(CARDS[card]))
+    hyper = engine.hyper = hyper_of(recipe, engine)
     setup = resolve_setup(recipe, model_shape(recipe), device="cuda", card=CARDS[card], seq_len=None)
-    assert setup.compute == BYTES[policy.compute_dtype(recipe.quantization.compute_dtype, device)]
-    offloaded = setup.deepspeed is not None and setup.deepspeed.offload_optimizer
-    assert setup.optimizer == policy.optimizer(recipe.train.optimizer, device, offloaded=offloaded)
-    expected_group = recipe.resolved.group_size if recipe.attention.name == "s2" else 0
-    assert setup.group == expected_group
-    frozen = policy.frozen_weights_dtype(recipe.model.dtype, recipe.quantization.compute_dtype, device)
+    assert setup.precision == hyper.precision
+    autocast = autocast_of(engine)
+    assert setup.autocast == (autocast is not None)
+    if autocast is not None:
+        assert setup.dtypes.attention == autocast.itemsize  # sdpa / matmul save their autocast copies
+    offloaded = engine.offloads_optimizer(hyper)
+    assert (setup.deepspeed is not None and setup.deepspeed.offload_optimizer) == offloaded
+    # harness.train.make_optimizer's choice, from the engine's own offload fact
+    assert setup.optimizer == policy.optimizer(recipe.train.optimizer, policy.Device.of(engine.device),
+                                               offloaded=offloaded)
+    if recipe.quantization.name == "nf4":
+        quantization = registry.get("quantization", "nf4")
+        config = quantization.fn(**registry.table_kwargs(quantization, recipe.quantization))
+        assert setup.compute == config.bnb_4bit_compute_dtype.itemsize
     if setup.deepspeed is None and not recipe.train.fp32_frozen_weights:
-        assert setup.dtypes.base_weights == BYTES[frozen]
-    gqa = setup.shape.kv_heads != setup.shape.heads
-    attention_dtype = "fp32" if setup.dtypes.attention == 4 else "bf16"
-    math = policy.sdpa_math_fallback(device, attention_dtype, gqa=gqa, masked=False)
-    if recipe.attention.kernel in ("auto", "sdpa"):
-        assert (setup.kernel == "math") == (math and policy.attention_kernel(
-            recipe.attention.kernel, device, attention_dtype, installed=True) == "sdpa")
+        assert setup.dtypes.base_weights == BYTES[weights_dtype_of(recipe)]
+    assert setup.group == (recipe.resolved.group_size if recipe.attention.name == "s2" else 0)
 
 
 @pytest.mark.parametrize("card", sorted(CARDS))

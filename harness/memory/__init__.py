@@ -1,0 +1,59 @@
+"""Memory planner: the peak GPU memory of a recipe, predicted from the model config alone.
+
+    from harness.memory import plan
+    result = plan(load_recipe("recipes/llama2_13b_12k.toml"), gpu_gib=32)
+    result.peak_bytes, result.fits, result.max_seq_len, result.suggestions
+
+No weights are loaded: the shape comes from a config.json (a local directory, the HF cache,
+`--config`), from `model.init_config` for "random", or from `KNOWN_SHAPES`. By job:
+
+    shapes      cards and model shapes (LLAMA2_SHAPES, KNOWN_SHAPES, CARDS)
+    runtime     the choices a run makes on the planned device (resolve_setup -> Setup)
+    rules       each backend's memory rule (register_memory_rule), the built-in backends' included
+    byte_model  the bytes of each part of a training step (plan_setup -> MemoryPlan)
+    advice      the longest sequence that fits, suggestions, the rendered table
+    measure     what the byte model is validated against: torch's CPU allocator over training steps
+"""
+from __future__ import annotations
+
+import os
+
+from harness.recipe import Recipe
+
+from .advice import SEARCH_STEP, longest_fitting, render, suggestions
+from .byte_model import (MemoryPlan, Part, attention_scores_bytes, layer_saved_per_token, lora_params, plan_setup,
+                         weight_bytes)
+from .rules import register_memory_rule
+from .runtime import BYTES, Setup, resolve_setup
+from .shapes import (ALL_LINEAR, CARDS, KNOWN_SHAPES, LLAMA2_SHAPES, Card, ModelShape, PlanError, card_named,
+                     custom_card, model_shape)
+
+__all__ = ["ALL_LINEAR", "BYTES", "CARDS", "KNOWN_SHAPES", "LLAMA2_SHAPES", "SEARCH_STEP", "Card", "MemoryPlan",
+           "ModelShape", "Part", "PlanError", "Setup", "attention_scores_bytes", "layer_saved_per_token",
+           "longest_fitting", "lora_params", "model_shape", "plan", "register_memory_rule", "render",
+           "resolve_setup", "weight_bytes"]
+
+
+def plan(recipe: Recipe, *, gpu_gib: float | None = None, seq_len: int | None = None, device: str = "cuda",
+         card: str | None = None, config: str | os.PathLike | None = None, cards: int = 1) -> MemoryPlan:
+    """Predict the peak memory of one training step of `recipe`.
+
+    gpu_gib or card (a CARDS name) gives the capacity: then `fits`, `max_seq_len` and
+    `suggestions` are filled. seq_len overrides the recipe's sequence length; device "cpu"
+    plans a CPU run (fp32, no CUDA context); config is a config.json
+    for models whose shape is not otherwise known. cards: the ranks of the launch (one card's memory is
+    planned; ZeRO partitions and engine.sequence_parallel_size work over them).
+    """
+    if device not in ("cuda", "cpu"):
+        raise PlanError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    target = card_named(card) if card else custom_card(gpu_gib) if gpu_gib is not None else None
+    shape = model_shape(recipe, config)
+    if cards < 1:
+        raise PlanError(f"--gpus {cards}: the number of cards must be at least 1")
+    result = plan_setup(resolve_setup(recipe, shape, device=device, card=target, seq_len=seq_len, cards=cards), recipe)
+    if target is not None:
+        result.fits = result.peak_bytes <= target.total_bytes
+        result.max_seq_len = longest_fitting(recipe, shape, device, target, cards)
+        if not result.fits:
+            result.suggestions = suggestions(recipe, shape, device, target, result, cards)
+    return result

@@ -1,0 +1,171 @@
+"""Advice on a plan: the longest sequence that fits, the changes that make a recipe fit, and the
+breakdown as a table.
+
+    longest_fitting(recipe, shape, "cuda", card)       # tokens, a multiple of SEARCH_STEP
+    suggestions(recipe, shape, "cuda", card, result)   # ["chunk the loss (...): 21.40 GiB", ...]
+    render(result, console)                            # rich table + verdict
+
+Sizes are shown in GiB (2**30 bytes), MiB and KiB.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from harness.recipe import Recipe
+
+from .byte_model import GIB, MemoryPlan, plan_setup
+from .runtime import resolve_setup
+from .shapes import MIB, Card, ModelShape
+
+SEARCH_STEP = 1024  # longest-sequence search: multiples of this many tokens
+SEARCH_LIMIT = 16 * 1024 * SEARCH_STEP  # ... up to 16M tokens (sequence parallelism over many cards)
+ROOT = Path(__file__).resolve().parents[2]  # the repository: launch/deepspeed/ holds the suggested ZeRO config
+
+
+def _replan(recipe: Recipe, shape: ModelShape, device: str, card: Card, seq_len: int | None = None,
+            cards: int = 1) -> MemoryPlan:
+    return plan_setup(resolve_setup(recipe, shape, device=device, card=card, seq_len=seq_len, cards=cards), recipe)
+
+
+def longest_fitting(recipe: Recipe, shape: ModelShape, device: str, card: Card, cards: int = 1) -> int:
+    """The longest multiple of 1024 tokens that fits (0 if not even 1024); memory grows with L."""
+    def fits(k: int) -> bool:
+        return _replan(recipe, shape, device, card, k * SEARCH_STEP, cards).peak_bytes <= card.total_bytes
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high * SEARCH_STEP <= SEARCH_LIMIT and fits(high):
+        low, high = high, high * 2
+    while high - low > 1:  # fits(low), not fits(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low * SEARCH_STEP
+
+
+def _with(recipe: Recipe, table: str, **values) -> Recipe:
+    return dataclasses.replace(recipe, **{table: dataclasses.replace(getattr(recipe, table), **values)})
+
+
+def suggestions(recipe: Recipe, shape: ModelShape, device: str, card: Card, current: MemoryPlan,
+                cards: int = 1) -> list[str]:
+    """Ordered changes, each applied on top of the previous ones that helped, until it fits."""
+    changes = [
+        ("enable gradient checkpointing (train.gradient_checkpointing=true)",
+         lambda r: _with(r, "train", gradient_checkpointing=True)),
+        ("chunk the loss (train.chunked_loss=true)", lambda r: _with(r, "train", chunked_loss=True)),
+        ("use a fused attention kernel (attention.kernel=\"sdpa\")", lambda r: _with(r, "attention", kernel="sdpa")),
+        ("train with S2 attention (attention.name=\"s2\")", lambda r: _with(r, "attention", name="s2")),
+        ("offload the optimizer with ZeRO (engine.name=\"deepspeed\", "
+         "engine.deepspeed_config=\"launch/deepspeed/zero2_offload.json\")", _zero_offload),
+        (f"micro-batch 1 (train.micro_batch_size=1, train.grad_accum="
+         f"{recipe.train.micro_batch_size * recipe.train.grad_accum})",
+         lambda r: _with(r, "train", micro_batch_size=1, grad_accum=r.train.micro_batch_size * r.train.grad_accum)),
+        ("tile the MLP (train.tiled_mlp=true)", lambda r: _with(r, "train", tiled_mlp=True)),
+    ]
+    out, best, peak = [], recipe, current.peak_bytes
+    for text, change in changes:
+        candidate = change(best)
+        result = _replan(candidate, shape, device, card, current.seq_len, cards)
+        if result.peak_bytes >= peak:
+            continue  # already so, or no help for this recipe
+        best, peak = candidate, result.peak_bytes
+        out.append(f"{text}: {_gib(peak)}")
+        if peak <= card.total_bytes:
+            return out
+    if device == "cuda" and best.train.gradient_checkpointing and not best.train.offload_activations:
+        best = _with(best, "train", offload_activations=True)
+        peak = _replan(best, shape, device, card, current.seq_len, cards).peak_bytes
+        out.append(f"offload the checkpointed hidden states to CPU RAM (train.offload_activations=true): {_gib(peak)}")
+        if peak <= card.total_bytes:
+            return out
+    best, peak, text = _sequence_parallel_suggestion(best, shape, device, card, current.seq_len, cards, peak)
+    if text:
+        out.append(text)
+        if peak <= card.total_bytes:
+            return out
+    longest = longest_fitting(best, shape, device, card, cards)
+    out.append(f"train on shorter sequences: up to {longest} tokens fit" if longest
+               else "no sequence length fits: use a card with more memory")
+    return out
+
+
+def _sequence_parallel_suggestion(recipe: Recipe, shape: ModelShape, device: str, card: Card, seq_len: int,
+                                  cards: int, peak: int) -> tuple[Recipe, int, str]:
+    """The smallest engine.sequence_parallel_size the cards and heads allow that fits, else the largest
+    (when it helps): (recipe, peak, suggestion) or (recipe, peak, "") when none applies."""
+    from harness.backends.sequence_parallel import SequenceParallelError, check_heads
+
+    sizes = [n for n in range(recipe.engine.sequence_parallel_size + 1, cards + 1) if cards % n == 0]
+    found = None
+    for size in sizes:
+        try:
+            check_heads(shape.heads, shape.kv_heads, size)
+        except SequenceParallelError:
+            continue
+        candidate = _with(_zero_offload(recipe) if recipe.engine.name != "deepspeed" else recipe, "engine",
+                          sequence_parallel_size=size)
+        found = candidate, _replan(candidate, shape, device, card, seq_len, cards).peak_bytes, size
+        if found[1] <= card.total_bytes:
+            break
+    if found is None or found[1] >= peak:
+        return recipe, peak, ""
+    candidate, new_peak, size = found
+    return candidate, new_peak, (f"shard each sequence over {size} cards (engine.sequence_parallel_size={size}, "
+                                 f"deepspeed --num_gpus {cards}): {_gib(new_peak)}")
+
+
+def _zero_offload(recipe: Recipe) -> Recipe:
+    return _with(_with(recipe, "engine", name="deepspeed",
+                       deepspeed_config=str(ROOT / "launch" / "deepspeed" / "zero2_offload.json")),
+                 "train", optimizer="auto")
+
+
+def _gib(size: int) -> str:
+    return f"{size / GIB:.2f} GiB"
+
+
+# --------------------------------------------------------------------------- rendering
+
+def render(result: MemoryPlan, console) -> None:
+    """The breakdown as a rich table, then the verdict."""
+    from rich.table import Table
+
+    s = result.shape
+    title = (f"{Path(result.recipe).name or 'recipe'}: {s.layers} layers, d={s.hidden}, V={s.vocab}; "
+             f"B={result.batch}, L={result.seq_len}{_parallel_title(result)}, peak in the {result.peak_phase} phase")
+    table = Table(title=title, show_footer=True)
+    table.add_column("component", footer="peak")
+    table.add_column("at peak", justify="right", footer=_gib(result.peak_bytes))
+    table.add_column("own size", justify="right")
+    table.add_column("CPU RAM", justify="right", footer=_gib(result.cpu_bytes) if result.cpu_bytes else "")
+    table.add_column("note")
+    for part in result.parts:
+        table.add_row(part.name, _size(result.at_peak(part)), _size(part.bytes),
+                      _size(part.cpu_bytes) if part.cpu_bytes else "", part.note)
+    console.print(table)
+    console.print(f"model shape from {s.source}; torch allocator peak (no CUDA overhead, no paged states): "
+                  f"{_gib(result.allocated_bytes)}", soft_wrap=True)
+    if result.fits is None:
+        return
+    verdict = "[green]fits[/]" if result.fits else "[red]does not fit[/]"
+    console.print(f"Verdict: {verdict} on {result.card} ({_gib(result.capacity_bytes)}): "
+                  f"predicted peak {_gib(result.peak_bytes)}. Longest sequence that fits: "
+                  f"{result.max_seq_len or 'none'} tokens (multiples of {SEARCH_STEP}).", soft_wrap=True)
+    for number, text in enumerate(result.suggestions, 1):
+        console.print(f"  {number}. {text}", soft_wrap=True)
+
+
+def _parallel_title(result: MemoryPlan) -> str:
+    """", one of 8 cards, L/4 per card (sequence_parallel_size = 4), tiled MLP" as it applies."""
+    text = f", one of {result.cards} cards" if result.cards > 1 else ""
+    if result.sequence_parallel > 1:
+        text += f", L/{result.sequence_parallel} per card (sequence_parallel_size = {result.sequence_parallel})"
+    return text + (", tiled MLP" if result.tiled_mlp else "")
+
+
+def _size(size: int) -> str:
+    if size >= GIB / 4:
+        return f"{size / GIB:.2f} GiB"
+    return f"{size / MIB:.1f} MiB" if size >= MIB else f"{size / 1024:.1f} KiB"

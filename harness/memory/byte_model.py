@@ -1,0 +1,546 @@
+"""The byte model: the bytes of each part of a training step on one card, from a resolved Setup.
+
+    result = plan_setup(resolve_setup(recipe, shape, device="cuda", card=card, seq_len=None), recipe)
+    result.peak_bytes, result.peak_phase, result.parts
+
+Every byte count below follows the code that runs (transformers' LLaMA layer, peft's LoRA
+Linear4bit forward, bitsandbytes' MatMul4Bit, harness.backends.s2, harness.loss, the engines);
+the comments say which tensor each term is. Shapes: B micro-batch, L sequence, d hidden, I
+intermediate, H / H_kv query / KV heads of D dims, r LoRA rank, V vocabulary, N layers, G S2 group.
+
+The peak is taken over four phases of a training step, each the sum of the parts live then:
+
+    attention  backward through the top decoder layer's attention: every checkpointed hidden
+               state, the recomputed layer's attention block and the attention's gradients
+    mlp        backward through the top layer's MLP: all the recomputed layer saved, plus the
+               MLP's backward transients (the usual peak)
+    loss       backward of the output head + cross-entropy (one chunk at a time when chunked)
+    step       the optimizer step: gradients, states and the optimizer's temporaries
+
+Static parts (weights, LoRA, optimizer states, engine buffers, the CUDA context) are live in
+all four. Validated on the CPU against torch's allocator (harness.memory.measure,
+bench/plan_validation.py).
+
+Several cards (`cards`): the plan is one card's. ZeRO partitions the LoRA optimizer states, fp32
+master weights and (stage >= 2) gradients over all ranks. Ulysses sequence parallelism
+(engine.sequence_parallel_size = N, harness.backends.sequence_parallel) gives each rank B x L/N
+tokens from the embeddings to the loss; attention holds the whole sequence for H/N heads (the
+same bytes), with KV heads replicated to one per rank when H_kv < N, plus DeepSpeed's
+all-to-all send and receive copies. train.tiled_mlp (harness.tiled) leaves the recomputed
+layer's MLP holding its input and one tile's intermediates instead of the whole sequence's.
+The SP and tiling terms follow the code; unlike the one-card terms they have not been
+measured on a GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from harness.backends.s2 import PIECE_SHARE
+from harness.loss import chunk_tokens_for
+from harness.recipe import Recipe
+
+from .runtime import Setup, local_tokens
+from .shapes import ALL_LINEAR, MIB, ModelShape
+
+GIB = 2**30
+# CUDA context + cuBLAS/cuDNN workspaces + caching-allocator slack, which torch's allocator
+# counters never see: ~0.5 GiB of context on recent drivers plus ~0.25 GiB of slack.
+CUDA_OVERHEAD_BYTES = int(0.75 * GIB)
+POOL_KEPT_AT_PEAK = 0.35  # RSS the CPU tensor pool adds at a training step's peak, per byte of train.cpu_cache_mb:
+# bench/train_step.py measured +0.07 GB (1k) and +0.10 GB (4k) over the same step without the pool, for 256 MiB
+PHASES = ("attention", "mlp", "loss", "step")
+
+# --------------------------------------------------------------------------- static memory
+
+def weight_bytes(setup: Setup) -> tuple[int, int]:
+    """(quantized linear layers, unquantized parts: embeddings, norms, lm_head)."""
+    shape, dtypes = setup.shape, setup.dtypes
+    stored = setup.quantization.stored_bytes  # one linear weight as its quantization backend stores it
+    linear = sum(stored(i * o, setup.double_quant, dtypes.base_weights) for i, o in shape.linears().values())
+    linear *= shape.layers
+    return linear, _unquantized_params(shape) * dtypes.base_weights
+
+
+def _unquantized_params(shape: ModelShape) -> int:
+    embeddings = shape.vocab * shape.hidden * (1 if shape.tied else 2)  # embed_tokens + lm_head
+    return embeddings + (2 * shape.layers + 1) * shape.hidden  # two norms per layer + the final norm
+
+
+def lora_params(shape: ModelShape, targets: tuple[str, ...], rank: int) -> int:
+    """r * (in + out) per adapted linear layer (lora_A: r x in, lora_B: out x r)."""
+    return shape.layers * sum(rank * (i + o) for name, (i, o) in shape.linears().items() if name in targets)
+
+
+def trainable_params(setup: Setup) -> int:
+    """LoRA plus peft's trainable copies (modules_to_save); everything for full fine-tuning."""
+    shape = setup.shape
+    if setup.rank == 0:
+        linear = shape.layers * sum(i * o for i, o in shape.linears().values())
+        return linear + _unquantized_params(shape)
+    extra = shape.vocab * shape.hidden if setup.trainable_embeddings else 0
+    extra += (2 * shape.layers + 1) * shape.hidden if setup.trainable_norms else 0
+    return lora_params(shape, setup.targets, setup.rank) + extra
+
+
+# --------------------------------------------------------------------------- activations
+
+def layer_saved_per_token(setup: Setup) -> dict[str, int]:
+    """Bytes per token that one decoder layer saves for its backward, beyond its input.
+
+    With non-reentrant checkpointing this is what the recomputed layer holds during its
+    backward; without checkpointing every layer holds it. Split where the backward frees it:
+    the MLP block's tensors are gone before the attention's backward runs.
+    """
+    s, t = setup.shape, setup.dtypes
+    q_dim, kv_dim = s.heads * s.head_dim, _kv_heads_held(setup) * s.head_dim
+    linears = _linear_saves(setup)
+    # RMSNorm saves its fp32 input (hidden.to(float32)) and rsqrt (B, L, 1): for the input norm
+    # that is the layer input itself when the stream is fp32 (no new memory), else a copy; a
+    # trained norm weight also saves the normalised input it multiplies.
+    normalised = s.hidden * t.stream if _norms_train(setup) else 0
+    input_norm = (s.hidden * 4 if t.stream != 4 else 0) + 4 + normalised
+    post_norm = s.hidden * 4 + 4 + normalised  # the residual sum h, or its fp32 copy
+    return {
+        "attention block": input_norm + sum(linears.get(n, 0) for n in ("q_proj", "k_proj", "v_proj", "qkv_proj"))
+        + (q_dim + 2 * kv_dim) * t.attention,  # q, k after RoPE and v, saved by the kernel
+        "mlp block": post_norm + sum(linears.get(n, 0) for n in ("o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                                                                 "down_proj"))
+        + 3 * s.intermediate * t.linear,  # gate out (SiLU input), act(gate) and up (a fused gate_up: its 2I output + act)
+        "attention output": _attention_saved_per_token(setup),
+    }
+
+
+def _kv_heads_held(setup: Setup) -> int:
+    """KV heads per local token that attention holds: H_kv, or N under SP with H_kv < N (each rank keeps
+    one KV head of the whole sequence: N x its share of the tokens)."""
+    return max(setup.shape.kv_heads, setup.sequence_parallel) if setup.sequence_parallel > 1 else setup.shape.kv_heads
+
+
+def _norms_train(setup: Setup) -> bool:
+    return setup.rank == 0 or setup.trainable_norms
+
+
+# Linear layers that read the same input tensor (the norm outputs, the attention output, the product).
+_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj", "qkv_proj"), ("o_proj",), ("gate_proj", "up_proj", "gate_up_proj"),
+                  ("down_proj",))
+
+
+def _linear_saves(setup: Setup) -> dict[str, int]:
+    """Bytes per token saved by the trained linear layers, by layer name.
+
+    peft LoRA on a 4-bit linear: result = base(x) + lora_B(lora_A(dropout(x))) * scale.
+    MatMul4Bit saves no activation (only the packed weight), so the LoRA branch is all: the
+    dropout mask, the dropped input (saved by lora_A) and lora_A's (B, L, r) output (saved by
+    lora_B), each a new tensor per adapted layer. Without dropout (peft's nn.Identity) and
+    without autocast casts, lora_A saves x itself, like the trained linears of full
+    fine-tuning: once per shared input.
+    """
+    s, t = setup.shape, setup.dtypes
+    inputs = {name: i for name, (i, _) in s.linears().items()}
+    trained = [name for name in (setup.targets if setup.rank else ALL_LINEAR) if name in inputs]  # this family's
+    if setup.rank and (setup.dropout > 0 or setup.autocast):
+        mask = t.mask if setup.dropout > 0 else 0
+        return {name: round(inputs[name] * (mask + t.lora_input)) + setup.rank * t.lora_input for name in trained}
+    firsts = [next((name for name in group if name in trained), None) for group in _SHARED_INPUTS]
+    saves = {name: inputs[name] * t.linear for name in firsts if name}
+    for name in trained if setup.rank else ():
+        saves[name] = saves.get(name, 0) + setup.rank * t.lora_input  # lora_A's output
+    return saves
+
+
+def _attention_saved_per_token(setup: Setup) -> int:
+    """Fused kernels (SDPA flash / memory-efficient, flash-attn, torch's CPU flash) save
+    their output (B, L, H*D) and the fp32 logsumexp (B, H, L); S2's piecewise SDPA keeps its one
+    output and, on the CPU, the logsumexp (on a GPU it recomputes it in backward); the
+    score-materialising kernels are counted by `attention_scores_bytes`."""
+    s = setup.shape
+    logsumexp = s.heads * 4 if setup.kernel == "fused" and not (setup.group and setup.device == "cuda") else 0
+    return s.heads * s.head_dim * setup.dtypes.attention + logsumexp
+
+
+def attention_scores_bytes(setup: Setup) -> tuple[int, int]:
+    """(saved, transient) bytes of the (.., L, K) score tensors of one layer, 0 for fused kernels.
+
+    Saved: the fp32 softmax output, plus its cast to the compute dtype when that is not fp32.
+    Backward transient: the gradients of probabilities and scores (2 x fp32) of the heads
+    being differentiated: all of them for full attention, one half of them for S2, whose two
+    halves run one after the other.
+        eager-full  transformers' eager attention: K = L, and GQA's repeat_kv copies of k, v
+        eager-s2    harness S2 "eager" kernel: dense (L, L) masked scores per half, K = L,
+                    plus two (B, L, L) bool masks: S2 saves nothing here over full attention
+        math        SDPA's math fallback, K = L; for S2 (piecewise SDPA) nothing is saved and the
+                    backward holds the scores, probabilities and their gradients of one piece
+    """
+    if setup.kernel == "fused":
+        return 0, 0
+    s, b, seq = setup.shape, setup.batch, setup.seq_len
+    if setup.kernel == "math" and setup.group:
+        heads = s.heads // setup.sequence_parallel  # a rank's heads, over the whole sequence
+        piece_queries = max(b * heads * seq // PIECE_SHARE, b * max(1, heads // _kv_heads_held(setup)) * setup.group)
+        return 0, 3 * 4 * piece_queries * setup.group
+    scores = b * (s.heads // setup.sequence_parallel) * seq * seq
+    per_score = 4 + (setup.dtypes.attention if setup.dtypes.attention != 4 else 0)
+    saved = scores * per_score
+    if setup.kernel == "eager-s2":
+        saved += 2 * b * seq * seq  # the ~allowed masks saved by masked_fill, one per half
+    if setup.kernel.startswith("eager") and s.kv_heads != s.heads:
+        saved += 2 * b * seq * (s.heads - s.kv_heads) * s.head_dim * setup.dtypes.attention  # repeated k, v
+    share = _unshifted_share(s) if setup.kernel == "eager-s2" else 1.0
+    return saved, int(2 * 4 * scores * share)
+
+
+def _unshifted_share(shape: ModelShape) -> float:
+    """The larger of S2's two head parts, as a share of the heads: ceil(H_kv / 2) of the KV
+    heads (ceil(H / 2) query heads for MQA), as harness.backends.s2._head_halves splits them."""
+    if shape.kv_heads == 1:
+        return math.ceil(shape.heads / 2) / shape.heads
+    return math.ceil(shape.kv_heads / 2) / shape.kv_heads
+
+
+def layer_transient_per_token(setup: Setup) -> int:
+    """Backward transients of the recomputed layer at its peak (the MLP's backward), bytes per
+    token, in the projections' dtype. Fitted to allocator peaks of whole CPU training steps over
+    d = 64..576, I = 2d..6d (bench/plan_validation.py): one (B, L, I) gradient and 3.5 (B, L, d)
+    tensors with LoRA dropout; without it the product act(gate) * up is saved instead of freed
+    after the recompute and its two gradients (LoRA and base) meet: 2 (B, L, I) + d / 2."""
+    s = setup.shape
+    if setup.rank and setup.dropout > 0:
+        elements = (2 * s.intermediate + 7 * s.hidden) // 2
+    else:
+        elements = (4 * s.intermediate + s.hidden) // 2
+    return elements * setup.dtypes.linear
+
+
+def dequantize_bytes(setup: Setup) -> int:
+    """MatMul4Bit.backward dequantizes one whole weight (out x in) in the compute dtype."""
+    if not setup.quantization.quantized:
+        return 0
+    return max(i * o for i, o in setup.shape.linears().values()) * setup.compute
+
+
+def loss_bytes(setup: Setup) -> int:
+    """Output head + cross-entropy workspace at its peak, bytes.
+
+    The chunked loss through a frozen head (harness.loss._chunk_nll_sum_and_gradient): one fp32
+    buffer per logit that becomes the logits' gradient in place, plus the head's 16-bit output
+    where there is one (4 or 6 bytes). Otherwise the backward of one chunk (or of all logits):
+    the saved fp32 log_softmax, the gradient of the NLL and of the log_softmax (3 x 4 bytes);
+    the head's 16-bit output is freed by then.
+    """
+    if setup.chunked and head_is_frozen(setup):
+        sixteen_bit_output = setup.autocast or setup.dtypes.base_weights == 2
+        return loss_positions(setup) * setup.shape.vocab * (6 if sixteen_bit_output else 4)
+    return loss_positions(setup) * setup.shape.vocab * 12
+
+
+def head_is_frozen(setup: Setup) -> bool:
+    """LoRA without trained embeddings, and no ZeRO-3 partition of the head (harness.loss._frozen_and_whole)."""
+    zero3 = setup.deepspeed is not None and setup.deepspeed.stage == 3
+    return setup.rank > 0 and not setup.trainable_embeddings and not zero3
+
+
+def loss_positions(setup: Setup) -> int:
+    """Positions whose logits exist at once: one chunk (harness.loss.chunk_tokens_for, ~128 MiB
+    of fp32 logits) when chunked, else all B * (L - 1)."""
+    positions = setup.batch * (setup.seq_len - 1) if setup.sequence_parallel == 1 else local_tokens(setup)
+    return min(chunk_tokens_for(setup.shape.vocab), positions) if setup.chunked else positions
+
+
+# --------------------------------------------------------------------------- the plan
+
+@dataclass(frozen=True)
+class Part:
+    """One line of the breakdown: bytes on the device, the phases it is live in, host RAM."""
+
+    name: str
+    bytes: int
+    phases: tuple[str, ...] = PHASES
+    cpu_bytes: int = 0
+    note: str = ""
+    dynamic: bool = False  # allocated by the training step (not by building the model)
+
+
+@dataclass
+class MemoryPlan:
+    recipe: str
+    device: str
+    card: str | None
+    capacity_bytes: int | None
+    shape: ModelShape
+    batch: int
+    seq_len: int
+    trainable_params: int
+    parts: list[Part]
+    peak_phase: str
+    fits: bool | None = None
+    max_seq_len: int | None = None
+    suggestions: list[str] = field(default_factory=list)
+    cards: int = 1
+    sequence_parallel: int = 1
+    tiled_mlp: bool = False
+
+    def at_peak(self, part: Part) -> int:
+        return part.bytes if self.peak_phase in part.phases else 0
+
+    @property
+    def peak_bytes(self) -> int:
+        """Predicted peak device memory, CUDA overhead included."""
+        return sum(self.at_peak(part) for part in self.parts)
+
+    @property
+    def dynamic_bytes(self) -> int:
+        """What one training step adds at its peak to a built model: activations, attention,
+        loss, gradients, optimizer states and temporaries (what the CPU validation measures)."""
+        return sum(self.at_peak(part) for part in self.parts if part.dynamic)
+
+    @property
+    def allocated_bytes(self) -> int:
+        """The peak as torch.cuda.max_memory_allocated would see it: without the CUDA
+        overhead and without paged (unified-memory) optimizer states."""
+        hidden = ("CUDA context + allocator", "optimizer states (paged)")
+        return sum(self.at_peak(part) for part in self.parts if part.name not in hidden)
+
+    @property
+    def cpu_bytes(self) -> int:
+        return sum(part.cpu_bytes for part in self.parts)
+
+    def part_bytes(self, name: str) -> int:
+        return sum(p.bytes for p in self.parts if p.name == name)
+
+    def to_dict(self) -> dict:
+        return {
+            "recipe": self.recipe, "device": self.device, "card": self.card, "capacity_bytes": self.capacity_bytes,
+            "model": dataclasses.asdict(self.shape), "micro_batch": self.batch, "seq_len": self.seq_len,
+            "trainable_params": self.trainable_params,
+            "peak_phase": self.peak_phase, "peak_bytes": self.peak_bytes, "allocated_bytes": self.allocated_bytes,
+            "dynamic_bytes": self.dynamic_bytes, "cpu_bytes": self.cpu_bytes, "fits": self.fits,
+            "max_seq_len": self.max_seq_len, "suggestions": self.suggestions, "cards": self.cards,
+            "sequence_parallel_size": self.sequence_parallel, "tiled_mlp": self.tiled_mlp,
+            "breakdown": [{"name": p.name, "bytes": p.bytes, "at_peak": self.at_peak(p), "phases": list(p.phases),
+                           "cpu_bytes": p.cpu_bytes, "note": p.note} for p in self.parts],
+        }
+
+
+def plan_setup(setup: Setup, recipe: Recipe) -> MemoryPlan:
+    """The parts of one training step of `setup` and the phase whose parts sum highest."""
+    parts = _static_parts(setup) + _activation_parts(setup)
+    peaks = {phase: sum(p.bytes for p in parts if phase in p.phases) for phase in PHASES}
+    card = setup.card
+    return MemoryPlan(
+        recipe=recipe.source, device=setup.device, card=card.name if card else None,
+        capacity_bytes=card.total_bytes if card else None, shape=setup.shape, batch=setup.batch,
+        seq_len=setup.seq_len, trainable_params=trainable_params(setup), parts=parts,
+        peak_phase=max(peaks, key=peaks.get), cards=setup.cards, sequence_parallel=setup.sequence_parallel,
+        tiled_mlp=setup.tiled_mlp,
+    )
+
+
+def _static_parts(setup: Setup) -> list[Part]:
+    quantized, unquantized = weight_bytes(setup)
+    trainable = trainable_params(setup)
+    dtypes = setup.dtypes
+    lora = f"{trainable:,} trainable, {8 * dtypes.lora}-bit" if setup.rank else "full fine-tuning: the weights train"
+    parts = [
+        Part("weights (quantized linears)" if setup.quantization.quantized else "weights (linears)", quantized,
+             note=setup.quantization.label(setup.double_quant, dtypes.base_weights)),
+        Part("weights (embeddings, norms, head)", unquantized, note=f"{8 * dtypes.base_weights}-bit"),
+        Part("LoRA parameters", trainable * dtypes.lora if setup.rank else 0, note=lora),
+    ]
+    return parts + _gradient_parts(setup, trainable) + _optimizer_parts(setup, trainable) + _overhead_parts(setup)
+
+
+def _gradient_parts(setup: Setup, trainable: int) -> list[Part]:
+    zero = setup.deepspeed
+    if zero is None:  # .grad of every trainable parameter, set to None by zero_grad after each step
+        if setup.grad_accum > 1:
+            return [Part("gradients", trainable * setup.dtypes.lora, dynamic=True,
+                         note="accumulated across micro-batches")]
+        return [Part("gradients", trainable * setup.dtypes.lora, phases=("step",), dynamic=True,
+                     note="complete only after the backward")]
+    buckets = zero.buckets * zero.bucket * 2  # 16-bit reduce buckets, allocated whole at every backward
+    overlap = ", overlap_comm" if zero.buckets == 2 else ""
+    parts = [Part(f"ZeRO-{zero.stage} gradient buckets", buckets, phases=("attention", "mlp", "loss"), dynamic=True,
+                  note=f"{zero.buckets} x {zero.bucket:,} elements (reduce_bucket_size{overlap})")]
+    share = _zero_share(setup, trainable, stage=2)
+    if zero.offload_optimizer:
+        return parts + [Part("gradients", 0, cpu_bytes=4 * share, note="fp32, offloaded to CPU", dynamic=True)]
+    return parts + [Part("gradients", 4 * share, note="fp32 partition" + _over_cards(setup), dynamic=True)]
+
+
+def _zero_share(setup: Setup, elements: int, *, stage: int) -> int:
+    """Elements of a ZeRO-partitioned tensor one rank keeps: 1/cards from `stage` on (ZeRO-1 the optimizer
+    states and master weights, ZeRO-2 the gradients too), the whole tensor below it or without ZeRO."""
+    zero = setup.deepspeed
+    partitioned = zero is not None and zero.stage >= stage
+    return -(-elements // setup.cards) if partitioned else elements
+
+
+def _over_cards(setup: Setup) -> str:
+    return f", 1/{setup.cards} per card" if setup.deepspeed is not None and setup.cards > 1 else ""
+
+
+def _optimizer_parts(setup: Setup, trainable: int) -> list[Part]:
+    """Adam: two fp32 moments per trainable parameter (+ an fp32 master copy under DeepSpeed).
+    torch and bitsandbytes create the moments at the first step; DeepSpeed at initialisation."""
+    zero = setup.deepspeed
+    trainable = _zero_share(setup, trainable, stage=1)
+    moments = 8 * trainable
+    if setup.optimizer == "deepspeed_cpu_adam":
+        return [Part("optimizer states", 0, cpu_bytes=moments + 4 * trainable,
+                     note="ZeRO offload: fp32 master + 2 moments in CPU RAM" + _over_cards(setup))]
+    if setup.optimizer == "paged_adamw_32bit":
+        parts = [Part("optimizer states (paged)", moments, dynamic=zero is None,
+                      note="bitsandbytes paged: evicted to CPU RAM under pressure")]
+    else:
+        parts = [Part("optimizer states", moments, dynamic=zero is None, note="AdamW, 2 x fp32" + _over_cards(setup))]
+    if zero is not None:
+        parts.append(Part("fp32 master weights", 4 * trainable, note="DeepSpeed mixed precision"))
+    if setup.optimizer == "adamw" and setup.device == "cuda":
+        # foreach AdamW materialises sqrt(exp_avg_sq) for every parameter at once
+        parts.append(Part("optimizer step temporaries", 4 * trainable, phases=("step",), dynamic=True,
+                          note="foreach AdamW: sqrt(v), fp32"))
+    return parts
+
+
+def _overhead_parts(setup: Setup) -> list[Part]:
+    if setup.device != "cuda":
+        if not setup.cpu_pool:
+            return []
+        return [Part("CPU tensor pool", round(POOL_KEPT_AT_PEAK * setup.cpu_pool), dynamic=True,
+                     note=f"freed blocks kept for reuse at the peak: {POOL_KEPT_AT_PEAK:.0%} of "
+                          f"train.cpu_cache_mb = {setup.cpu_pool // MIB}")]
+    return [Part("CUDA context + allocator", CUDA_OVERHEAD_BYTES, note="constant: context, cuBLAS, allocator slack")]
+
+
+def _activation_parts(setup: Setup) -> list[Part]:
+    s, t, tokens = setup.shape, setup.dtypes, local_tokens(setup)
+    saved = {name: tokens * size for name, size in layer_saved_per_token(setup).items()}
+    scores_saved, scores_transient = attention_scores_bytes(setup)
+    attention = saved["attention output"] + scores_saved
+    layer_phases = ("attention", "mlp") if setup.checkpointing else ("attention", "mlp", "loss")
+    top = "recomputed layer" if setup.checkpointing else "top layer"
+    # final norm: fp32 input (+ normalised input when trained); its output and that output's gradient;
+    # the (B * (L - 1), d) copy the chunked loss reshapes when B > 1
+    copy = setup.chunked and setup.batch > 1
+    final = tokens * s.hidden * (4 + 2 * t.stream + t.stream * _norms_train(setup) + t.stream * copy)
+    layer_gradients, head_gradient = _gradients_in_backward(setup)
+    parts = [
+        _held_part(setup, sum(saved.values()) + scores_saved),
+        Part(f"{top}: attention block", saved["attention block"], phases=layer_phases, dynamic=True,
+             note="norm, LoRA q/k/v branches, q/k/v"),
+        _mlp_block_part(setup, saved["mlp block"], top, layer_phases[1:]),
+        _mlp_transient_part(setup),
+        Part("gradients in flight + dequantized weight", tokens * s.hidden * t.stream + dequantize_bytes(setup)
+             + layer_gradients, phases=("attention", "mlp"), dynamic=True,
+             note="(B, L, d) grad, one weight, layer grads"),
+        Part("attention workspace", attention, phases=layer_phases, dynamic=True, note=_kernel_note(setup)),
+        Part("attention backward scores", scores_transient, phases=("attention",), dynamic=True,
+             note="eager / math kernels"),
+        Part("logits + loss", final + loss_bytes(setup) + head_gradient, phases=("loss",), dynamic=True,
+             note=f"chunks of {loss_positions(setup)} positions" if setup.chunked else "full (B, L, V) fp32 logits"),
+    ]
+    if setup.sequence_parallel > 1:
+        parts.append(_all_to_all_part(setup))
+    if setup.kernel == "eager-full" and setup.checkpointing:
+        # create_causal_mask's (B, 1, L, L) additive mask, an input of every checkpointed layer
+        parts.append(Part("causal mask (eager)", tokens * setup.seq_len * t.stream, phases=("attention", "mlp", "loss"),
+                          dynamic=True, note="(B, 1, L, L) in the stream dtype"))
+    return parts
+
+
+def _mlp_tile_tokens(setup: Setup) -> int:
+    """Tokens of one MLP tile (harness.tiled: tiles of d tokens of each sequence; DeepSpeed's backward
+    cuts the B x L tokens into as many pieces), or all the rank's tokens without tiling."""
+    if not setup.tiled_mlp:
+        return local_tokens(setup)
+    from harness.tiled import tiles_for
+
+    tokens = local_tokens(setup)
+    return -(-tokens // tiles_for(tokens // setup.batch, setup.shape.hidden))
+
+
+def _mlp_block_part(setup: Setup, saved: int, top: str, phases: tuple[str, ...]) -> Part:
+    """What the recomputed layer's MLP saves: everything (B, L, .) untiled; tiled, its input (B, L, d)
+    and, in its backward, one tile's recomputed intermediates."""
+    if not setup.tiled_mlp:
+        return Part(f"{top}: MLP block", saved, phases=phases, dynamic=True,
+                    note="LoRA o/gate/up/down, norm, 3 x (B, L, I)")
+    s, t, tokens, tile = setup.shape, setup.dtypes, local_tokens(setup), _mlp_tile_tokens(setup)
+    mlp_only = sum(_linear_saves(setup).get(n, 0) for n in ("gate_proj", "up_proj", "gate_up_proj", "down_proj"))
+    mlp_only += 3 * s.intermediate * t.linear
+    held = (saved // tokens - mlp_only) * tokens + tokens * s.hidden * t.linear  # the rest of the block + x
+    return Part(f"{top}: MLP block (tiled)", held + tile * mlp_only, phases=phases, dynamic=True,
+                note=f"input (B, L, d) + one tile of {tile:,} tokens")
+
+
+def _mlp_transient_part(setup: Setup) -> Part:
+    """The MLP backward's gradients (fitted per token): one tile's when tiled, plus the (B, L, d) input
+    gradient TiledMLP fills tile by tile."""
+    tokens, tile = local_tokens(setup), _mlp_tile_tokens(setup)
+    x_grad = tokens * setup.shape.hidden * setup.dtypes.linear if setup.tiled_mlp else 0
+    note = "one tile's MLP backward gradients (fitted) + input gradient" if setup.tiled_mlp else \
+        "MLP backward gradients (fitted)"
+    return Part("backward transients", tile * layer_transient_per_token(setup) + x_grad, phases=("mlp",), dynamic=True,
+                note=note)
+
+
+def _all_to_all_part(setup: Setup) -> Part:
+    """DeepSpeed's Ulysses exchanges: the contiguous send copy and the receive buffer of q, k, v (k, v with
+    replicated heads when H_kv < N) on the way in, of the output on the way out, and of their gradients
+    in backward: about two copies of one layer's q, k, v and output at a time."""
+    s, t, tokens = setup.shape, setup.dtypes, local_tokens(setup)
+    per_token = (2 * s.heads + 2 * _kv_heads_held(setup)) * s.head_dim * t.attention  # q, out, k, v
+    return Part("Ulysses all-to-all buffers", 2 * tokens * per_token, phases=("attention",), dynamic=True,
+                note=f"sequence_parallel_size = {setup.sequence_parallel}: send + receive copies")
+
+
+def _gradients_in_backward(setup: Setup) -> tuple[int, int]:
+    """(at the top layer's backward, at the loss's backward): the gradients that exist then
+    where the "gradients" line does not hold them all (no accumulation, no DeepSpeed buckets):
+    the top layer's, and the output head's when it trains (full fine-tuning)."""
+    if setup.grad_accum > 1 or setup.deepspeed is not None:
+        return 0, 0
+    s = setup.shape
+    if setup.rank:
+        layer = lora_params(s, setup.targets, setup.rank) // s.layers + 2 * s.hidden * setup.trainable_norms
+        head = 0
+    else:
+        layer = sum(i * o for i, o in s.linears().values()) + 2 * s.hidden
+        head = s.vocab * s.hidden
+    return (layer + head) * setup.dtypes.lora, head * setup.dtypes.lora
+
+
+def _held_part(setup: Setup, layer_saved: int) -> Part:
+    """What the layers below the one in backward hold: their checkpointed inputs, or without
+    checkpointing everything they saved. Layer 0 saves less: its input (the embedding output)
+    does not require grad under non-reentrant checkpointing or none, so its input norm and its
+    q/k/v dropout masks are not saved."""
+    s, t, tokens = setup.shape, setup.dtypes, local_tokens(setup)
+    if setup.checkpointing and setup.offload_activations:  # in CPU RAM; the layer in backward fetches its own
+        one_layer = tokens * s.hidden * t.stream
+        return Part("checkpointed hidden states", one_layer, phases=("attention", "mlp", "loss"), dynamic=True,
+                    cpu_bytes=s.layers * one_layer, note=f"{s.layers} x (B, L, d) in pinned CPU RAM, one on the GPU")
+    if setup.checkpointing:
+        return Part("checkpointed hidden states", s.layers * tokens * s.hidden * t.stream,
+                    phases=("attention", "mlp", "loss"), dynamic=True,
+                    note=f"{s.layers} x (B, L, d), {8 * t.stream}-bit")
+    layer_input = tokens * s.hidden * 4 * (t.stream == 4)  # an fp32 input is what the input norm saves
+    masks = round(3 * s.hidden * t.mask) if setup.rank and setup.dropout > 0 else 0  # q/k/v dropout masks
+    first_layer_saves_less = tokens * (s.hidden * 4 + 4 + masks)
+    other_layers = (s.layers - 1) * (layer_saved + layer_input) - first_layer_saves_less * (s.layers > 1)
+    return Part("stored activations (other layers)", other_layers + layer_input, phases=("attention", "mlp", "loss"),
+                dynamic=True, note="no checkpointing: all they saved")
+
+
+def _kernel_note(setup: Setup) -> str:
+    group = f", G = {setup.group}" if setup.group else ""
+    return {
+        "fused": f"piecewise SDPA: its output{group}" if setup.group else "fused kernel: output + logsumexp",
+        "math": f"SDPA math fallback: (B, H, L, {'G' if setup.group else 'L'}) scores{group}",
+        "eager-full": "eager: (B, H, L, L) scores",
+        "eager-s2": f"S2 eager kernel: dense (B, H, L, L) masked scores{group}",
+    }[setup.kernel]
+
+
