@@ -31,11 +31,12 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 LEGACY_ROPE_KEYS = {"rope_theta", "rope_scaling"}  # accepted by transformers' configs, stored in rope_parameters
 
 
-# What the testbed grid measured of the paper's pairing (README, "Does S2 training transfer to full attention?").
+# What the testbed grid measured of the paper's pairing (docs/experiments.md, "Does S2 training transfer
+# to full attention?").
 PI_S2_DOES_NOT_TRANSFER = (
     "position.name = \"linear\" with attention.name = \"s2\" (the paper's pairing): on the testbed grid, adapters "
     "trained this way broke under full attention past their S2 group, the way users serve them; position.name = "
-    "\"yarn\" with S2 held. README, \"Does S2 training transfer to full attention?\""
+    "\"yarn\" with S2 held. docs/experiments.md, \"Does S2 training transfer to full attention?\""
 )
 
 

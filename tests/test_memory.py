@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from harness.backends.s2 import PIECE_SHARE
 from harness.memory import CARDS, PlanError, attention_scores_bytes, model_shape, plan, resolve_setup
 from harness.memory.measure import allocator_peak, training_loop
 from harness.recipe import load_recipe
@@ -19,10 +18,7 @@ SMOL_SHAPE = ("model.init_config={vocab_size=49152, hidden_size=576, intermediat
               "num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=1024, tie_word_embeddings=true}")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
-    monkeypatch.chdir(ROOT)
+pytestmark = pytest.mark.usefixtures("session_cache")
 
 
 def recipe(name: str, *overrides: str):
@@ -101,10 +97,11 @@ def test_s2_math_kernel_saves_no_scores():
 
     (s2_saved, s2_backward), setup = scores("s2")
     (full_saved, full_backward), _ = scores("full")
-    shape = setup.shape
-    one_piece = max(shape.heads * 4096 // PIECE_SHARE, shape.heads // shape.kv_heads * 1024) * 1024
-    assert (s2_saved, s2_backward) == (0, 3 * 4 * one_piece)
-    assert full_saved == shape.heads * 4096 * 4096 * (4 + setup.dtypes.attention % 4)
+    assert setup.dtypes.attention == 4 and (setup.shape.heads, setup.shape.kv_heads) == (9, 3)
+    # a piece: max(9 heads x 4096 / 128, 3 query heads per KV head x 1024 group) = 3072 queries x 1024 keys,
+    # three such fp32 tensors in backward (scores, probabilities, their gradient)
+    assert (s2_saved, s2_backward) == (0, 3 * 4 * 3072 * 1024) == (0, 37_748_736)
+    assert full_saved == 9 * 4096 * 4096 * 4 == 603_979_776  # fp32 probabilities of every head, kept for backward
     assert s2_backward < full_backward / 16
 
 

@@ -55,7 +55,6 @@ from harness import policy
 from harness.backends.attention_kernels import Tokens, tokens_of, zero_padding
 
 KERNELS = policy.KERNELS  # the kernel names attention.kernel takes (harness.policy owns them)
-PIECE_SHARE = policy.PIECE_SHARE  # harness.memory and tests/test_memory.py read it here; harness.policy owns it
 
 
 class HeadWindow(NamedTuple):

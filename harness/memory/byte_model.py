@@ -37,7 +37,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from harness.backends.s2 import PIECE_SHARE
+from harness.policy import PIECE_SHARE
 from harness.loss import chunk_tokens_for
 from harness.recipe import Recipe
 
