@@ -129,7 +129,7 @@ def run_child(config: tuple, mode: str) -> dict:
 
 
 def predict(config: tuple) -> dict:
-    from harness.memory import plan, weight_bytes, resolve_setup, model_shape, lora_params
+    from harness.memory import lora_params, model_shape, plan, resolve_setup, weight_bytes
     from harness.recipe import load_recipe
 
     name, recipe_path, _, length = config

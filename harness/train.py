@@ -297,8 +297,8 @@ class Loop:
         self.data_fingerprints = {key: data_fingerprint(getattr(recipe.data, key.split(".")[1]))
                                   for key in ("data.path", "data.eval_path")}
         if recipe.train.eval_every and data is not None and data.eval is None:
-            console.print(f"[yellow]train.eval_every = {recipe.train.eval_every} but there is no held-out data: set "
-                          f"data.eval_path or data.eval_fraction to see held-out perplexity during training[/]")
+            self.console.print(f"[yellow]train.eval_every = {recipe.train.eval_every} but there is no held-out data: set "
+                               f"data.eval_path or data.eval_fraction to see held-out perplexity during training[/]")
 
     def resume(self, directory: Path) -> None:
         """Everything but the adapter weights, which train() loads before the engine prepares the model."""

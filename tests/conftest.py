@@ -4,6 +4,7 @@ Markers: `slow` tests run only with --runslow; `gpu` tests run only where CUDA e
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -77,11 +78,26 @@ def dequantized_copy(nf4):
     return plain
 
 
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+    """The base-model cache (HARNESS_CACHE) every test of a session shares: each base is built once."""
+    return tmp_path_factory.getbasetemp() / "harness-cache"
+
+
+@contextmanager
+def in_repo(cache: Path):
+    """cwd = repo root and the shared base-model cache, for session-scoped fixtures too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HARNESS_CACHE", str(cache))
+        patch.chdir(ROOT)
+        yield patch
+
+
 @pytest.fixture
-def session_cache(tmp_path_factory, monkeypatch):
-    """Base models built once per test session (HARNESS_CACHE), recipes read from the repo root."""
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
-    monkeypatch.chdir(ROOT)
+def session_cache(cache):
+    """The shared base-model cache, recipes read from the repo root."""
+    with in_repo(cache):
+        yield
 
 
 def tiny_recipe(*overrides: str):

@@ -27,8 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness.recipe import RecipeError, load_recipe
-from tests.conftest import ROOT, dequantized_copy, is_4bit
-from tests.convert.runs import in_repo
+from tests.conftest import ROOT, dequantized_copy, in_repo, is_4bit
 
 YARN = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 256}
 FAMILIES = {
@@ -74,15 +73,7 @@ def family(init: dict, *overrides: str, output_dir: Path | str = "runs/families"
                                                  *overrides])
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "harness-cache"  # the one tests/test_train.py uses too
-
-
-@pytest.fixture(autouse=True)
-def _env(cache):
-    with in_repo(cache):
-        yield
+pytestmark = pytest.mark.usefixtures("session_cache")
 
 
 def ids(length=SEQ_LEN, seed=0):

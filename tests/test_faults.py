@@ -23,16 +23,13 @@ from harness import rundir
 from harness.recipe import RecipeError, load_recipe
 from harness.resume import ResumeError, intact_checkpoint
 from harness.train import TrainError, train
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, in_repo
 
 BOOK = ROOT / "recipes" / "data" / "the_complete_angler_excerpt.txt"
 STEPS = ["train.max_steps=6", "train.save_every=2", "data.max_seq_length=256", "train.keep_checkpoints=0"]
 
 
-@pytest.fixture(autouse=True)
-def _env(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
-    monkeypatch.chdir(ROOT)
+pytestmark = pytest.mark.usefixtures("session_cache")
 
 
 def tiny(output_dir: Path, *overrides: str):
@@ -69,12 +66,10 @@ def sigterm_at(stop: int):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Path:
+def straight(tmp_path_factory, cache) -> Path:
     """The uninterrupted run every faulty one must reproduce exactly."""
     output = tmp_path_factory.mktemp("straight") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
-        patch.chdir(ROOT)
+    with in_repo(cache):
         train(tiny(output))
     return output
 

@@ -13,23 +13,15 @@ from harness.evaluation.passkey import greedy_generate
 from harness.generation import (Chat, GenerationError, Sampling, Window, cache_dtype, check_window, context_window,
                                 encode_prompt, format_bytes, generate, kv_shape, new_token_budget)
 from harness.rundir import read_rope
-from tests.conftest import tiny_llama_config
-from tests.convert.runs import in_repo, train_tiny
+from tests.conftest import in_repo, tiny_llama_config
+from tests.convert.runs import train_tiny
 
 PROMPT = "It was a bright cold day in April, and the clocks were striking thirteen. "  # 74 byte tokens
 
 
 # --------------------------------------------------------------------------- a trained tiny run
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "harness-cache"  # the one tests/convert and tests/test_train use
-
-
-@pytest.fixture(autouse=True)
-def _env(cache):
-    with in_repo(cache):
-        yield
+pytestmark = pytest.mark.usefixtures("session_cache")
 
 
 def tiny_run(tmp_path_factory, cache) -> Path:

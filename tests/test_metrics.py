@@ -10,23 +10,19 @@ from harness import rundir
 from harness.metrics import MetricsError, check_trackers, drop_metrics_after, flat_config
 from harness.recipe import RecipeError, load_recipe
 from harness.train import train
-from tests.conftest import ROOT
+from tests.conftest import in_repo
 
 
 @pytest.fixture(autouse=True)
-def _env(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
+def _env(session_cache, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(ROOT)
 
 
 @pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory) -> Path:
+def tracked_run(tmp_path_factory, cache) -> Path:
     output = tmp_path_factory.mktemp("tracked") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
+    with in_repo(cache) as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        patch.chdir(ROOT)
         train(load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{output}\"", "train.max_steps=3",
                                                      "data.max_seq_length=256",
                                                      "train.report_to=[\"tensorboard\", \"mlflow\"]"]))

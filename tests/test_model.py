@@ -7,7 +7,6 @@ import torch
 from harness.model import build_model, parameter_counts
 from tests.conftest import dequantized_copy, is_4bit, tiny_recipe
 
-
 pytestmark = pytest.mark.usefixtures("session_cache")
 
 

@@ -13,13 +13,9 @@ from harness import experiments as ex
 from harness import testbed as tb
 from harness.base_model import cache_root
 from harness.recipe import load_recipe
-from tests.conftest import ROOT, tiny_llama_config
+from tests.conftest import tiny_llama_config
 
-
-@pytest.fixture(autouse=True)
-def _env(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
-    monkeypatch.chdir(ROOT)
+pytestmark = pytest.mark.usefixtures("session_cache")
 
 
 @pytest.fixture

@@ -19,11 +19,7 @@ from harness.resume import ResumeError
 from harness.train import TrainError, train
 from tests.conftest import ROOT
 
-
-@pytest.fixture(autouse=True)
-def _env(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
-    monkeypatch.chdir(ROOT)
+pytestmark = pytest.mark.usefixtures("session_cache")
 
 
 def tiny(output_dir: Path, *overrides: str):
@@ -227,6 +223,12 @@ def test_held_out_perplexity_at_target_and_window_every_n_steps_and_at_the_end(t
     err = " ".join(capsys.readouterr().err.split())
     assert "step 2: held-out perplexity" in err and "at 512 tokens (full attention)" in err
     assert "in windows of 256" in err and f"Best held-out perplexity at 512 tokens (full attention): {best['eval_ppl']:.2f}" in err
+
+
+def test_eval_every_without_held_out_data_says_how_to_get_it(tmp_path, capsys):
+    train(tiny(tmp_path / "run", "train.max_steps=1", "train.eval_every=1"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "train.eval_every = 1 but there is no held-out data: set data.eval_path or data.eval_fraction" in err
 
 
 def test_rising_full_attention_perplexity_warns_and_eval_stop_stops_the_run(tmp_path, capsys, monkeypatch):

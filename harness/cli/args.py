@@ -68,23 +68,21 @@ def nonnegative_float(text: str) -> float:
 
 def int_list(text: str) -> list[int]:
     """"1024,2048" -> [1024, 2048]; every value a positive integer."""
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if any(value <= 0 for value in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be a positive integer")
-    return values
+    return _checked_list(text, int, "integers", lambda value: value > 0, "every value must be a positive integer")
 
 
 def depth_list(text: str) -> list[float]:
     """"0,0.5,1" -> [0.0, 0.5, 1.0]; every value in [0, 1]."""
+    return _checked_list(text, float, "numbers", lambda value: 0 <= value <= 1, "every depth must lie in [0, 1]")
+
+
+def _checked_list(text: str, parse, what: str, valid, rule: str) -> list:
     try:
-        values = [float(part) for part in text.split(",")]
+        values = [parse(part) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-    if any(not 0 <= value <= 1 for value in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every depth must lie in [0, 1]")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") from None
+    if not all(valid(value) for value in values):  # NaN fails every comparison: refused too
+        raise argparse.ArgumentTypeError(f"{text!r}: {rule}")
     return values
 
 

@@ -37,8 +37,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from harness.policy import PIECE_SHARE
 from harness.loss import chunk_tokens_for
+from harness.policy import PIECE_SHARE
 from harness.recipe import Recipe
 
 from .runtime import Setup, local_tokens

@@ -17,7 +17,6 @@ from harness.model import build_model
 from tests.conftest import tiny_llama_config, tiny_recipe
 from tests.test_families import FAMILIES, NAMES, family
 
-
 pytestmark = pytest.mark.usefixtures("session_cache")
 
 

@@ -14,20 +14,10 @@ import torch
 
 from harness.cli.generate import main as generate_main
 from harness.evaluation.models import ModelSpec, load_model
-from tests.conftest import ROOT
-from tests.convert.runs import in_repo
+from tests.conftest import ROOT, in_repo
 from tests.test_generation import PROMPT, merged_run, tiny_run
 
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "harness-cache"
-
-
-@pytest.fixture(autouse=True)
-def _env(cache):
-    with in_repo(cache):
-        yield
+pytestmark = pytest.mark.usefixtures("session_cache")
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.convert.runs import deepspeed_run, in_repo, train_tiny
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "harness-cache"  # the one tests/test_train.py uses too
+from tests.conftest import in_repo
+from tests.convert.runs import deepspeed_run, train_tiny
 
 
 @pytest.fixture(autouse=True)

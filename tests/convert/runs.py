@@ -4,27 +4,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from harness.recipe import load_recipe
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, in_repo
 
 VENV_BIN = Path(sys.executable).parent
 RUN = ["train.max_steps=2", "data.max_seq_length=256", "adapter.trainable_embeddings=true",
        "adapter.trainable_norms=true"]
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
-
-
-@contextmanager
-def in_repo(cache: Path):
-    """cwd = repo root and the shared base-model cache, for session-scoped fixtures too."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HARNESS_CACHE", str(cache))
-        patch.chdir(ROOT)
-        yield
 
 
 def train_tiny(output_dir: Path, cache: Path) -> Path:
