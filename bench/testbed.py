@@ -65,14 +65,13 @@ def lengths_of(args, native: int) -> list[int]:
     return [int(share * native) for share in args.shares]
 
 
-# --------------------------------------------------------------------------- data and testbed
-
 # --------------------------------------------------------------------------- training
 
 def train_row(row: ex.Row, testbed: Path, data: tb.Corpus, run_dir: Path, args) -> dict:
     """Train (or resume, or reuse) one row's run in a child process; its stats from metrics.jsonl."""
     stats_file = run_dir / "train_stats.json"
-    if ex.finished_run(run_dir) and stats_file.is_file():
+    reused = ex.finished_run(run_dir) is not None
+    if reused and stats_file.is_file():
         return json.loads(stats_file.read_text())
     before = warn_load(f"before training {row.name}")
     started = time.perf_counter()
@@ -81,7 +80,8 @@ def train_row(row: ex.Row, testbed: Path, data: tb.Corpus, run_dir: Path, args) 
                       target_length=args.factor * tb.native_window(testbed), train_overrides=args.train,
                       own_process=True)
     stats = run_stats(run_dir / "metrics.jsonl")
-    stats.update(wall_s=time.perf_counter() - started, load_before=before, load_after=warn_load(f"after {row.name}"))
+    wall_s = None if reused else time.perf_counter() - started  # a reused run's training time is unknown here
+    stats.update(wall_s=wall_s, load_before=before, load_after=warn_load(f"after {row.name}"))
     stats_file.write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 

@@ -2,8 +2,9 @@
 
     validate(recipe)    # raises RecipeError naming the file, the key, the value and the fix
 
-harness.recipe.load_recipe runs every registered validator: this module's (registered first,
-harness.registry loads it before the backends), then the backends' own (sequence parallelism's).
+harness.recipe.load_recipe runs every registered validator: this module's first (harness.registry
+orders the validators as its built-in modules are listed), then the backends' own (sequence
+parallelism's).
 This module builds on the recipe's schema, so the recipe reaches it only through the registry.
 Each allowed name is asked of its owner (harness.policy's kernels and optimizers,
 harness.metrics' trackers); nothing here imports a backend.

@@ -97,9 +97,15 @@ def register_validator(fn: Callable) -> Callable:
 
 
 def validators() -> list[Callable]:
-    """The registered recipe checks, in registration order (the backends loaded first)."""
+    """The registered recipe checks: the built-in modules' in the order of _BUILTIN_MODULES (the
+    recipe's own cross-field checks first, whichever module was imported first), then plugins'."""
     load_backends()
-    return list(_VALIDATORS)
+    return sorted(_VALIDATORS, key=_builtin_rank)
+
+
+def _builtin_rank(fn: Callable) -> int:
+    module = getattr(fn, "__module__", "")
+    return _BUILTIN_MODULES.index(module) if module in _BUILTIN_MODULES else len(_BUILTIN_MODULES)
 
 
 def load_backends() -> None:

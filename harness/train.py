@@ -152,14 +152,19 @@ def report_to(recipe: Recipe) -> list[str]:
 
 def start_engine(recipe: Recipe) -> Engine:
     """The recipe's engine, its process group formed and checked."""
+    engine = make_engine(recipe)
+    engine.setup()
+    return engine
+
+
+def make_engine(recipe: Recipe) -> Engine:
+    """The recipe's engine, not yet set up (no process group)."""
     backend = registry.get("engine", recipe.engine.name, key="engine.name")
     kwargs = registry.table_kwargs(backend, recipe.engine)
     if kwargs.get("deepspeed_config"):
         kwargs["deepspeed_config"] = str(find_relative(kwargs["deepspeed_config"], recipe.source,
                                                        key="engine.deepspeed_config"))
-    engine = backend.fn(**kwargs)
-    engine.setup()
-    return engine
+    return backend.fn(**kwargs)
 
 
 def _build_data(recipe: Recipe, tokenizer):
@@ -227,8 +232,7 @@ def hyper_of(recipe: Recipe, engine: Engine) -> Hyper:
 
 def make_optimizer(recipe: Recipe, engine: Engine, hyper: Hyper, params):
     """train.optimizer, as harness.policy.optimizer chooses it for this device and engine."""
-    name = policy.optimizer(recipe.train.optimizer, policy.Device.of(engine.device),
-                            offloaded=engine.offloads_optimizer(hyper))
+    name = optimizer_name(recipe, engine, hyper)
     kwargs = dict(lr=recipe.train.lr, weight_decay=recipe.train.weight_decay, betas=(0.9, 0.999))
     if name == "deepspeed_cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -239,6 +243,12 @@ def make_optimizer(recipe: Recipe, engine: Engine, hyper: Hyper, params):
 
         return bnb.optim.PagedAdamW32bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
+
+
+def optimizer_name(recipe: Recipe, engine: Engine, hyper: Hyper) -> str:
+    """The optimizer a run makes on the engine's device: "adamw", "paged_adamw_32bit" or "deepspeed_cpu_adam"."""
+    return policy.optimizer(recipe.train.optimizer, policy.Device.of(engine.device),
+                            offloaded=engine.offloads_optimizer(hyper))
 
 
 def make_scheduler(recipe: Recipe, optimizer, steps: int):

@@ -10,7 +10,7 @@ import pytest
 from harness.memory import CARDS, PlanError, attention_scores_bytes, model_shape, plan, resolve_setup
 from harness.memory.measure import allocator_peak, training_loop
 from harness.recipe import load_recipe
-from tests.conftest import ROOT
+from tests.conftest import ROOT, in_repo
 
 PLAN_MEMORY = ROOT / "tools" / "plan_memory.py"
 WEIGHT_LINES = ("weights (quantized linears)", "weights (embeddings, norms, head)")
@@ -30,13 +30,11 @@ def at_length(length: int, *overrides: str) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="module")
-def built_tiny(tmp_path_factory):
+def built_tiny(cache):
     """The tiny recipe's model as training builds it: NF4 base, fp32 norms/embeddings, LoRA."""
     from harness.model import build_model
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
-        patch.chdir(ROOT)
+    with in_repo(cache):
         return build_model(load_recipe("recipes/tiny_cpu.toml")).model
 
 

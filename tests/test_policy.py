@@ -8,8 +8,8 @@ from harness import policy, registry
 from harness.backends import attention, s2
 from harness.memory import BYTES, CARDS, Card, model_shape, resolve_setup
 from harness.model import weights_dtype_of
-from harness.recipe import find_relative, load_recipe
-from harness.train import hyper_of
+from harness.recipe import load_recipe
+from harness.train import hyper_of, make_engine, optimizer_name
 from tests.conftest import ROOT
 
 V100 = CARDS["v100-32gb"].device
@@ -34,13 +34,8 @@ def on_card(monkeypatch):
 
 
 def engine_of(recipe, device: torch.device):
-    """The recipe's engine as harness.train.start_engine makes it, not set up (no process group), on `device`."""
-    backend = registry.get("engine", recipe.engine.name)
-    kwargs = registry.table_kwargs(backend, recipe.engine)
-    if kwargs.get("deepspeed_config"):
-        kwargs["deepspeed_config"] = str(find_relative(kwargs["deepspeed_config"], recipe.source,
-                                                       key="engine.deepspeed_config"))
-    engine = backend.fn(**kwargs)
+    """The recipe's engine as a run makes it, not set up (no process group), on `device`."""
+    engine = make_engine(recipe)
     engine.device = device
     return engine
 
@@ -54,8 +49,9 @@ def autocast_of(engine) -> torch.dtype | None:
 @pytest.mark.parametrize("card", sorted(CARDS))
 @pytest.mark.parametrize("recipe_name", recipes())
 def test_the_planner_makes_the_choices_a_run_on_the_card_makes(card, recipe_name, on_card, monkeypatch):
-    """Precision, autocast, optimizer offload and optimizer, compute and frozen-weight dtypes, S2 group:
-    the plan's against what a run's engine, hyper_of, make_optimizer's rule and the backends take on that card."""
+    """Precision, autocast, optimizer offload and optimizer, compute and frozen-weight dtypes: the plan's
+    against what a run's engine, hyper_of, optimizer_name and the backends take on that card (the S2
+    group sizes are literal values in tests/test_recipe.py and tests/test_memory.py)."""
     monkeypatch.chdir(ROOT)
     recipe = load_recipe(ROOT / "recipes" / recipe_name)
     engine = engine_of(recipe, on_card(CARDS[card]))
@@ -68,16 +64,13 @@ def test_the_planner_makes_the_choices_a_run_on_the_card_makes(card, recipe_name
         assert setup.dtypes.attention == autocast.itemsize  # sdpa / matmul save their autocast copies
     offloaded = engine.offloads_optimizer(hyper)
     assert (setup.deepspeed is not None and setup.deepspeed.offload_optimizer) == offloaded
-    # harness.train.make_optimizer's choice, from the engine's own offload fact
-    assert setup.optimizer == policy.optimizer(recipe.train.optimizer, policy.Device.of(engine.device),
-                                               offloaded=offloaded)
+    assert setup.optimizer == optimizer_name(recipe, engine, hyper)  # what harness.train.make_optimizer makes
     if recipe.quantization.name == "nf4":
         quantization = registry.get("quantization", "nf4")
         config = quantization.fn(**registry.table_kwargs(quantization, recipe.quantization))
         assert setup.compute == config.bnb_4bit_compute_dtype.itemsize
     if setup.deepspeed is None and not recipe.train.fp32_frozen_weights:
         assert setup.dtypes.base_weights == BYTES[weights_dtype_of(recipe)]
-    assert setup.group == (recipe.resolved.group_size if recipe.attention.name == "s2" else 0)
 
 
 @pytest.mark.parametrize("card", sorted(CARDS))

@@ -1,6 +1,7 @@
 """The backend registry: lookup, errors, lazy dependencies, entry points, the CLI table."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ def test_validators_run_at_recipe_load_after_the_recipe_checks_and_name_the_file
             raise ValueError(f"adapter.r = {loaded.adapter.r} is above 8 for this test backend: use adapter.r = 8")
 
     try:
-        with pytest.raises(RecipeError, match=rf"^{recipe}: adapter.r = 16 is above 8"):
+        with pytest.raises(RecipeError, match=rf"^{re.escape(str(recipe))}: adapter.r = 16 is above 8"):
             load_recipe(recipe, ["adapter.r=16"])
         assert load_recipe(recipe, ["adapter.r=8"]).adapter.r == 8
     finally:

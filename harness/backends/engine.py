@@ -71,9 +71,6 @@ class Engine(Protocol):
 
 # --------------------------------------------------------------------------- shared by the engines
 
-expected_world_size = policy.launched_world_size  # the one reader of WORLD_SIZE
-
-
 class forming_group:
     """Rendezvous failures become one EngineError that says how to launch."""
 
@@ -83,14 +80,14 @@ class forming_group:
     def __exit__(self, kind, error, traceback):
         if isinstance(error, (ValueError, RuntimeError)) and not isinstance(error, EngineError):
             raise EngineError(
-                f"could not form the process group (WORLD_SIZE={expected_world_size()}): {error}. Start the "
+                f"could not form the process group (WORLD_SIZE={policy.launched_world_size()}): {error}. Start the "
                 f"processes with accelerate launch, torchrun or deepspeed, which set MASTER_ADDR, RANK and WORLD_SIZE"
             ) from None
         return False
 
 
 def check_group(world_size: int) -> None:
-    expected = expected_world_size()
+    expected = policy.launched_world_size()
     if expected > 1 and world_size != expected:
         raise EngineError(
             f"WORLD_SIZE={expected} processes were launched but the process group has {world_size}: each would "

@@ -54,8 +54,6 @@ import torch.nn.functional as F
 from harness import policy
 from harness.backends.attention_kernels import Tokens, tokens_of, zero_padding
 
-KERNELS = policy.KERNELS  # the kernel names attention.kernel takes (harness.policy owns them)
-
 
 class HeadWindow(NamedTuple):
     """The global query heads [offset, offset + H_local) a query holds, of a model with `heads`
@@ -169,8 +167,8 @@ def _split(x, sizes, dim):
 
 def _select_kernel(kernel: str, query) -> str:
     """An explicit kernel runs as asked; "auto" follows harness.policy for the query's device and dtype."""
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown S2 kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if kernel not in policy.KERNELS:
+        raise ValueError(f"unknown S2 kernel {kernel!r}; choose one of {', '.join(policy.KERNELS)}")
     if kernel != "auto":
         return kernel
     return policy.attention_kernel("auto", policy.Device.of(query.device), policy.dtype_name(query.dtype),

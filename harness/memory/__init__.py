@@ -20,16 +20,16 @@ import os
 
 from harness.recipe import Recipe
 
-from .advice import SEARCH_STEP, longest_fitting, render, suggestions
-from .byte_model import (MemoryPlan, Part, attention_scores_bytes, layer_saved_per_token, lora_params, plan_setup,
+from .advice import longest_fitting, render, suggestions
+from .byte_model import (MemoryPlan, attention_scores_bytes, layer_saved_per_token, lora_params, plan_setup,
                          weight_bytes)
 from .rules import register_memory_rule
 from .runtime import BYTES, Setup, resolve_setup
 from .shapes import (ALL_LINEAR, CARDS, KNOWN_SHAPES, LLAMA2_SHAPES, Card, ModelShape, PlanError, card_named,
                      custom_card, model_shape)
 
-__all__ = ["ALL_LINEAR", "BYTES", "CARDS", "KNOWN_SHAPES", "LLAMA2_SHAPES", "SEARCH_STEP", "Card", "MemoryPlan",
-           "ModelShape", "Part", "PlanError", "Setup", "attention_scores_bytes", "layer_saved_per_token",
+__all__ = ["ALL_LINEAR", "BYTES", "CARDS", "KNOWN_SHAPES", "LLAMA2_SHAPES", "Card", "MemoryPlan",
+           "ModelShape", "PlanError", "Setup", "attention_scores_bytes", "layer_saved_per_token",
            "longest_fitting", "lora_params", "model_shape", "plan", "register_memory_rule", "render",
            "resolve_setup", "weight_bytes"]
 
