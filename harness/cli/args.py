@@ -47,23 +47,15 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- argument types
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return value
+    return _checked(text, int, "an integer", lambda value: value > 0, "must be a positive integer")
 
 
 def nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
+    return _checked(text, float, "a number", lambda value: value >= 0, "must be >= 0")
+
+
+def probability(text: str) -> float:
+    return _checked(text, float, "a number", lambda value: 0 < value <= 1, "must lie in (0, 1]")
 
 
 def int_list(text: str) -> list[int]:
@@ -76,6 +68,17 @@ def depth_list(text: str) -> list[float]:
     return _checked_list(text, float, "numbers", lambda value: 0 <= value <= 1, "every depth must lie in [0, 1]")
 
 
+def _checked(text: str, parse, what: str, valid, rule: str):
+    """`parse(text)` when `valid` holds for it (NaN fails every comparison: refused), else argparse's error."""
+    try:
+        value = parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"{text!r} {rule}")
+    return value
+
+
 def _checked_list(text: str, parse, what: str, valid, rule: str) -> list:
     try:
         values = [parse(part) for part in text.split(",")]
@@ -84,13 +87,3 @@ def _checked_list(text: str, parse, what: str, valid, rule: str) -> list:
     if not all(valid(value) for value in values):  # NaN fails every comparison: refused too
         raise argparse.ArgumentTypeError(f"{text!r}: {rule}")
     return values
-
-
-def probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must lie in (0, 1]")
-    return value
