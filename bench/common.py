@@ -23,7 +23,6 @@ from pathlib import Path
 from harness.memory import LLAMA2_SHAPES as PUBLISHED_LLAMA2_SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
-
 RESULTS_DIR = ROOT / "bench" / "results"
 SMOLLM2 = "recipes/smollm2_135m_16k.toml"
 GB = 1e9  # memory is reported in GB (10^9 bytes), as the table states it

@@ -83,15 +83,6 @@ def build(overrides: list[str]):
     return session.recipe, Loop(session), session.built.model
 
 
-def random_batch(model, length: int, device) -> dict:
-    import torch
-
-    vocab = model.get_output_embeddings().out_features
-    ids = torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
-    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
-            "position_ids": torch.arange(length, device=device)[None]}
-
-
 def train_step(loop, batch: dict) -> float:
     """One optimizer step of the training loop on `batch`; returns the loss."""
     return loop.train_step(iter([batch]))[0]
@@ -102,6 +93,8 @@ def measure(model_name: str, setup: str, extra: list[str], length: int, steps: i
     """Child process: one warm-up step, then `steps` timed ones, then one profiled where asked."""
     import torch
 
+    from harness.memory.measure import random_batch
+
     cap_gpu_memory(gpu_cap_gib)
     if SETUPS[setup] is None:
         step, model, precision = *build_peer(), "fp32"
@@ -109,7 +102,8 @@ def measure(model_name: str, setup: str, extra: list[str], length: int, steps: i
         overrides = [*model_overrides(model_name, length), *SETUPS[setup], *extra, f"data.max_seq_length={length}"]
         recipe, loop, model = build(overrides)
         step, precision = (lambda batch: train_step(loop, batch)), loop.engine.hyper.precision
-    batch = random_batch(model, length, model.device)
+    vocab = model.get_output_embeddings().out_features
+    batch = random_batch(vocab, 1, length, torch.Generator().manual_seed(0), model.device)
     result = timed_steps(step, batch, steps)
     result.update(weights_dtype=str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
                   precision=precision)

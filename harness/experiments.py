@@ -106,7 +106,7 @@ def extension_overrides(testbed: Path, corpus: Corpus, run_dir: Path, *, steps: 
 
 def save_every(rows: Sequence[Row], run: str, steps: int) -> int:
     """train.save_every for run `run`: every checkpoint the rows read falls on a multiple of it."""
-    return math.gcd(*checkpoint_steps(rows, run, steps)) if checkpoint_steps(rows, run, steps) else 0
+    return math.gcd(*checkpoint_steps(rows, run, steps))  # gcd() of nothing is 0: no checkpoints
 
 
 def evaluated_model(row: Row, testbed: Path, run_dir: Path | None, steps: int, factor: int = 4) -> dict:
@@ -123,7 +123,6 @@ def evaluated_model(row: Row, testbed: Path, run_dir: Path | None, steps: int, f
     if row_named(row.run_name).full_finetuning:
         return {"model": str(directory), "tokenizer": str(testbed), "attention": row.attention}
     return {"model": str(testbed), "adapter": str(directory), "attention": row.attention}
-
 
 
 # --------------------------------------------------------------------------- runs

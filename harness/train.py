@@ -285,7 +285,7 @@ def _data_order(recipe: Recipe, engine: Engine, data: DataSplits):
 
 
 class Loop:
-    """State of one run: step counter, data order, metrics; run() is the loop itself, step() one
+    """State of one run: step counter, data order, metrics; run() is the loop itself, train_step() one
     optimizer step (what benchmarks time)."""
 
     def __init__(self, session: Session, *, after_step: Callable[[int], None] | None = None):

@@ -45,11 +45,13 @@ def original_context_of(config, original_context: int = 0) -> int:
     return int(original_context or rope.get("original_max_position_embeddings") or config.max_position_embeddings)
 
 
-def interpolation_factor(target_length: int, original: int, factor: float = 0.0) -> float:
-    """The paper's factor (harness.policy.interpolation_factor); a backend needs a length or a factor."""
+def _window_and_factor(config, target_length: int, factor: float, original_context: int) -> tuple[int, float]:
+    """(the model's original window, the rope factor harness.policy.interpolation_factor gives); a
+    position backend needs a target length or a factor."""
     if not factor and target_length <= 0:
         raise PositionError("position: give target_length or factor")
-    return policy.interpolation_factor(target_length, original, factor)
+    original = original_context_of(config, original_context)
+    return original, policy.interpolation_factor(target_length, original, factor)
 
 
 def _rope_tables(config) -> dict[str | None, dict]:
@@ -110,8 +112,7 @@ def _as_longrope(config) -> None:
 @register("position", "linear", description="Position Interpolation: positions scaled by 1/factor (the paper)")
 def linear_position(config, *, target_length: int, factor: float = 0.0, original_context: int = 0,
                     override_native: bool = False) -> float:
-    original = original_context_of(config, original_context)
-    factor = interpolation_factor(target_length, original, factor)
+    _, factor = _window_and_factor(config, target_length, factor, original_context)
     _set_rope(config, "linear", target_length, override_native, factor=factor)
     return factor
 
@@ -119,8 +120,7 @@ def linear_position(config, *, target_length: int, factor: float = 0.0, original
 @register("position", "dynamic", description="Dynamic NTK scaling: rope_theta grows past the original window")
 def dynamic_position(config, *, target_length: int, factor: float = 0.0, original_context: int = 0,
                      override_native: bool = False) -> float:
-    original = original_context_of(config, original_context)
-    factor = interpolation_factor(target_length, original, factor)
+    original, factor = _window_and_factor(config, target_length, factor, original_context)
     _set_rope(config, "dynamic", target_length, override_native, factor=factor)
     # transformers' dynamic NTK reads max_position_embeddings as the *pretraining* window:
     # keep it there, or the scaling would only start past the target.
@@ -131,8 +131,7 @@ def dynamic_position(config, *, target_length: int, factor: float = 0.0, origina
 @register("position", "yarn", description="YaRN: per-frequency interpolation with attention temperature")
 def yarn_position(config, *, target_length: int, factor: float = 0.0, original_context: int = 0,
                   override_native: bool = False, beta_fast: float = 32.0, beta_slow: float = 1.0) -> float:
-    original = original_context_of(config, original_context)
-    factor = interpolation_factor(target_length, original, factor)
+    original, factor = _window_and_factor(config, target_length, factor, original_context)
     _set_rope(config, "yarn", target_length, override_native, factor=factor,
               original_max_position_embeddings=original, beta_fast=beta_fast, beta_slow=beta_slow)
     return factor
@@ -142,8 +141,7 @@ def yarn_position(config, *, target_length: int, factor: float = 0.0, original_c
 def llama3_position(config, *, target_length: int, factor: float = 0.0, original_context: int = 0,
                     override_native: bool = False, low_freq_factor: float = 1.0,
                     high_freq_factor: float = 4.0) -> float:
-    original = original_context_of(config, original_context)
-    factor = interpolation_factor(target_length, original, factor)
+    original, factor = _window_and_factor(config, target_length, factor, original_context)
     _set_rope(config, "llama3", target_length, override_native, factor=factor,
               original_max_position_embeddings=original, low_freq_factor=low_freq_factor,
               high_freq_factor=high_freq_factor)

@@ -41,17 +41,21 @@ def training_loop(recipe: Recipe, *, schedule_steps: int = 10) -> Loop:
     return Loop(build_session(recipe, with_data=False, steps=schedule_steps))
 
 
+def random_batch(vocab: int, batch: int, length: int, generator: torch.Generator, device=None) -> dict:
+    """A collated (batch, length) micro-batch of random tokens (ids >= 3: no special token), one
+    unpadded document per row, as harness.data.collate would give it."""
+    ids = torch.randint(3, vocab, (batch, length), generator=generator).to(device)
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
+            "position_ids": torch.arange(length, device=ids.device).expand(batch, length)}
+
+
 def train_steps(loop: Loop, steps: int = 2) -> None:
     """Optimizer steps of the training loop on random (B, L) tokens: forward, backward, clip + AdamW step."""
     recipe = loop.recipe  # resolved by the session: its sequence length is the one trained
     vocab = loop.built.model.config.vocab_size  # a PeftModel forwards .config to its base model
     generator = torch.Generator().manual_seed(0)
-    shape = (recipe.train.micro_batch_size, recipe.resolved.seq_len)
     for _ in range(steps):
-        ids = torch.randint(3, vocab, shape, generator=generator)
-        batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
-                 "position_ids": torch.arange(shape[1]).expand(shape)}
-        loop.train_step(iter([batch]))
+        loop.train_step(iter([random_batch(vocab, recipe.train.micro_batch_size, recipe.resolved.seq_len, generator)]))
 
 
 def allocator_peak(loop: Loop, steps: int = 2) -> int:
