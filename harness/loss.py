@@ -8,11 +8,14 @@ logits at a time: in the forward itself for a frozen head (LoRA, QLoRA: two head
 chunk, the logits turned into their gradient in place), by recomputing each chunk in the
 backward for a trained one (three GEMMs).
 
-The loss is the mean over target tokens (labels != -100) of the batch, as in transformers.
+The loss is the summed NLL over target tokens (labels != -100) divided by `num_targets`: by
+default the batch's own target count (its mean, as in transformers); the training loop passes
+the step's average count per micro-batch instead, so that every target token of an optimizer
+step weighs the same whatever micro-batch or rank it falls in (harness.train.Loop.train_step).
 Under sequence parallelism (`sequence=` a harness.backends.sequence_parallel.SequenceShards)
 every rank of the group gets the full micro-batch, runs the model on its shard of each
 sequence against the pre-shifted labels of that shard, and returns the same whole-sequence
-loss: the group's summed NLL over the whole batch's target count.
+loss: the group's summed NLL over the same divisor.
 The chunk length follows the vocabulary so one chunk's fp32 logits stay near 128 MiB:
 1024 positions for LLaMA's 32k vocabulary, 682 for SmolLM2's 49k.
 """
@@ -153,7 +156,7 @@ def output_head(causal_lm) -> torch.nn.Module:
 
 
 class CausalLMLoss(torch.nn.Module):
-    """forward(input_ids, labels, attention_mask, position_ids) -> scalar loss."""
+    """forward(input_ids, labels, attention_mask, position_ids, num_targets) -> scalar loss."""
 
     def __init__(self, model: torch.nn.Module, *, chunked: bool = True, chunk_tokens: int = 0, sequence=None):
         super().__init__()
@@ -162,24 +165,30 @@ class CausalLMLoss(torch.nn.Module):
         self.chunk_tokens = chunk_tokens or chunk_tokens_for(model.get_output_embeddings().out_features)
         self.sequence = sequence  # SequenceShards under sequence parallelism, else None
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None,
+                num_targets: float | None = None) -> torch.Tensor:
+        """Summed NLL of the batch's targets / num_targets (None: the batch's own target count, its mean)."""
+        if num_targets is None:
+            num_targets = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)  # the whole batch's targets
         if self.sequence is not None:
-            return self._sharded(input_ids, labels, attention_mask, position_ids)
+            return self._sharded_nll(input_ids, labels, attention_mask, position_ids) / num_targets
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: transformers then reads packing from position_ids
+        targets = labels[:, 1:].reshape(-1)  # (B*(L-1),): position t predicts labels[t + 1]
         if not self.chunked:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-            return full_cross_entropy(out.logits, labels)
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+            logits = _at_least_fp32(logits[:, :-1].reshape(-1, logits.shape[-1]))  # (B*(L-1), V)
+            return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum") / num_targets
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                          position_ids=position_ids).last_hidden_state  # (B, L, d)
-        return chunked_cross_entropy(hidden, output_head(causal_lm), labels, self.chunk_tokens)
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(L-1), d)
+        return chunked_nll_sum(hidden, output_head(causal_lm), targets, self.chunk_tokens) / num_targets
 
-    def _sharded(self, input_ids, labels, attention_mask, position_ids) -> torch.Tensor:
-        """Sequence parallelism: this rank's shard of every sequence in, the whole sequence's loss out."""
+    def _sharded_nll(self, input_ids, labels, attention_mask, position_ids) -> torch.Tensor:
+        """Sequence parallelism: this rank's shard of every sequence in, the whole sequence's summed NLL out."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        count = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)  # the whole batch's targets
         shard = self.sequence.shard({"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
                                      "attention_mask": attention_mask})
         targets = shard["shift_labels"].reshape(-1)  # (B * L/N,): already the next tokens
@@ -195,4 +204,4 @@ class CausalLMLoss(torch.nn.Module):
                                              position_ids=shard["position_ids"]).last_hidden_state  # (B, L/N, d)
             nll = chunked_nll_sum(hidden.reshape(-1, hidden.shape[-1]), output_head(causal_lm), targets,
                                   self.chunk_tokens)
-        return self.sequence.sum(nll) / count
+        return self.sequence.sum(nll)

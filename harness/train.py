@@ -40,9 +40,9 @@ from harness import checkpoint, policy, registry, rundir
 from harness.backends.engine import Engine, Hyper, local_shard
 from harness.cpu_memory import apply_recipe_policy
 from harness.errors import HarnessError, first_line
-from harness.evaluation.in_training import LongContextEval, TransferWatch, transfer_hint
+from harness.evaluation.in_training import LongContextEval, TransferWatch, transfer_hint, zero_weight
 from harness.fingerprint import data_fingerprint, weights_fingerprint
-from harness.loss import CausalLMLoss
+from harness.loss import IGNORE_INDEX, CausalLMLoss
 from harness.metrics import MetricsLog, check_trackers, drop_metrics_after
 from harness.model import BuiltModel, build_model, load_base, weights_dtype_of
 from harness.recipe import Recipe, find_relative, resolve
@@ -366,34 +366,56 @@ class Loop:
 
     def train_step(self, micro_batches: Iterator[dict]) -> tuple[float, int]:
         """One optimizer step over train.grad_accum collated micro-batches; returns (mean loss, tokens seen).
+        The step's loss is the summed NLL of every target token it sees, on every rank, over their count:
+        each micro-batch's loss is divided by the step's average count per micro-batch (_targets_per_micro),
+        and the engines' mean over micro-batches and replicas makes it the step's. The running loss stays
+        on the device; one host sync per step reads it, before the backward that ends the step.
         A stop signal between micro-batches drops the step: data position and RNG roll back (_StepDropped).
         (The step counter is `self.step`.)"""
         self.engine.module.train()
         self.lr = self.engine.lr()  # the rate this step uses, before the scheduler moves on
-        losses, tokens = [], 0
         order = self.order.state_dict() if self.order is not None else None  # where this step started
         rng = checkpoint.rng_state()
+        accum = self.recipe.train.grad_accum
+        batches = [next(micro_batches) for _ in range(accum)]  # collated on the host
+        num_targets = self._targets_per_micro(batches)
+        step_loss, tokens = 0.0, 0
         self.step_time.start()
-        for micro in range(self.recipe.train.grad_accum):
+        for micro, batch in enumerate(batches):
             if micro and self._stopping():  # a signal between micro-batches: the step is dropped, not half-taken
                 if order is not None:
                     self.order.load_state_dict(order)
                 checkpoint.set_rng_state(rng)
                 raise _StepDropped
-            batch = {k: v.to(self.engine.device) for k, v in next(micro_batches).items()}
-            with self.engine.autocast(), _activation_offload(self.recipe.train.offload_activations):
-                loss = self.engine.module(**batch)
-            if not torch.isfinite(loss):
-                raise TrainError(f"the loss became {loss.item()} at step {self.step + 1}; lower train.lr "
-                                 f"or use train.precision=\"bf16\" / \"fp32\"")
-            self.engine.backward(loss, sync=micro == self.recipe.train.grad_accum - 1)
-            losses.append(loss.item())
             tokens += int(batch["attention_mask"].sum())
+            batch = {k: v.to(self.engine.device) for k, v in batch.items()}
+            with self.engine.autocast(), _activation_offload(self.recipe.train.offload_activations):
+                loss = self.engine.module(**batch, num_targets=num_targets)
+            step_loss = step_loss + loss.detach()
+            if micro == accum - 1:
+                step_loss = float(step_loss) / accum  # the step's one host sync, before its last backward
+                self._check_loss(step_loss)
+            self.engine.backward(loss, sync=micro == accum - 1)
             self._warn_if_slow(micro + 1)
         self.grad_norm = self.engine.step()
         self.step_time.finish()
         self._check_gradient()
-        return sum(losses) / len(losses), tokens
+        return step_loss, tokens
+
+    def _targets_per_micro(self, batches: list[dict]) -> float:
+        """The step's target count over every replica / (replicas x grad_accum): the divisor that makes
+        the engines' mean of micro-batch losses the step's token-weighted mean. (Under sequence
+        parallelism the ranks of a group hold the same micro-batches, so the mean over ranks is the
+        mean over replicas.)"""
+        local = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batches)
+        per_micro = self.engine.all_mean(float(local)) / len(batches)
+        return per_micro or 1.0  # a step without targets: its loss is 0 whatever divides it
+
+    def _check_loss(self, loss: float) -> None:
+        """A NaN/inf loss stops the run before the step reaches the weights."""
+        if not math.isfinite(loss):
+            raise TrainError(f"the loss became {loss} at step {self.step + 1}; lower train.lr "
+                             f"or use train.precision=\"bf16\" / \"fp32\"")
 
     def _warn_if_slow(self, micro_batches_done: int) -> None:
         warning = self.step_time.micro_batch_done(micro_batches_done, self.step + 1)
@@ -468,11 +490,15 @@ class Loop:
                 self.stop_signal = "train.eval_stop (full-attention perplexity at the target kept rising)"
 
     def evaluate(self) -> dict[str, float]:
-        """harness.evaluation.in_training over (a prefix of) this rank's share of the held-out split."""
+        """harness.evaluation.in_training over (a prefix of) this replica's share of the held-out split,
+        padded with zero-weight samples to the largest share."""
         count = len(self.data.eval)
         if self.recipe.train.eval_batches:
             count = min(count, self.recipe.train.eval_batches * self.engine.data_world_size)
-        samples = [self.data.eval[i] for i in range(self.engine.data_rank, count, self.engine.data_world_size)]
+        world = self.engine.data_world_size
+        samples = [self.data.eval[i] for i in range(self.engine.data_rank, count, world)]
+        rounds = -(-count // world)  # every replica runs as many forwards (ZeRO-3: each is a collective)
+        samples += [zero_weight(self.data.eval[0])] * (rounds - len(samples))
         return self.evaluator.run(self.engine.module, samples)
 
     def _report_best(self) -> None:

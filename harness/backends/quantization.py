@@ -8,6 +8,9 @@
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 from harness import policy
@@ -42,3 +45,23 @@ def int8_quantization():
 def no_quantization(**_quantization_settings):
     # Accepts the 4-bit settings so `quantization.name=none` alone switches a recipe to 16-bit.
     return None
+
+
+@contextlib.contextmanager
+def training_layout_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Evaluate without changing how a 4-bit model trains afterwards.
+
+    bitsandbytes (0.50) on an AVX512-BF16 CPU repacks a Linear4bit's NF4 weight for inference the
+    first time the layer runs in eval mode without gradients, and from then on multiplies with
+    gemv_4bit, which has no autograd: the input gradient through the layer becomes None and the
+    training after an evaluation silently differs from training without it (until a checkpoint
+    save unpacks the weight). For the duration, every 4-bit layer keeps the layout it trains with
+    (the evaluation then runs the dequantizing matmul that training runs)."""
+    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = True

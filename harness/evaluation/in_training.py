@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from harness.backends.quantization import training_layout_kept
 from harness.recipe import PI_S2_DOES_NOT_TRANSFER
 
 
@@ -73,36 +74,44 @@ class LongContextEval:
 
     @torch.no_grad()
     def run(self, module: torch.nn.Module, samples: Sequence[dict]) -> dict[str, float]:
+        """Every rank must pass as many samples (pad with zero_weight copies): under ZeRO-3 each
+        forward is a collective. The module trains afterwards exactly as it would have without this."""
         was_training = module.training
         module.eval()
         try:
-            loss = self._loss(module, [[item] for item in samples])
-            result = {"eval_loss": loss, "eval_ppl": _ppl(loss)}
-            if self.window:  # decided alike on every rank: each reading is a collective
-                result["eval_ppl_window"] = _ppl(self._loss(module, [windows_of(item, self.window)
-                                                                     for item in samples]))
-            if self.s2:
-                with s2_at_inference(module) as has_s2:
-                    if has_s2:
-                        result["eval_ppl_s2"] = _ppl(self._loss(module, [[item] for item in samples]))
+            with training_layout_kept(module):
+                return self._readings(module, samples)
         finally:
             module.train(was_training)
+
+    def _readings(self, module: torch.nn.Module, samples: Sequence[dict]) -> dict[str, float]:
+        loss = self._loss(module, [[item] for item in samples])
+        result = {"eval_loss": loss, "eval_ppl": _ppl(loss)}
+        if self.window:  # decided alike on every rank: each reading is a collective
+            result["eval_ppl_window"] = _ppl(self._loss(module, [windows_of(item, self.window) for item in samples]))
+        if self.s2:
+            with s2_at_inference(module) as has_s2:
+                if has_s2:
+                    result["eval_ppl_s2"] = _ppl(self._loss(module, [[item] for item in samples]))
         return result
 
     def _loss(self, module, batches: list[list[dict]]) -> float:
-        """Token-weighted over every rank's batches: both sums are averaged over ranks, so a rank
-        without samples joins the collectives and counts for nothing."""
+        """Token-weighted over every rank's batches: both sums are averaged over ranks, so a rank's
+        zero-weight padding joins the collectives and counts for nothing."""
         total, weight = 0.0, 0
-        for items in batches:
+        for items in batches:  # a batch without targets still runs: the other ranks' forwards wait for it
             batch = {k: v.to(self.device) for k, v in self.collate(items).items()}
             targets = int((batch["labels"][:, 1:] != -100).sum())
-            if not targets:
-                continue
             with self.autocast():
                 total += module(**batch).item() * targets
             weight += targets
         total, weight = self.all_mean(total), self.all_mean(float(weight))
         return total / weight if weight else float("nan")
+
+
+def zero_weight(item: dict) -> dict:
+    """A copy of a held-out sample without targets: padding that keeps ranks' forwards in step."""
+    return {**item, "labels": [-100] * len(item["labels"])}
 
 
 def _ppl(loss: float) -> float:
