@@ -1,4 +1,5 @@
 """The LongQLoRA harness (see README.md and docs/)."""
-from harness import offline
+from harness import offline, quiet
 
 offline.install()  # before anything imports bitsandbytes
+quiet.install()  # before anything imports deepspeed

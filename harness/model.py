@@ -112,19 +112,27 @@ def _load_weights(base: str, config, quantization, *, dtype: torch.dtype, trust:
 
 
 def _prepare_for_training(model, *, upcast: bool, checkpointing: bool) -> None:
-    """Non-reentrant checkpointing; with `upcast`, peft's k-bit preparation (frozen base, fp32
+    """Non-reentrant checkpointing; with `upcast`, the k-bit preparation (frozen base, fp32
     embeddings, norms and head). Without it the frozen weights keep model.dtype: the residual
     stream, and so every checkpointed hidden state, stays 16-bit on GPUs (half the activation
     memory), while RMSNorm still computes in fp32 and the adapter and the loss stay fp32."""
-    kwargs = {"use_reentrant": False}
     if upcast:
-        from peft import prepare_model_for_kbit_training
-
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=kwargs)
-    elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.enable_input_require_grads()
+        _upcast_frozen(model)
+    if checkpointing:  # transformers also makes the embeddings' output require grad (input_ids models)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+
+
+def _upcast_frozen(model) -> None:
+    """What peft's prepare_model_for_kbit_training does for a bitsandbytes model, without its call of
+    transformers' deprecated gradient_checkpointing_enable: every weight frozen, every 16-bit one
+    not stored in 4 bits made fp32."""
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+        if parameter.dtype in (torch.float16, torch.bfloat16) and type(parameter).__name__ != "Params4bit":
+            parameter.data = parameter.data.float()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the 16-bit copies the casts freed
 
 
 # --------------------------------------------------------------------------- summary

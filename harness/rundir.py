@@ -19,6 +19,7 @@ from pathlib import Path
 
 from harness import atomic
 from harness.errors import HarnessError, first_line
+from harness.quiet import peft_quietly
 from harness.recipe import Recipe, read_saved_recipe, save_recipe
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -106,7 +107,8 @@ def attach_adapter(model, directory: str | Path):
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, str(directory))
+        with peft_quietly():
+            return PeftModel.from_pretrained(model, str(directory))
     except (RuntimeError, ValueError) as error:
         if "size mismatch" in str(error):
             raise RunDirError(f"{directory}: the adapter was made for a different base model (weight shapes "

@@ -101,7 +101,7 @@ def test_the_checkpoints_rope_is_applied_and_sets_the_window(final, merged):
     assert model.config.rope_parameters == saved["rope_parameters"]
     assert saved["rope_parameters"]["factor"] == 2.0 and model.config.max_position_embeddings == 512
     window = context_window(model.config)
-    assert window == Window(512, 256, "linear x2")
+    assert window == Window(512, 256, "yarn x2")
     merged_model, _, _ = load_model(ModelSpec(str(merged["original"])))
     assert context_window(merged_model.config) == window  # config.json carries the same rope
 

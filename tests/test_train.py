@@ -65,7 +65,7 @@ def test_final_adapter_loads_with_peft_and_carries_rope(tmp_path):
     train(recipe)
     final = tmp_path / "final"
     rope = json.loads((final / "rope_parameters.json").read_text())
-    assert rope["rope_parameters"]["rope_type"] == "linear" and rope["rope_parameters"]["factor"] == 2.0
+    assert rope["rope_parameters"]["rope_type"] == "yarn" and rope["rope_parameters"]["factor"] == 2.0
     assert rope["max_position_embeddings"] == 512 and rope["original_context"] == 256
     assert (final / "recipe.toml").is_file()
     base_dir = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from harness.dropout import use_cpu_lora_dropout
+from harness.quiet import peft_quietly
 from harness.registry import register
 
 # Module-name suffixes that LongLoRA's trainable_params "embed,norm" reaches in LLaMA.
@@ -28,7 +29,8 @@ def lora_adapter(model, *, r: int = 64, alpha: int = 16, dropout: float = 0.05,
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias=bias,
         task_type="CAUSAL_LM", modules_to_save=extra or None,
     )
-    model = get_peft_model(model, config)
+    with peft_quietly():
+        model = get_peft_model(model, config)
     use_cpu_lora_dropout(model)  # the same dropout, cheaper masks on the CPU
     for parameter in model.parameters():
         if parameter.requires_grad:  # trainable copies of 16-bit embeddings / norms: fp32 for AdamW, like LoRA

@@ -17,6 +17,7 @@ import numpy as np
 
 from harness.data import DataError, DataSplits, DataStats, logger
 from harness.data.sources import Report
+from harness.quiet import progress_bars_if
 
 DEFAULT_CACHE_DIR = "~/.cache/harness/datasets"
 
@@ -54,11 +55,12 @@ def cached_map(dataset, function: Callable, *, stage: str, key: str, cache_dir: 
     """`dataset.map(function, batched=True)` written to, or reused from, the cache folder."""
     folder = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    return dataset.map(
-        function, batched=True, batch_size=batch_size, fn_kwargs=fn_kwargs, remove_columns=remove_columns,
-        features=features, num_proc=num_proc if num_proc > 1 else None,
-        cache_file_name=str(folder / f"{stage}-{key}.arrow"), new_fingerprint=key, desc=desc or stage,
-    )
+    with progress_bars_if(len(dataset) > batch_size):  # over one batch a bar only jumps from 0 to 100%
+        return dataset.map(
+            function, batched=True, batch_size=batch_size, fn_kwargs=fn_kwargs, remove_columns=remove_columns,
+            features=features, num_proc=num_proc if num_proc > 1 else None,
+            cache_file_name=str(folder / f"{stage}-{key}.arrow"), new_fingerprint=key, desc=desc or stage,
+        )
 
 
 def sample_features():

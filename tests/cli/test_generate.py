@@ -55,7 +55,7 @@ def test_adapter_alone_streams_the_answer_and_reports_the_kv_cache(final, traine
     ids = tokenizer(PROMPT).input_ids  # 74 byte tokens
     assert code == 0 and out == reference(model, tokenizer, ids, 24) + "\n"
     assert lines_starting(err, "random+final:") == [
-        "random+final: window 512 tokens (linear x2 rope over the original 256); KV cache at the full window "
+        "random+final: window 512 tokens (yarn x2 rope over the original 256); KV cache at the full window "
         "256.0 KiB (2 x 2 layers x 2 KV heads x 16 dims x 512 tokens x 4 bytes)"]
     # 74 + 24 - 1 cached positions (the last new token is never fed back): 2 x 2 x 2 x 16 x 97 x 4 bytes
     assert lines_starting(err, "prompt") == [
@@ -70,7 +70,7 @@ def test_merged_directory_answers_as_base_plus_adapter(final, cache, capsys):
         assert generate_main([*model, "--prompt", "Where is the river?", "--max-new-tokens", "20"]) == 0
         out, err = capsys.readouterr()
         answers.append(out)
-        assert "window 512 tokens (linear x2 rope over the original 256)" in err
+        assert "window 512 tokens (yarn x2 rope over the original 256)" in err
     assert answers[0] == answers[1] and answers[0].strip()
 
 
@@ -89,7 +89,7 @@ def test_window_past_the_original_accepted_and_past_the_extended_refused(final, 
                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert (refused.returncode, refused.stdout) == (2, "")
     assert refused.stderr.splitlines()[-1] == (
-        "tools/generate.py: error: the prompt is 600 tokens, over the model's window of 512 tokens (linear x2 rope "
+        "tools/generate.py: error: the prompt is 600 tokens, over the model's window of 512 tokens (yarn x2 rope "
         "over the original 256): shorten it by at least 89 tokens to leave room for an answer")
 
 

@@ -33,7 +33,7 @@ def test_merge_round_trip_matches_the_trained_model(final, merged):
     out = merged.out
     assert merged.verification.max_abs_diff <= merged.verification.tolerance
     config = json.loads((out / "config.json").read_text())
-    assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 2.0
+    assert config["rope_parameters"]["rope_type"] == "yarn" and config["rope_parameters"]["factor"] == 2.0
     assert config["max_position_embeddings"] == 512 and "quantization_config" not in config
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert AutoTokenizer.from_pretrained(out)("fish").input_ids == byte_tokenizer()("fish").input_ids
