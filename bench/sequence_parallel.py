@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import (GB, RESULTS_DIR, SMOLLM2, child_env, current_rss, emit, machine, peak_rss,  # noqa: E402
                           reset_peak_rss, run_child)
+from harness.metrics import read_step_records  # noqa: E402
 
 BOOK = ROOT / "recipes" / "data" / "books" / "jack_sheppard.txt"
 SMALL_LLAMA = ("model.init_config={vocab_size=260, hidden_size=256, intermediate_size=688, num_hidden_layers=4, "
@@ -84,7 +85,7 @@ def sp_run(ranks: int, length: int, workdir: Path, port: int) -> dict:
     finished = (output / "final" / "adapter_model.safetensors").is_file()  # a crash at exit still trained
     if code and not finished:
         return {"ranks": ranks, "status": "error", "log_tail": log.strip().splitlines()[-8:]}
-    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    records = read_step_records(output / "metrics.jsonl")
     rates = [r["tokens_per_s"] for r in records[1:]]  # step 1 includes warm-up (allocations, JIT)
     return {"ranks": ranks, "status": "ok", "length": length, "peak_rss_per_rank_bytes": peaks,
             "tokens_per_s": statistics.median(rates), "step_s": statistics.median(r["seconds"] for r in records[1:]),

@@ -25,6 +25,8 @@ a V100 makes exactly the choices a run on a V100 makes. Dtypes are names: "bf16"
     S2 piece size       how much of the query one SDPA call of S2 holds: the whole query on a GPU's
                         fused kernels, 1/PIECE_SHARE of it on the math fallback and the CPU (at
                         least CPU_PIECE_FLOOR elements there); see piece_budget
+    eval cadence        train.eval_every = -1: every N steps, N chosen so that the held-out
+                        evaluations cost about EVAL_SHARE (5%) of the training time (eval_cadence)
     SDPA math fallback  torch's fused SDPA kernels take grouped-query attention (enable_gqa)
                         only in flash form: 16-bit on Ampere or newer. Unmasked GQA elsewhere on
                         CUDA runs the math kernel, which materialises the scores.
@@ -226,3 +228,17 @@ def sdpa_math_fallback(device: Device, dtype: str, *, gqa: bool, masked: bool) -
     if not (device.cuda and gqa and not masked):
         return False
     return dtype not in HALF or device.capability < FLASH_CAPABILITY
+
+
+EVAL_SHARE = 0.05  # the long-context watch's share of training time under train.eval_every = -1 (auto)
+
+
+def eval_cadence(*, samples: int, readings: int, micro_batch_size: int, grad_accum: int,
+                 checkpointing: bool) -> int:
+    """Steps between evaluations that keep them near EVAL_SHARE of the training time.
+
+    An evaluation runs `readings` no-grad forwards of each of a replica's `samples`; a step runs
+    micro_batch_size x grad_accum samples of the same length forward and backward: about 3
+    forwards each, 4 where gradient checkpointing recomputes the forward."""
+    forwards_per_step = micro_batch_size * grad_accum * (4 if checkpointing else 3)
+    return max(1, math.ceil(samples * readings / (EVAL_SHARE * forwards_per_step)))

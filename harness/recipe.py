@@ -141,9 +141,10 @@ class TrainConfig:
     fp32_frozen_weights: bool = False  # QLoRA: peft's fp32 cast of embeddings, norms, head (fp32 residual stream)
     tiled_mlp: bool = False  # MLP in sequence tiles, recomputed in backward (harness.tiled): long sequences
     log_every: int = 1
-    eval_every: int = 0  # held-out perplexity every N steps (and at the end, whenever there is held-out data)
+    eval_every: int = -1  # held-out perplexity every N steps and at the end; -1 = auto (~5% of training time), 0 = end only
+    eval_holdout: int = 4  # no data.eval_path / eval_fraction: hold out this many target-length training samples (0: none)
     eval_batches: int = 0  # held-out samples scored at each evaluation; 0 = the whole held-out split
-    eval_s2: bool = False  # also score the target length under S2 (where S2 trains)
+    eval_s2: bool = True  # also score the target length under S2 (where S2 trains)
     eval_rises: int = 2  # warn when full-attention perplexity at the target rose this many evaluations in a row
     eval_stop: bool = False  # ... and stop the run there (checkpoint saved, no final/)
     save_every: int = 0  # 0 = only the final export

@@ -80,11 +80,12 @@ def _positive(where: str, key: str, value, *, allow_zero: bool = False) -> None:
 
 def _check_lengths(recipe: Recipe, where: str) -> None:
     position, train = recipe.position, recipe.train
-    if position.name != "none":
-        _positive(where, "position.target_length", position.target_length)
-        check_target_length(recipe, recipe.resolved.original_context)
     _positive(where, "position.factor", position.factor, allow_zero=True)
     _positive(where, "data.max_seq_length", recipe.data.max_seq_length, allow_zero=True)
+    if position.name != "none":
+        _positive(where, "position.target_length", position.target_length)
+        check_position(recipe, recipe.resolved.original_context)
+        _check_sequence_within_target(recipe, where)
     _positive(where, "train.micro_batch_size", train.micro_batch_size)
     _positive(where, "train.grad_accum", train.grad_accum)
     _positive(where, "train.lr", train.lr)
@@ -97,7 +98,10 @@ def _check_lengths(recipe: Recipe, where: str) -> None:
     _positive(where, "train.save_every", train.save_every, allow_zero=True)
     _positive(where, "train.keep_checkpoints", train.keep_checkpoints, allow_zero=True)
     _positive(where, "train.log_every", train.log_every)
-    _positive(where, "train.eval_every", train.eval_every, allow_zero=True)
+    if train.eval_every < -1:
+        raise RecipeError(f"{where}train.eval_every = {train.eval_every} must be -1 (auto: about {policy.EVAL_SHARE:.0%} of "
+                          f"the training time), 0 (only at the end) or a number of steps")
+    _positive(where, "train.eval_holdout", train.eval_holdout, allow_zero=True)
     _positive(where, "train.eval_batches", train.eval_batches, allow_zero=True)
     _positive(where, "train.eval_rises", train.eval_rises, allow_zero=True)
     if train.eval_stop and not train.eval_rises:
@@ -121,16 +125,40 @@ def _check_lengths(recipe: Recipe, where: str) -> None:
         raise RecipeError(f"{where}data.eval_fraction = {recipe.data.eval_fraction} must be in [0, 1)")
 
 
-def check_target_length(recipe: Recipe, original: int) -> None:
-    """position.target_length at least the model's original window `original` (0: not known yet); asked
-    at recipe load when a local config gives the window, and by harness.model once the config loads."""
-    target = recipe.position.target_length
-    if recipe.position.name != "none" and original and 0 < target < original:
-        where = f"{recipe.source}: " if recipe.source else ""
+def _check_sequence_within_target(recipe: Recipe, where: str) -> None:
+    """Training sequences no longer than the window the adapter's rope is saved for."""
+    length, target = recipe.data.max_seq_length, recipe.position.target_length
+    if length > target:
+        raise RecipeError(f"{where}data.max_seq_length = {length} is longer than position.target_length = {target}: "
+                          f"training would run past the rope the adapter is saved with. Raise position.target_length "
+                          f"to {length}, or lower data.max_seq_length to at most {target}")
+
+
+def check_position(recipe: Recipe, original: int) -> None:
+    """position.factor and target_length against the model's original window `original` (0: not
+    known yet); asked at recipe load when the recipe or a local config gives the window, and by
+    harness.model once the config loads."""
+    position = recipe.position
+    if position.name == "none":
+        return
+    where = f"{recipe.source}: " if recipe.source else ""
+    target, factor = position.target_length, position.factor
+    if factor and factor < 1:
+        raise RecipeError(f"{where}position.factor = {factor:g} is below 1: it would shrink the rope, not stretch it. "
+                          f"Use a factor >= 1, or 0 to derive it from position.target_length")
+    if not original:
+        return
+    if 0 < target < original:
         raise RecipeError(
             f"{where}position.target_length = {target} is shorter than the model's original context of "
             f"{original} tokens: context extension needs a longer target (e.g. {2 * original}), or "
             f"position.name = \"none\""
+        )
+    if factor and factor * original < target:
+        raise RecipeError(
+            f"{where}position.factor = {factor:g} stretches the original context of {original} tokens to "
+            f"{factor * original:g}, short of position.target_length = {target}: use a factor of at least "
+            f"{target / original:g}, or 0 to derive it (ceil({target} / {original}) = {math.ceil(target / original)})"
         )
 
 

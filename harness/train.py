@@ -53,6 +53,10 @@ if TYPE_CHECKING:
     from harness.data import DataSplits
 
 
+EVAL_OUT_OF_MEMORY = ("Lower train.eval_batches, turn the watch off (train.eval_holdout = 0, no data.eval_path), "
+                      "or score the adapter afterwards with tools/eval_ppl.py")
+
+
 class TrainError(HarnessError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
@@ -67,21 +71,26 @@ def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) ->
     """Run a recipe to the end (or to a signal); returns the output directory.
 
     `after_step(step)` is called after every optimizer step (tests use it to send signals)."""
+    from harness.backends.engine import torn_down
+
     cpu_policy = apply_recipe_policy(recipe.train)  # before anything is allocated
     engine = start_engine(recipe)
-    console = Console(stderr=True, quiet=engine.rank != 0)
-    if cpu_policy:
-        console.print(f"CPU memory: {cpu_policy}")
-    output_dir = Path(recipe.train.output_dir)
-    check_trackers(report_to(recipe))
-    with _locked(output_dir, engine):
-        resume_from = starting_point(output_dir, resolve(recipe, world_size=engine.data_world_size), engine, console)
-        session = build_session(recipe, engine=engine, console=console, resume_from=resume_from)
-        loop = Loop(session, after_step=after_step)
-        if resume_from is not None:
-            loop.resume(resume_from)
-        with _peer_loss_reported(engine, output_dir):
-            loop.run()
+    with torn_down(engine):  # engine, sub-groups, process group: on every rank, finished or failed
+        console = Console(stderr=True, quiet=engine.rank != 0)
+        if cpu_policy:
+            console.print(f"CPU memory: {cpu_policy}")
+        output_dir = Path(recipe.train.output_dir)
+        check_trackers(report_to(recipe))
+        with _locked(output_dir, engine):
+            resume_from = starting_point(output_dir, resolve(recipe, world_size=engine.data_world_size), engine,
+                                         console)
+            session = build_session(recipe, engine=engine, console=console, resume_from=resume_from)
+            loop = Loop(session, after_step=after_step)
+            if resume_from is not None:
+                loop.resume(resume_from)
+            with _peer_loss_reported(engine, output_dir):
+                loop.run()
+        del session, loop  # the model and its hooks go before the groups they hold
     return output_dir
 
 
@@ -118,6 +127,7 @@ def build_session(recipe: Recipe, *, engine: Engine | None = None, console: Cons
         from harness.data.report import print_length_stats
 
         print_length_stats(data.stats, console=console)
+        _report_held_out(recipe, data, console)
     built = build_model(recipe, training=True, base=base, console=console)
     if resume_from is not None:  # before the engine shards or wraps the parameters (FSDP: DTensors)
         checkpoint.load_adapter_weights(built.model, resume_from)
@@ -172,7 +182,29 @@ def _build_data(recipe: Recipe, tokenizer):
     kwargs = registry.table_kwargs(backend, recipe.data)
     if "max_seq_length" in kwargs:
         kwargs["max_seq_length"] = recipe.resolved.seq_len
-    return backend.fn(tokenizer, seed=recipe.train.seed, **kwargs)
+    return _with_held_out(recipe, backend.fn(tokenizer, seed=recipe.train.seed, **kwargs))
+
+
+def _with_held_out(recipe: Recipe, data: DataSplits) -> DataSplits:
+    """The held-out split the recipe names, else train.eval_holdout training samples (harness.data.held_out)."""
+    from harness.data import held_out
+
+    if data.eval is not None or not recipe.train.eval_holdout:
+        return data
+    indices = held_out.choose(data.train, recipe.train.eval_holdout, recipe.resolved.seq_len, recipe.train.seed)
+    return held_out.hold_out(data, indices) if indices else data
+
+
+def _report_held_out(recipe: Recipe, data: DataSplits, console: Console) -> None:
+    """Which training samples the watch holds out, or why it has nothing to read."""
+    if data.held_out:
+        console.print(f"Held out {len(data.held_out)} training samples of data.path (indices "
+                      f"{', '.join(map(str, data.held_out))}) for the long-context watch: never trained on. "
+                      f"data.eval_path names other text instead; train.eval_holdout = 0 turns this off")
+    elif data.eval is None and recipe.train.eval_holdout:
+        console.print(f"[yellow]No long-context watch: {len(data.train)} training samples are too few to hold out "
+                      f"train.eval_holdout = {recipe.train.eval_holdout} of them (at most 1 in 10). Set "
+                      f"data.eval_path to held-out text[/]")
 
 
 def _rank_zero_first(engine, build):
@@ -304,11 +336,29 @@ class Loop:
         self.evaluator, self.watch = _long_context_eval(recipe, engine, self.collate)
         self.step_time = StepTimeWatch(recipe.train.grad_accum)
         self.train_losses: list[float] = []  # since the last evaluation
-        self.data_fingerprints = {key: data_fingerprint(getattr(recipe.data, key.split(".")[1]))
-                                  for key in ("data.path", "data.eval_path")}
-        if recipe.train.eval_every and data is not None and data.eval is None:
+        self.data_fingerprints = {key: data_fingerprint(_setting(recipe, key)) for key in ("data.path", "data.eval_path")}
+        if data is not None and data.held_out:
+            self.data_fingerprints["train.eval_holdout"] = ",".join(map(str, data.held_out))
+        self.eval_every = self._eval_cadence()
+        if recipe.train.eval_every > 0 and data is not None and data.eval is None:
             self.console.print(f"[yellow]train.eval_every = {recipe.train.eval_every} but there is no held-out data: set "
                                f"data.eval_path or data.eval_fraction to see held-out perplexity during training[/]")
+
+    def _eval_cadence(self) -> int:
+        """train.eval_every, or under -1 (auto) the cadence that keeps evaluating near policy.EVAL_SHARE of
+        the training time (said once, with what is read)."""
+        train = self.recipe.train
+        if train.eval_every >= 0 or self.data is None or self.data.eval is None:
+            return max(train.eval_every, 0)
+        samples = -(-self._eval_count() // self.engine.data_world_size)
+        readings = 1 + bool(self.evaluator.window) + bool(self.evaluator.s2)
+        every = policy.eval_cadence(samples=samples, readings=readings, micro_batch_size=train.micro_batch_size,
+                                    grad_accum=train.grad_accum, checkpointing=train.gradient_checkpointing)
+        readings = describe_readings(self._eval_length(), self.evaluator)
+        self.console.print(f"Long-context watch: {self._eval_count()} held-out samples {readings}, every {every} "
+                           f"steps and at the last (train.eval_every = -1: about {policy.EVAL_SHARE:.0%} of the "
+                           f"training time)")
+        return every
 
     def resume(self, directory: Path) -> None:
         """Everything but the adapter weights, which train() loads before the engine prepares the model."""
@@ -327,7 +377,7 @@ class Loop:
         changed = [key for key, value in saved.items() if self.data_fingerprints.get(key) != value]
         if not changed or self.recipe.train.allow_data_change:
             return
-        where = ", ".join(f"{key} = {getattr(self.recipe.data, key.split('.')[1])!r}" for key in changed)
+        where = ", ".join(f"{key} = {_setting(self.recipe, key)!r}" for key in changed)
         raise TrainError(f"{where} changed since {directory} was saved (file names, sizes or contents differ): "
                          f"resuming would continue on other samples. Restore the data, or resume anyway with "
                          f"train.allow_data_change=true")
@@ -475,31 +525,63 @@ class Loop:
         """Every train.eval_every steps and at the last step: held-out perplexity (full attention) at
         the target and in windows of the original context; the watch warns (or stops the run) when
         the target's rises while the training loss falls."""
-        every = self.recipe.train.eval_every
+        every = self.eval_every
         if self.data.eval is None or not (self.step == self.total or (every and self.step % every == 0)):
             return
-        record = {"step": self.step, **self.evaluate()}
+        started = time.perf_counter()
+        readings = self._evaluate_within_memory()
+        if readings is None:
+            return
+        record = {"step": self.step, **readings, "eval_length": self._eval_length(),
+                  "eval_seconds": time.perf_counter() - started}
         metrics.write(record)
         progress.show_eval(record)
         self.console.print(describe_eval(record, self.recipe))
         warning = self.watch.add(self.step, record["eval_ppl"], sum(self.train_losses) / max(len(self.train_losses), 1))
         self.train_losses = []
+        if self.recipe.train.eval_stop and self.watch.best.step == self.step < self.total and not self._checkpoint_due():
+            self.save_checkpoint()  # the run may stop on a later rise: the best evaluation's adapter is kept
         if warning:
             self.console.print(f"[yellow]{warning}[/]")
             if self.recipe.train.eval_stop and self.step < self.total:
                 self.stop_signal = "train.eval_stop (full-attention perplexity at the target kept rising)"
 
+    def _evaluate_within_memory(self) -> dict[str, float] | None:
+        """evaluate(); on one GPU an evaluation that runs out of memory (full attention at the target can
+        need more than S2 training does: tools/plan_memory.py says so) is skipped for the rest of the run,
+        with a warning, and training goes on. Across ranks the others would wait for it: the run stops."""
+        try:
+            return self.evaluate()
+        except torch.OutOfMemoryError:
+            if self.engine.world_size > 1:
+                raise TrainError(f"the held-out evaluation at step {self.step} ran out of GPU memory on rank "
+                                 f"{self.engine.rank}. {EVAL_OUT_OF_MEMORY}") from None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.data = dataclasses.replace(self.data, eval=None)
+        self.console.print(f"[yellow]The held-out evaluation at step {self.step} ran out of GPU memory: skipped for "
+                           f"the rest of the run. {EVAL_OUT_OF_MEMORY}[/]")
+        return None
+
     def evaluate(self) -> dict[str, float]:
         """harness.evaluation.in_training over (a prefix of) this replica's share of the held-out split,
         padded with zero-weight samples to the largest share."""
-        count = len(self.data.eval)
-        if self.recipe.train.eval_batches:
-            count = min(count, self.recipe.train.eval_batches * self.engine.data_world_size)
-        world = self.engine.data_world_size
+        count, world = self._eval_count(), self.engine.data_world_size
         samples = [self.data.eval[i] for i in range(self.engine.data_rank, count, world)]
         rounds = -(-count // world)  # every replica runs as many forwards (ZeRO-3: each is a collective)
         samples += [zero_weight(self.data.eval[0])] * (rounds - len(samples))
         return self.evaluator.run(self.engine.module, samples)
+
+    def _eval_count(self) -> int:
+        """Held-out samples scored at each evaluation: the split, or train.eval_batches per replica."""
+        count = len(self.data.eval)
+        if self.recipe.train.eval_batches:
+            count = min(count, self.recipe.train.eval_batches * self.engine.data_world_size)
+        return count
+
+    def _eval_length(self) -> int:
+        """The longest held-out sample scored: the target, unless the held-out text is shorter."""
+        return max(len(self.data.eval[i]["input_ids"]) for i in range(self._eval_count()))
 
     def _report_best(self) -> None:
         best = self.watch.best
@@ -520,9 +602,12 @@ class Loop:
     # ----------------------------------------------------------------------- saving
 
     def _maybe_checkpoint(self) -> None:
-        every = self.recipe.train.save_every
-        if every and self.step % every == 0 and self.step < self.total:
+        if self._checkpoint_due():
             self.save_checkpoint()
+
+    def _checkpoint_due(self) -> bool:
+        every = self.recipe.train.save_every
+        return bool(every) and self.step % every == 0 and self.step < self.total
 
     def save_checkpoint(self) -> None:
         """checkpoint-<step>/, filled by every rank in a temporary directory, published when complete."""
@@ -607,10 +692,26 @@ def _long_context_eval(recipe: Recipe, engine, collate) -> tuple[LongContextEval
     return evaluator, TransferWatch(recipe.resolved.seq_len, rises=train.eval_rises, hint=hint)
 
 
+def _setting(recipe: Recipe, key: str):
+    """The recipe's value at "section.name"."""
+    section, name = key.split(".")
+    return getattr(getattr(recipe, section), name)
+
+
+def describe_readings(length: int, evaluator: LongContextEval) -> str:
+    """What an evaluation reads: at 1024 tokens (full attention), in windows of 256, under S2."""
+    parts = [f"at {length} tokens (full attention)"]
+    if evaluator.window:
+        parts.append(f"in windows of {evaluator.window}")
+    if evaluator.s2:
+        parts.append("under S2")
+    return ", ".join(parts)
+
+
 def describe_eval(record: dict, recipe: Recipe) -> str:
     """One line: step 50: held-out perplexity 6.53 at 1024 tokens, 6.41 in windows of 256, 6.40 under S2."""
-    parts = [f"step {record['step']}: held-out perplexity {record['eval_ppl']:.2f} at {recipe.resolved.seq_len} "
-             f"tokens (full attention)"]
+    length = record.get("eval_length", recipe.resolved.seq_len)
+    parts = [f"step {record['step']}: held-out perplexity {record['eval_ppl']:.2f} at {length} tokens (full attention)"]
     if "eval_ppl_window" in record:
         parts.append(f"{record['eval_ppl_window']:.2f} in windows of {recipe.resolved.original_context}")
     if "eval_ppl_s2" in record:

@@ -210,7 +210,7 @@ def test_a_finished_run_is_reported_unless_extended(tmp_path, straight):
     torch.testing.assert_close(adapter(output / rundir.FINAL_DIR), before, rtol=0, atol=0)
     train(tiny(output, "train.resume=\"auto\"", "train.max_steps=8"))  # allowed: more steps
     records = [json.loads(line) for line in (output / rundir.METRICS_FILE).read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 9))  # steps re-trained after the resume logged once
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))  # re-trained steps logged once
     assert json.loads((output / rundir.FINAL_DIR / rundir.STATE_FILE).read_text())["step"] == 8
 
 

@@ -226,7 +226,7 @@ def test_held_out_perplexity_at_target_and_window_every_n_steps_and_at_the_end(t
 
 
 def test_eval_every_without_held_out_data_says_how_to_get_it(tmp_path, capsys):
-    train(tiny(tmp_path / "run", "train.max_steps=1", "train.eval_every=1"))
+    train(tiny(tmp_path / "run", "train.max_steps=1", "train.eval_every=1", "train.eval_holdout=0"))
     err = " ".join(capsys.readouterr().err.split())
     assert "train.eval_every = 1 but there is no held-out data: set data.eval_path or data.eval_fraction" in err
 
@@ -240,13 +240,15 @@ def test_rising_full_attention_perplexity_warns_and_eval_stop_stops_the_run(tmp_
     monkeypatch.setattr(LongContextEval, "run", lambda self, module, samples: {"eval_loss": 0.0,
                                                                               "eval_ppl": next(scripted)})
     out = tmp_path / "run"
-    train(tiny(out, "train.max_steps=10", "train.eval_every=2", "train.eval_stop=true", HELD_OUT))
+    train(tiny(out, "train.max_steps=10", "train.eval_every=2", "train.eval_stop=true", "position.name=\"linear\"",
+               HELD_OUT))
     assert losses(out)[5] < losses(out)[0]
     err = " ".join(capsys.readouterr().err.split())
     assert "step 6: full-attention perplexity at 256 tokens rose 7.00 -> 7.50 -> 8.00 over steps 2-6" in err
     assert "adapters trained this way broke under full attention past their S2 group" in err
     assert "Stopped by train.eval_stop" in err
-    assert not (out / "final").exists() and [p.name for _, p in checkpoint.checkpoints(out)] == ["checkpoint-6"]
+    assert not (out / "final").exists()  # the best evaluation's checkpoint is kept beside the stop's
+    assert [p.name for _, p in checkpoint.checkpoints(out)] == ["checkpoint-2", "checkpoint-6"]
 
 
 def test_torch_save_failing_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):

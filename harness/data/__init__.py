@@ -53,6 +53,7 @@ class DataSplits:
     train: Any                  # torch Dataset or datasets.Dataset
     eval: Any | None
     stats: DataStats
+    held_out: list[int] = field(default_factory=list)  # training samples moved to eval (harness.data.held_out)
 
 
 __all__ = ["DataError", "DataSplits", "DataStats", "logger"]

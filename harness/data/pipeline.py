@@ -116,23 +116,29 @@ def build_splits(prepare: Callable, shape: Callable, *, path: str, eval_path: st
         splits = _holdout_splits(docs, docs_key, eval_fraction, seed)
     samples = {}
     for split, (records, key) in splits.items():
+        source = ("data.eval_path", eval_path) if split == "eval" and eval_path else ("data.path", path)
         lengths = np.asarray(records["length"], dtype=np.int64)
         stats.lengths[split] = lengths.tolist()
         stats.truncated[split] = int((lengths > stats.max_seq_length).sum()) if truncates else 0
         samples[split] = shape(records, key)
         stats.samples[split] = len(samples[split])
-        logger.info("data.path = %r: %s split, %d records -> %d samples", path, split, len(records),
-                    stats.samples[split])
-        _warn_if_short(path, split, int(lengths.sum()), stats.max_seq_length)
+        logger.info("%s = %r: %s split, %d records -> %d samples", *source, split, len(records), stats.samples[split])
+        _check_size(source, split, int(lengths.sum()), len(samples[split]), stats.max_seq_length)
     return DataSplits(train=samples["train"], eval=samples.get("eval"), stats=stats)
 
 
-def _warn_if_short(path: str, split: str, tokens: int, max_seq_length: int) -> None:
-    """Less text than one sequence trains on a single padded sample: say so, with the numbers."""
+def _check_size(source: tuple[str, str], split: str, tokens: int, count: int, max_seq_length: int) -> None:
+    """A split without a sample is refused; less text than one sequence is said, with the numbers: a
+    training split trains on one padded sample, a held-out one does not read the target length."""
+    key, path = source
+    if tokens <= count:  # no sample, or one token each: nothing to predict
+        raise DataError(f"{key} = {path!r}: the {split} split holds {tokens} tokens in {count} samples: no sample "
+                        f"has a next token to predict. Give it more text")
     if max_seq_length and tokens < max_seq_length:
-        logger.warning("data.path = %r: the %s split holds %d tokens, fewer than one sequence of data.max_seq_length "
-                       "= %d: it trains on one padded sample. Add text or lower data.max_seq_length",
-                       path, split, tokens, max_seq_length)
+        effect = ("it trains on one padded sample. Add text or lower data.max_seq_length" if split == "train" else
+                  "its perplexity is read at that length, not at the target. Give longer held-out text")
+        logger.warning("%s = %r: the %s split holds %d tokens, fewer than one sequence of data.max_seq_length = %d: "
+                       "%s", key, path, split, tokens, max_seq_length, effect)
 
 
 def _holdout_splits(docs, key: str, fraction: float, seed: int) -> dict:

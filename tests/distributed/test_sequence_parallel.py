@@ -33,13 +33,14 @@ SP2 = ["engine.name=\"deepspeed\"", "engine.deepspeed_config=\"launch/deepspeed/
 TOLERANCE = 1e-5
 
 
-def launch(launcher: list[str], output_dir: Path, *overrides: str, cache: Path, check: bool = True):
+def launch(launcher: list[str], output_dir: Path, *overrides: str, cache: Path, check: bool = True,
+           timeout: int = 1200):
     env = {**os.environ, "HARNESS_CACHE": str(cache), "COLUMNS": "200", "OMP_NUM_THREADS": "1",
            "PATH": os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")])}
     env.pop("WORLD_SIZE", None)
     command = [*launcher, "launch/train.py", "recipes/tiny_cpu.toml", f"train.output_dir=\"{output_dir}\"",
                *COMMON, *overrides]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result

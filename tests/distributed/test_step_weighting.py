@@ -40,17 +40,23 @@ def accelerate_ddp() -> list[str]:
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port()]
 
 
+def accelerate_fsdp() -> list[str]:
+    return [str(VENV_BIN / "accelerate"), "launch", "--config_file", "launch/accelerate/fsdp.yaml", "--num_processes",
+            "2", "--main_process_port", free_port()]
+
+
 def deepspeed(*config: str) -> tuple[list[str], list[str]]:
     return [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", free_port()], list(config)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["ddp", "zero2_offload", "sequence_parallel"])
+@pytest.mark.parametrize("path", ["ddp", "fsdp2", "zero2_offload", "sequence_parallel"])
 def test_two_ranks_weigh_every_target_token_as_one_process(reference, path):
-    """DDP and ZeRO-2 with CPU offload: 2 replicas x grad_accum 2. Sequence parallelism: 1 replica of 2 ranks x grad_accum 4."""
+    """DDP, FSDP2 and ZeRO-2 with CPU offload: 2 replicas x grad_accum 2. Sequence parallelism: 1 replica of 2 ranks x grad_accum 4."""
     base, data = reference
     launcher, engine = {
         "ddp": (accelerate_ddp(), []),
+        "fsdp2": (accelerate_fsdp(), []),
         "zero2_offload": deepspeed("engine.name=\"deepspeed\"",
                                    "engine.deepspeed_config=\"launch/deepspeed/zero2_offload.json\""),
         "sequence_parallel": deepspeed(*SP2, "train.grad_accum=4"),

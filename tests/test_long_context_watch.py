@@ -1,0 +1,106 @@
+"""The long-context watch in every run: held-out perplexity at the target without any setting.
+
+A recipe that names no held-out data gets train.eval_holdout (4) target-length samples of its
+training data held out (never trained on, named in the output, part of the resume
+fingerprint), scored with full attention at the target, in windows of the original context
+and under S2, every N steps (N from harness.policy.eval_cadence: about 5% of the training time)
+and at the last step.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import checkpoint, policy
+from harness.recipe import load_recipe
+from harness.train import build_session, train
+
+pytestmark = pytest.mark.usefixtures("session_cache")
+
+
+def tiny(output_dir: Path, *overrides: str):
+    return load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{output_dir}\"", "train.save_every=0",
+                                                 *overrides])
+
+
+def rows(output_dir: Path, key: str) -> list[dict]:
+    return [r for r in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+def test_a_recipe_without_held_out_data_is_watched_at_the_target(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny(out, "train.max_steps=2"))
+    [record] = rows(out, "eval_ppl")
+    assert record["step"] == 2 and record["eval_length"] == 512  # the target, tiny_cpu's data.max_seq_length
+    assert {"eval_ppl_window", "eval_ppl_s2"} <= record.keys() and math.isfinite(record["eval_ppl"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Held out 4 training samples of data.path (indices" in err and "never trained on" in err
+    assert "every 30 steps and at the last" in err  # 4 samples x 3 readings / (5% of 1 x 2 x 4 forwards)
+
+
+def test_held_out_samples_are_target_length_and_never_trained_on():
+    session = build_session(tiny(Path("unused")))
+    data = session.data
+    assert len(data.held_out) == 4 and set(data.held_out).isdisjoint(data.train.indices)
+    assert len(data.train) + 4 == len(data.train.samples)
+    assert all(len(data.eval[i]["input_ids"]) == 512 for i in range(4))
+
+
+def test_eval_holdout_0_turns_the_watch_off(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(out, "train.max_steps=1", "train.eval_holdout=0"))
+    assert rows(out, "eval_ppl") == []
+
+
+def test_the_auto_cadence_keeps_evaluation_near_five_percent():
+    # 4 samples x 3 readings = 12 forwards; a step of 2 x 8 samples with checkpointing = 64 forwards: 12 / 64 > 5%
+    assert policy.eval_cadence(samples=4, readings=3, micro_batch_size=2, grad_accum=8, checkpointing=True) == 4
+    assert policy.eval_cadence(samples=4, readings=3, micro_batch_size=2, grad_accum=8, checkpointing=False) == 5
+    assert policy.eval_cadence(samples=1, readings=1, micro_batch_size=64, grad_accum=64, checkpointing=True) == 1
+
+
+def test_resume_refuses_other_held_out_samples(tmp_path):
+    from harness.resume import ResumeError
+
+    out = tmp_path / "run"
+    train(tiny(out, "train.max_steps=2", "train.save_every=1", "train.eval_every=0"))
+    with pytest.raises(ResumeError, match="train.eval_holdout 4 -> 6"):
+        train(tiny(out, "train.max_steps=3", "train.save_every=1", "train.eval_every=0", "train.eval_holdout=6",
+                   "train.resume=\"auto\""))
+
+
+def test_a_held_out_file_shorter_than_the_target_says_so(tmp_path, capsys, caplog):
+    short = tmp_path / "short.txt"
+    short.write_text("x" * 24)
+    train(tiny(tmp_path / "run", "train.max_steps=1", f"data.eval_path=\"{short}\""))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "held-out perplexity" in err and "at 26 tokens (full attention)" in err and "at 512 tokens" not in err
+    assert f"data.eval_path = '{short}': the eval split holds 26 tokens" in caplog.text
+
+
+def test_a_held_out_file_with_nothing_to_predict_is_one_line(tmp_path):
+    from harness.data import DataError
+
+    tiny_file = tmp_path / "one.txt"
+    tiny_file.write_text("x")
+    with pytest.raises(DataError, match="data.eval_path = .*one.txt': the eval split holds 1 tokens in 1 samples"):
+        train(tiny(tmp_path / "run", "train.max_steps=1", f"data.eval_path=\"{tiny_file}\"", "data.add_bos=false",
+                   "data.add_eos=false"))
+
+
+def test_an_evaluation_out_of_gpu_memory_is_skipped_and_training_goes_on(tmp_path, capsys, monkeypatch):
+    from harness.evaluation.in_training import LongContextEval
+
+    def out_of_memory(self, module, samples):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    monkeypatch.setattr(LongContextEval, "run", out_of_memory)
+    out = tmp_path / "run"
+    train(tiny(out, "train.max_steps=3", "train.eval_every=1"))
+    assert (out / "final").is_dir() and len(rows(out, "loss")) == 3 and rows(out, "eval_ppl") == []
+    err = " ".join(capsys.readouterr().err.split())
+    assert "The held-out evaluation at step 1 ran out of GPU memory: skipped for the rest of the run" in err
