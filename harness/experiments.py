@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from harness.testbed import ROOT, Corpus, TestbedError, native_window, zero_shot_dir
+from harness.testbed import ROOT, Corpus, TestbedError, native_window, validation_overrides, zero_shot_dir
 
 EXTEND_RECIPE = ROOT / "recipes" / "testbed_longqlora.toml"
 
@@ -98,8 +98,7 @@ def extension_overrides(testbed: Path, corpus: Corpus, run_dir: Path, *, steps: 
     cannot resume in the harness yet, so an unfinished one starts over."""
     length = [f"position.target_length={target_length}", f"data.max_seq_length={target_length}"] if target_length else []
     resume = ["train.resume=\"never\"", "train.overwrite=true"] if row.full_finetuning else ["train.resume=\"auto\""]
-    validation = [f'data.eval_path="{corpus.validation}"'] if corpus.validation else ["train.eval_every=0"]
-    return [f'model.name_or_path="{testbed}"', f'data.path="{corpus.train}"', *validation,
+    return [f'model.name_or_path="{testbed}"', f'data.path="{corpus.train}"', *validation_overrides(corpus),
             f'train.output_dir="{run_dir}"', f"train.max_steps={steps}",
             f"train.save_every={0 if row.full_finetuning else save_every}", *resume, *length, *(row.train or ())]
 

@@ -89,10 +89,17 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 # --------------------------------------------------------------------------- the testbed
 
+def validation_overrides(corpus: Corpus) -> list[str]:
+    """The corpus's validation text as the held-out data; none at all without one (the grid's runs
+    then train on every sample, as they always have)."""
+    if corpus.validation:
+        return [f'data.eval_path="{corpus.validation}"']
+    return ["train.eval_every=0", "train.eval_holdout=0"]
+
+
 def pretrain_overrides(corpus: Corpus, output_dir: Path, overrides: Sequence[str] = ()) -> list[str]:
-    validation = [f'data.eval_path="{corpus.validation}"'] if corpus.validation else ["train.eval_every=0"]
-    return [f'data.path="{corpus.train}"', *validation, f'train.output_dir="{output_dir}"', "train.save_every=0",
-            *overrides]
+    return [f'data.path="{corpus.train}"', *validation_overrides(corpus), f'train.output_dir="{output_dir}"',
+            "train.save_every=0", *overrides]
 
 
 def testbed_key(corpus: Corpus, overrides: Sequence[str] = ()) -> str:
