@@ -9,8 +9,9 @@ Overrides are `section.key=value` as for training. The card is one of harness.me
 or --gib N; --gpus N plans one of N cards of a launch (ZeRO partitions over them, and
 engine.sequence_parallel_size shards each sequence over them). The model's shape comes from its
 config.json (local, HF cache, init_config, the built-in table, or --config). Prints the
-breakdown, the verdict, the longest sequence that fits and what to change when it does not
-(sequence parallelism among the changes when --gpus allows it); nothing is loaded.
+breakdown (the held-out evaluation's peak beside the step's), the verdict, the longest sequence
+that fits and what to change when it does not (sequence parallelism among the changes when --gpus
+allows it), and one line when the evaluation does not fit where training does; nothing is loaded.
 """
 from __future__ import annotations
 

@@ -10,9 +10,11 @@ No weights are loaded: the shape comes from a config.json (a local directory, th
     shapes      cards and model shapes (LLAMA2_SHAPES, KNOWN_SHAPES, CARDS)
     runtime     the choices a run makes on the planned device (resolve_setup -> Setup)
     rules       each backend's memory rule (register_memory_rule), the built-in backends' included
-    byte_model  the bytes of each part of a training step (plan_setup -> MemoryPlan)
+    byte_model  the bytes of each part of a training step and of the held-out evaluation between
+                steps (plan_setup -> MemoryPlan, its .evaluation an EvalPlan)
     advice      the longest sequence that fits, suggestions, the rendered table
     measure     what the byte model is validated against: torch's CPU allocator over training steps
+                and over an evaluation
 """
 from __future__ import annotations
 
@@ -20,23 +22,24 @@ import os
 
 from harness.recipe import Recipe
 
-from .advice import longest_fitting, render, suggestions
-from .byte_model import (MemoryPlan, attention_scores_bytes, layer_saved_per_token, lora_params, plan_setup,
+from .advice import eval_verdict, longest_fitting, render, suggestions
+from .byte_model import (EvalPlan, MemoryPlan, attention_scores_bytes, layer_saved_per_token, lora_params, plan_setup,
                          weight_bytes)
 from .rules import register_memory_rule
 from .runtime import BYTES, Setup, resolve_setup
 from .shapes import (ALL_LINEAR, CARDS, KNOWN_SHAPES, LLAMA2_SHAPES, Card, ModelShape, PlanError, card_named,
                      custom_card, model_shape)
 
-__all__ = ["ALL_LINEAR", "BYTES", "CARDS", "KNOWN_SHAPES", "LLAMA2_SHAPES", "Card", "MemoryPlan",
-           "ModelShape", "PlanError", "Setup", "attention_scores_bytes", "layer_saved_per_token",
+__all__ = ["ALL_LINEAR", "BYTES", "CARDS", "KNOWN_SHAPES", "LLAMA2_SHAPES", "Card", "EvalPlan", "MemoryPlan",
+           "ModelShape", "PlanError", "Setup", "attention_scores_bytes", "eval_verdict", "layer_saved_per_token",
            "longest_fitting", "lora_params", "model_shape", "plan", "register_memory_rule", "render",
            "resolve_setup", "weight_bytes"]
 
 
 def plan(recipe: Recipe, *, gpu_gib: float | None = None, seq_len: int | None = None, device: str = "cuda",
          card: str | None = None, config: str | os.PathLike | None = None, cards: int = 1) -> MemoryPlan:
-    """Predict the peak memory of one training step of `recipe`.
+    """Predict the peak memory of one training step of `recipe`, and of its held-out evaluation
+    (result.evaluation: full attention at the length, no gradients; None when nothing is held out).
 
     gpu_gib or card (a CARDS name) gives the capacity: then `fits`, `max_seq_len` and
     `suggestions` are filled. seq_len overrides the recipe's sequence length; device "cpu"
@@ -53,6 +56,8 @@ def plan(recipe: Recipe, *, gpu_gib: float | None = None, seq_len: int | None = 
     result = plan_setup(resolve_setup(recipe, shape, device=device, card=target, seq_len=seq_len, cards=cards), recipe)
     if target is not None:
         result.fits = result.peak_bytes <= target.total_bytes
+        if result.evaluation is not None:
+            result.evaluation.fits = result.evaluation.peak_bytes <= target.total_bytes
         result.max_seq_len = longest_fitting(recipe, shape, device, target, cards)
         if not result.fits:
             result.suggestions = suggestions(recipe, shape, device, target, result, cards)

@@ -3,7 +3,8 @@ breakdown as a table.
 
     longest_fitting(recipe, shape, "cuda", card)       # tokens, a multiple of SEARCH_STEP
     suggestions(recipe, shape, "cuda", card, result)   # ["chunk the loss (...): 21.40 GiB", ...]
-    render(result, console)                            # rich table + verdict
+    render(result, console)                            # rich table (training and evaluation peaks) + verdict
+    eval_verdict(result)                               # the line when the evaluation does not fit, or None
 
 Sizes are shown in GiB (2**30 bytes), MiB and KiB.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from harness.recipe import Recipe
 
-from .byte_model import GIB, MemoryPlan, plan_setup
+from .byte_model import GIB, MemoryPlan, Part, plan_setup
 from .runtime import resolve_setup
 from .shapes import MIB, Card, ModelShape
 
@@ -129,21 +130,24 @@ def _gib(size: int) -> str:
 # --------------------------------------------------------------------------- rendering
 
 def render(result: MemoryPlan, console) -> None:
-    """The breakdown as a rich table, then the verdict."""
+    """The breakdown as a rich table (the evaluation's peak beside the step's), then the verdict."""
     from rich.table import Table
 
-    s = result.shape
+    s, evaluation = result.shape, result.evaluation
     title = (f"{Path(result.recipe).name or 'recipe'}: {s.layers} layers, d={s.hidden}, V={s.vocab}; "
              f"B={result.batch}, L={result.seq_len}{_parallel_title(result)}, peak in the {result.peak_phase} phase")
+    if evaluation is not None:
+        title += f"; evaluation (1 x L, full attention, no grad) peaks in the {evaluation.peak_phase} phase"
     table = Table(title=title, show_footer=True)
     table.add_column("component", footer="peak")
     table.add_column("at peak", justify="right", footer=_gib(result.peak_bytes))
+    if evaluation is not None:
+        table.add_column("at eval peak", justify="right", footer=_gib(evaluation.peak_bytes))
     table.add_column("own size", justify="right")
     table.add_column("CPU RAM", justify="right", footer=_gib(result.cpu_bytes) if result.cpu_bytes else "")
     table.add_column("note")
-    for part in result.parts:
-        table.add_row(part.name, _size(result.at_peak(part)), _size(part.bytes),
-                      _size(part.cpu_bytes) if part.cpu_bytes else "", part.note)
+    for row in _rows(result):
+        table.add_row(*row)
     console.print(table)
     console.print(f"model shape from {s.source}; torch allocator peak (no CUDA overhead, no paged states): "
                   f"{_gib(result.allocated_bytes)}", soft_wrap=True)
@@ -151,10 +155,53 @@ def render(result: MemoryPlan, console) -> None:
         return
     verdict = "[green]fits[/]" if result.fits else "[red]does not fit[/]"
     console.print(f"Verdict: {verdict} on {result.card} ({_gib(result.capacity_bytes)}): "
-                  f"predicted peak {_gib(result.peak_bytes)}. Longest sequence that fits: "
+                  f"predicted peak {_gib(result.peak_bytes)}{_eval_peak(result)}. Longest sequence that fits: "
                   f"{result.max_seq_len or 'none'} tokens (multiples of {SEARCH_STEP}).", soft_wrap=True)
+    warning = eval_verdict(result)
+    if warning:
+        console.print(f"[yellow]{warning}[/]", soft_wrap=True)
     for number, text in enumerate(result.suggestions, 1):
         console.print(f"  {number}. {text}", soft_wrap=True)
+
+
+def _rows(result: MemoryPlan) -> list[tuple[str, ...]]:
+    """The step's parts (with what each holds at the evaluation's peak), then the evaluation's own."""
+    evaluation = result.evaluation
+
+    def row(part: Part, step: str, at_eval: str) -> tuple[str, ...]:
+        cpu = _size(part.cpu_bytes) if part.cpu_bytes else ""
+        return (part.name, step, *([at_eval] if evaluation else []), _size(part.bytes), cpu, part.note)
+
+    if evaluation is None:
+        return [row(part, _size(result.at_peak(part)), "") for part in result.parts]
+    kept = {part.name: evaluation.at_peak(part) for part in evaluation.parts}
+    own = [part for part in evaluation.parts if part.dynamic]
+    return ([row(part, _size(result.at_peak(part)), _size(kept.get(part.name, 0))) for part in result.parts]
+            + [row(part, "", _size(evaluation.at_peak(part))) for part in own])
+
+
+def _eval_peak(result: MemoryPlan) -> str:
+    evaluation = result.evaluation
+    if evaluation is None:
+        return ""
+    verdict = "fits" if evaluation.fits else "does not fit"
+    return f", the held-out evaluation's {_gib(evaluation.peak_bytes)} ({verdict})"
+
+
+def eval_verdict(result: MemoryPlan) -> str | None:
+    """One line when the held-out evaluation (full attention at the length, no gradients) does not fit
+    the card where the training step does: what the harness does then (harness.train.Loop
+    ._evaluate_within_memory) and how to avoid it."""
+    evaluation = result.evaluation
+    if evaluation is None or evaluation.fits is not False or not result.fits:
+        return None
+    then = ("on several ranks an evaluation that runs out of GPU memory stops the run" if result.cards > 1 else
+            "the first evaluation that runs out of GPU memory is skipped with a warning, the rest of the run "
+            "evaluates nothing (the long-context watch reads nothing) and training goes on")
+    return (f"The held-out evaluation does not fit: full attention at {result.seq_len} tokens without gradients "
+            f"peaks at {_gib(evaluation.peak_bytes)} ({evaluation.peak_phase} phase) where the step peaks at "
+            f"{_gib(result.peak_bytes)}; {then}. Turn the watch off with train.eval_holdout=0 and data.eval_path "
+            f"unset, or evaluate afterwards with tools/eval_ppl.py.")
 
 
 def _parallel_title(result: MemoryPlan) -> str:

@@ -21,6 +21,16 @@ Static parts (weights, LoRA, optimizer states, engine buffers, the CUDA context)
 all four. Validated on the CPU against torch's allocator (harness.memory.measure,
 bench/plan_validation.py).
 
+The long-context watch's evaluation (harness.evaluation.in_training, between two steps) is planned
+beside the step (MemoryPlan.evaluation): what persists between steps (weights, LoRA, optimizer
+states, the CUDA context; gradients are freed by zero_grad) plus one no-grad forward of one
+held-out sample, 1 x L, with full attention at L, peaking in one of three phases:
+
+    eval attention  one layer's attention: q, k, v, the kernel's output, and the larger of the
+                    kernel's (1, H, L, L) scores (materialising kernels) and o_proj's forward
+    eval mlp        one layer's MLP forward (nothing is saved across layers without gradients)
+    eval loss       one chunk of the output head and cross-entropy (all logits when unchunked)
+
 Several cards (`cards`): the plan is one card's. ZeRO partitions the LoRA optimizer states, fp32
 master weights and (stage >= 2) gradients over all ranks. Ulysses sequence parallelism
 (engine.sequence_parallel_size = N, harness.backends.sequence_parallel) gives each rank B x L/N
@@ -34,6 +44,7 @@ measured on a GPU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -51,6 +62,7 @@ CUDA_OVERHEAD_BYTES = int(0.75 * GIB)
 POOL_KEPT_AT_PEAK = 0.35  # RSS the CPU tensor pool adds at a training step's peak, per byte of train.cpu_cache_mb:
 # bench/train_step.py measured +0.07 GB (1k) and +0.10 GB (4k) over the same step without the pool, for 256 MiB
 PHASES = ("attention", "mlp", "loss", "step")
+EVAL_PHASES = ("eval attention", "eval mlp", "eval loss")
 
 # --------------------------------------------------------------------------- static memory
 
@@ -185,10 +197,17 @@ def attention_scores_bytes(setup: Setup) -> tuple[int, int]:
     saved = scores * per_score
     if setup.kernel == "eager-s2":
         saved += 2 * b * seq * seq  # the ~allowed masks saved by masked_fill, one per half
-    if setup.kernel.startswith("eager") and s.kv_heads != s.heads:
-        saved += 2 * b * seq * (s.heads - s.kv_heads) * s.head_dim * setup.dtypes.attention  # repeated k, v
+    if setup.kernel.startswith("eager"):
+        saved += _repeated_kv_bytes(setup)
     share = _unshifted_share(s) if setup.kernel == "eager-s2" else 1.0
     return saved, int(2 * 4 * scores * share)
+
+
+def _repeated_kv_bytes(setup: Setup) -> int:
+    """GQA's copies of k and v repeated to one per query head (repeat_kv, SDPA math's enable_gqa): (B, H, L, D)
+    each, beyond the H_kv heads of k and v themselves."""
+    s = setup.shape
+    return 2 * setup.batch * setup.seq_len * (s.heads - s.kv_heads) * s.head_dim * setup.dtypes.attention
 
 
 def _unshifted_share(shape: ModelShape) -> float:
@@ -230,9 +249,13 @@ def loss_bytes(setup: Setup) -> int:
     the head's 16-bit output is freed by then.
     """
     if setup.chunked and head_is_frozen(setup):
-        sixteen_bit_output = setup.autocast or setup.dtypes.base_weights == 2
-        return loss_positions(setup) * setup.shape.vocab * (6 if sixteen_bit_output else 4)
+        return loss_positions(setup) * setup.shape.vocab * (6 if _head_outputs_16_bit(setup) else 4)
     return loss_positions(setup) * setup.shape.vocab * 12
+
+
+def _head_outputs_16_bit(setup: Setup) -> bool:
+    """The output head's logits come out in 16 bits: under autocast, or from 16-bit weights."""
+    return setup.autocast or setup.dtypes.base_weights == 2
 
 
 def head_is_frozen(setup: Setup) -> bool:
@@ -259,11 +282,50 @@ class Part:
     phases: tuple[str, ...] = PHASES
     cpu_bytes: int = 0
     note: str = ""
-    dynamic: bool = False  # allocated by the training step (not by building the model)
+    dynamic: bool = False  # allocated by the work planned (the training step, or the evaluation), not before it
+
+
+class _Phased:
+    """Parts that peak together in `peak_phase` (a plan's or its evaluation's)."""
+
+    parts: list[Part]
+    peak_phase: str
+
+    def at_peak(self, part: Part) -> int:
+        return part.bytes if self.peak_phase in part.phases else 0
+
+    @property
+    def peak_bytes(self) -> int:
+        """Predicted peak device memory, CUDA overhead included."""
+        return sum(self.at_peak(part) for part in self.parts)
+
+    @property
+    def dynamic_bytes(self) -> int:
+        """What the work adds at its peak to what was there before it (what the CPU validation measures):
+        a step's activations, loss, gradients, optimizer states and temporaries; an evaluation's forward."""
+        return sum(self.at_peak(part) for part in self.parts if part.dynamic)
+
+    def breakdown(self) -> list[dict]:
+        return [{"name": p.name, "bytes": p.bytes, "at_peak": self.at_peak(p), "phases": list(p.phases),
+                 "cpu_bytes": p.cpu_bytes, "note": p.note} for p in self.parts]
 
 
 @dataclass
-class MemoryPlan:
+class EvalPlan(_Phased):
+    """The held-out evaluation between two steps: what persists of training, one no-grad forward of a
+    1 x L sample with full attention at L, and whether that fits the card (None: no card)."""
+
+    parts: list[Part]
+    peak_phase: str
+    fits: bool | None = None
+
+    def to_dict(self) -> dict:
+        return {"peak_phase": self.peak_phase, "peak_bytes": self.peak_bytes, "dynamic_bytes": self.dynamic_bytes,
+                "fits": self.fits, "breakdown": self.breakdown()}
+
+
+@dataclass
+class MemoryPlan(_Phased):
     recipe: str
     device: str
     card: str | None
@@ -280,20 +342,7 @@ class MemoryPlan:
     cards: int = 1
     sequence_parallel: int = 1
     tiled_mlp: bool = False
-
-    def at_peak(self, part: Part) -> int:
-        return part.bytes if self.peak_phase in part.phases else 0
-
-    @property
-    def peak_bytes(self) -> int:
-        """Predicted peak device memory, CUDA overhead included."""
-        return sum(self.at_peak(part) for part in self.parts)
-
-    @property
-    def dynamic_bytes(self) -> int:
-        """What one training step adds at its peak to a built model: activations, attention,
-        loss, gradients, optimizer states and temporaries (what the CPU validation measures)."""
-        return sum(self.at_peak(part) for part in self.parts if part.dynamic)
+    evaluation: EvalPlan | None = None  # None: the recipe holds nothing out, no evaluation runs
 
     @property
     def allocated_bytes(self) -> int:
@@ -318,37 +367,53 @@ class MemoryPlan:
             "dynamic_bytes": self.dynamic_bytes, "cpu_bytes": self.cpu_bytes, "fits": self.fits,
             "max_seq_len": self.max_seq_len, "suggestions": self.suggestions, "cards": self.cards,
             "sequence_parallel_size": self.sequence_parallel, "tiled_mlp": self.tiled_mlp,
-            "breakdown": [{"name": p.name, "bytes": p.bytes, "at_peak": self.at_peak(p), "phases": list(p.phases),
-                           "cpu_bytes": p.cpu_bytes, "note": p.note} for p in self.parts],
+            "breakdown": self.breakdown(),
+            "evaluation": self.evaluation.to_dict() if self.evaluation else None,
         }
 
 
 def plan_setup(setup: Setup, recipe: Recipe) -> MemoryPlan:
     """The parts of one training step of `setup` and the phase whose parts sum highest."""
     parts = _static_parts(setup) + _activation_parts(setup)
-    peaks = {phase: sum(p.bytes for p in parts if phase in p.phases) for phase in PHASES}
     card = setup.card
     return MemoryPlan(
         recipe=recipe.source, device=setup.device, card=card.name if card else None,
         capacity_bytes=card.total_bytes if card else None, shape=setup.shape, batch=setup.batch,
         seq_len=setup.seq_len, trainable_params=trainable_params(setup), parts=parts,
-        peak_phase=max(peaks, key=peaks.get), cards=setup.cards, sequence_parallel=setup.sequence_parallel,
-        tiled_mlp=setup.tiled_mlp,
+        peak_phase=_peak_phase(parts, PHASES), cards=setup.cards, sequence_parallel=setup.sequence_parallel,
+        tiled_mlp=setup.tiled_mlp, evaluation=plan_evaluation(setup) if _watch_runs(recipe) else None,
     )
 
 
+def _peak_phase(parts: list[Part], phases: tuple[str, ...]) -> str:
+    peaks = {phase: sum(p.bytes for p in parts if phase in p.phases) for phase in phases}
+    return max(peaks, key=peaks.get)
+
+
+def _watch_runs(recipe: Recipe) -> bool:
+    """Whether training evaluates held-out samples (harness.train: data.eval_path, data.eval_fraction, else
+    train.eval_holdout training samples, which the planner assumes the data has)."""
+    data = recipe.data
+    return bool(data.eval_path or data.eval_fraction > 0 or recipe.train.eval_holdout)
+
+
 def _static_parts(setup: Setup) -> list[Part]:
+    trainable = trainable_params(setup)
+    return _model_parts(setup) + _gradient_parts(setup, trainable) + _optimizer_parts(setup, trainable) \
+        + _overhead_parts(setup)
+
+
+def _model_parts(setup: Setup) -> list[Part]:
     quantized, unquantized = weight_bytes(setup)
     trainable = trainable_params(setup)
     dtypes = setup.dtypes
     lora = f"{trainable:,} trainable, {8 * dtypes.lora}-bit" if setup.rank else "full fine-tuning: the weights train"
-    parts = [
+    return [
         Part("weights (quantized linears)" if setup.quantization.quantized else "weights (linears)", quantized,
              note=setup.quantization.label(setup.double_quant, dtypes.base_weights)),
         Part("weights (embeddings, norms, head)", unquantized, note=f"{8 * dtypes.base_weights}-bit"),
         Part("LoRA parameters", trainable * dtypes.lora if setup.rank else 0, note=lora),
     ]
-    return parts + _gradient_parts(setup, trainable) + _optimizer_parts(setup, trainable) + _overhead_parts(setup)
 
 
 def _gradient_parts(setup: Setup, trainable: int) -> list[Part]:
@@ -544,3 +609,98 @@ def _kernel_note(setup: Setup) -> str:
     }[setup.kernel]
 
 
+# --------------------------------------------------------------------------- the held-out evaluation
+
+BATCH_IDS_PER_TOKEN = 4 * 8  # the collated int64 input_ids, labels, attention_mask and position_ids
+
+
+def plan_evaluation(setup: Setup) -> EvalPlan:
+    """The evaluation between two steps: what persists of training (weights, LoRA, optimizer states and
+    master weights, the CUDA context or the CPU pool; not the gradients, which zero_grad frees, nor the
+    step's temporaries) and one no-grad forward of a 1 x L held-out sample with full attention."""
+    trainable = trainable_params(setup)
+    persistent = _model_parts(setup) + _optimizer_parts(setup, trainable) + _overhead_parts(setup)
+    parts = [dataclasses.replace(p, phases=EVAL_PHASES, dynamic=False) for p in persistent if p.phases == PHASES]
+    parts += _eval_forward_parts(dataclasses.replace(setup, batch=1, grad_accum=1, group=0))
+    return EvalPlan(parts, _peak_phase(parts, EVAL_PHASES))
+
+
+def _eval_forward_parts(setup: Setup) -> list[Part]:
+    """CausalLMLoss's forward of one (1, L) sample under torch.no_grad: each layer's tensors die with it.
+    `setup` is the evaluation's: B = 1, full attention (group 0) through the kernel training runs (an
+    S2 backend's full attention is its own kernel over one group: "eager-s2" stays S2's eager kernel)."""
+    s, t, tokens = setup.shape, setup.dtypes, local_tokens(setup)
+    q_dim, kv_dim = s.heads * s.head_dim, _kv_heads_held(setup) * s.head_dim
+    # q, k after RoPE and v, the kernel's output (+ logsumexp); then its scores or o_proj, whichever is larger
+    attention = tokens * ((q_dim + 2 * kv_dim) * t.attention + _attention_saved_per_token(setup)) + max(
+        eval_scores_bytes(setup), tokens * _projection_peak(setup, "o_proj"))
+    layers = ("eval attention", "eval mlp")
+    parts = [
+        Part("held-out batch", setup.seq_len * BATCH_IDS_PER_TOKEN, phases=EVAL_PHASES, dynamic=True,
+             note="(1, L) int64 ids, labels, mask, positions"),
+        # the embedding output (the decoder holds it to the end), the layer's input, RoPE's (1, L, D) cos and sin
+        Part("eval: hidden states", tokens * (2 * s.hidden + 2 * s.head_dim) * t.stream, phases=layers, dynamic=True,
+             note="embeddings, the layer's input, RoPE cos/sin"),
+        Part("eval: attention", tokens * s.hidden * t.stream + attention, phases=("eval attention",), dynamic=True,
+             note=_eval_kernel_note(setup)),
+        Part("eval: MLP", tokens * (2 * s.hidden * t.stream + _mlp_forward_per_token(setup)), phases=("eval mlp",),
+             dynamic=True, note="the residual sum, its norm, one layer's MLP forward"),
+        Part("eval: logits + loss", tokens * s.hidden * t.stream + _eval_logits_bytes(setup), phases=("eval loss",),
+             dynamic=True, note=f"chunks of {loss_positions(setup)} positions" if setup.chunked
+             else "full (1, L, V) logits"),
+    ]
+    if setup.sequence_parallel > 1:
+        parts.append(dataclasses.replace(_all_to_all_part(setup), phases=("eval attention",)))
+    return parts
+
+
+def eval_scores_bytes(setup: Setup) -> int:
+    """One layer's (1, H, L, L) attention scores without gradients, 0 for fused kernels: 8 bytes a score
+    in every dtype at the softmax (eager: the 16-bit scores, their fp32 softmax and its 16-bit cast, or
+    fp32 scores and softmax; SDPA's math kernel computes 16-bit inputs in fp32: scores and softmax), plus
+    the causal mask and GQA's repeated k and v."""
+    if setup.kernel == "fused":
+        return 0
+    seq = setup.seq_len
+    # causal mask bytes per (query, key): transformers' eager (1, 1, L, L) additive mask in the stream dtype;
+    # S2's eager kernel, its allowed and ~allowed (1, L, L) bools; SDPA's math, an (L, L) bool and its fp32 copy
+    mask = seq * seq * {"eager-full": setup.dtypes.stream, "eager-s2": 2, "math": 5}[setup.kernel]
+    return 8 * (setup.shape.heads // setup.sequence_parallel) * seq * seq + mask + _repeated_kv_bytes(setup)
+
+
+def _projection_peak(setup: Setup, name: str) -> int:
+    """Bytes per token of one linear layer's no-grad forward at its peak, beyond its input. peft's LoRA
+    Linear4bit: result = base(x).clone() (two outputs at once), then result + lora_B(lora_A(x)) * scale,
+    holding the result, lora_B's output and its scaled copy (the LoRA dtype, or the autocast dtype) and x
+    cast for lora_A where its dtype differs; an unadapted layer, its output."""
+    s, t = setup.shape, setup.dtypes
+    fan_in, fan_out = s.linears()[name]
+    if not (setup.rank and name in setup.targets):
+        return fan_out * t.linear
+    cast = fan_in * t.lora_input if t.lora_input != t.stream else 0
+    return fan_out * max(2 * t.linear, t.linear + 2 * t.lora_input) + cast
+
+
+def _mlp_forward_per_token(setup: Setup) -> int:
+    """Bytes per token of the MLP's no-grad forward at its peak, beyond its input. down(act(gate(x)) * up(x))
+    holds act(gate) while up runs, then act(gate), up and their product, then the product while down runs;
+    a fused gate_up (Phi-3) its (1, L, 2I) output, then act(gate) and the product beside it."""
+    inter = setup.shape.intermediate * setup.dtypes.linear  # one (1, L, I) tensor
+    peak = functools.partial(_projection_peak, setup)
+    if "gate_up_proj" in setup.shape.linears():
+        return max(peak("gate_up_proj"), 4 * inter, 3 * inter + peak("down_proj"))
+    return max(peak("gate_proj"), inter + peak("up_proj"), 3 * inter, inter + peak("down_proj"))
+
+
+def _eval_logits_bytes(setup: Setup) -> int:
+    """The head and cross-entropy without gradients (harness.loss._chunk_nll_sum, or the model's logits
+    unchunked): fp32 logits and F.cross_entropy's log_softmax, 8 bytes a logit; unchunked, a 16-bit head's
+    whole output stays beside its fp32 copy (+2)."""
+    per_logit = 8 + (2 if _head_outputs_16_bit(setup) and not setup.chunked else 0)
+    return loss_positions(setup) * setup.shape.vocab * per_logit
+
+
+def _eval_kernel_note(setup: Setup) -> str:
+    if setup.kernel == "fused":
+        return "full attention, fused kernel: q, k, v, output"
+    return f"full attention, {setup.kernel} kernel: (1, H, L, L) scores, 8 bytes each"

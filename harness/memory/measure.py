@@ -2,12 +2,15 @@
 
     loop = training_loop(load_recipe("recipes/tiny_cpu.toml", ["train.grad_accum=1"]))
     allocator_peak(loop)            # bytes the steps add at their peak, over the built model
+    eval_allocator_peak(loop)       # bytes the long-context watch's evaluation adds at its peak
     static_bytes(loop.built.model)  # parameters + bitsandbytes quantization state
 
 The steps are the training loop's own (harness.train.build_session, Loop.train_step) on random
 tokens: the first allocates the optimizer states, the second is the steady state the planner
-predicts (MemoryPlan.dynamic_bytes). Not counted: memory outside torch's allocator (oneDNN
-scratch, Python objects), which the planner does not model either.
+predicts (MemoryPlan.dynamic_bytes). The evaluation is the loop's own too (Loop.evaluator: no-grad
+forwards of one held-out sample, full attention at the target; MemoryPlan.evaluation.dynamic_bytes).
+Not counted: memory outside torch's allocator (oneDNN scratch, Python objects), which the planner
+does not model either.
 """
 from __future__ import annotations
 
@@ -59,11 +62,25 @@ def train_steps(loop: Loop, steps: int = 2) -> None:
 
 
 def allocator_peak(loop: Loop, steps: int = 2) -> int:
-    """Peak of live torch CPU-allocator bytes over `steps` training steps, relative to their start:
-    torch.profiler's memory events (every allocation and free) summed in time order, the CPU
-    analogue of torch.cuda.max_memory_allocated."""
+    """Peak of live torch CPU-allocator bytes over `steps` training steps, relative to their start."""
+    return _peak_of(lambda: train_steps(loop, steps))
+
+
+def eval_allocator_peak(loop: Loop) -> int:
+    """Peak of live torch CPU-allocator bytes over one evaluation of the long-context watch, relative
+    to its start: every reading the loop's evaluator takes of one random held-out sample of the
+    target length (full attention at the target is the largest)."""
+    length = loop.recipe.resolved.seq_len
+    ids = random_batch(loop.built.model.config.vocab_size, 1, length, torch.Generator().manual_seed(0))["input_ids"]
+    sample = {"input_ids": ids[0].tolist(), "labels": ids[0].tolist(), "position_ids": list(range(length))}
+    return _peak_of(lambda: loop.evaluator.run(loop.engine.module, [sample]))
+
+
+def _peak_of(work) -> int:
+    """torch.profiler's memory events over work() (every allocation and free) summed in time order:
+    the CPU analogue of torch.cuda.max_memory_allocated, relative to the start."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_steps(loop, steps)
+        work()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
