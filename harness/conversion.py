@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import rundir
+from harness.atomic import check_output
 from harness.errors import HarnessError, first_line
 from harness.recipe import Recipe
 
@@ -67,7 +68,10 @@ def base_config(recipe: Recipe, base: str | None):
     return config
 
 
-def check_out(out: Path, overwrite: bool) -> None:
+def check_out(out: Path, overwrite: bool, inputs: list[tuple[str, str | Path | None]]) -> None:
+    """OUT, replaced whole on success: never an input or inside one or holding one (even with
+    --overwrite), writable, and not a run of its own unless --overwrite says so."""
+    check_output("OUT", out, inputs, is_file=False)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConvertError(f"{out}: already exists and is not empty; choose another OUT or pass --overwrite")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 from pathlib import Path
 
 MIB = 1 << 20
@@ -55,3 +56,16 @@ def files_fingerprint(files: list[Path]) -> str:
                 f.seek(max(MIB, size - MIB))
                 digest.update(f.read())
     return digest.hexdigest()[:16]
+
+
+def warn_if_other_base(trained_on: str, base_path: str, adapter) -> str:
+    """An adapter on a base of the same shape but other weights loads without error and computes
+    something else: warned about (the "harness" logger) and returned; "" when the weights match or
+    either fingerprint is unknown (a hub id)."""
+    here = weights_fingerprint(base_path)
+    if not (trained_on and here and here != trained_on):
+        return ""
+    warning = (f"{adapter} was trained on a base whose weight files differ from those of {base_path} (fingerprint "
+               f"{trained_on}, here {here}): its outputs will be wrong unless this is the same model")
+    logging.getLogger("harness").warning("%s", warning)
+    return warning

@@ -33,6 +33,7 @@ from harness import policy, rundir
 from harness.atomic import atomic_dir
 from harness.conversion import ConvertError, Report, Verification, base_config, check_out, read_lora_recipe, short_dtype
 from harness.errors import HarnessError, first_line
+from harness.fingerprint import warn_if_other_base
 from harness.recipe import Recipe
 
 NF4_BLOCKSIZE = 64  # bitsandbytes' Linear4bit default, which transformers' loader uses
@@ -61,11 +62,12 @@ def merge(adapter: str | Path, out: str | Path, *, base: str | None = None, dtyp
     adapter, out = adapter_dir(Path(adapter)), Path(out)
     recipe = read_lora_recipe(adapter)
     rope = rundir.read_rope(adapter)
-    check_out(out, overwrite)
+    check_out(out, overwrite, [("ADAPTER", adapter), ("--base", base)])
     from harness.backends.quantization import TORCH_DTYPES  # torch: only once the input is checked
 
     model, base_path, regime = load_base(recipe, rope, base=base, base_weights=base_weights)
     merged = rundir.attach_adapter(model, adapter).merge_and_unload()  # fp32 W + B A * alpha/r, wrappers removed
+    other_base = warn_if_other_base(recipe.resolved.base_fingerprint, base_path, adapter)  # --verify cannot see it
     merged.to(TORCH_DTYPES[dtype])
     verification = None
     with atomic_dir(out) as tmp:
@@ -75,7 +77,8 @@ def merge(adapter: str | Path, out: str | Path, *, base: str | None = None, dtyp
         del model, merged
         if verify:
             verification = verify_merged(tmp, adapter, base=base, base_weights=base_weights, tolerance=tolerance)
-    return Report(out, tensors, dtype, rope, notes=[f"base: {base_path}", f"base weights: {regime}"],
+    notes = [f"base: {base_path}", f"base weights: {regime}"] + ([f"warning: {other_base}"] if other_base else [])
+    return Report(out, tensors, dtype, rope, notes=notes,
                   verification=verification)
 
 

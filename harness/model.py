@@ -8,7 +8,6 @@ table (harness.registry.table_kwargs), so a backend never sees the whole recipe.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,8 +19,9 @@ from harness import policy, registry, rundir
 from harness.backends.position import original_context_of
 from harness.backends.quantization import TORCH_DTYPES
 from harness.base_model import materialize
+from harness.fingerprint import warn_if_other_base
 from harness.recipe import Recipe, RecipeError
-from harness.recipe_checks import check_target_length
+from harness.recipe_checks import check_position
 from harness.tokenizer import load_tokenizer
 
 
@@ -50,7 +50,7 @@ def load_base(recipe: Recipe) -> Base:
     path = materialize(cfg.name_or_path, init_config=cfg.init_config, init_seed=cfg.init_seed, gguf_file=cfg.gguf_file)
     config = _load_config(path, cfg.trust_remote_code)
     original = original_context_of(config, cfg.original_context)
-    check_target_length(recipe, original)
+    check_position(recipe, original)
     return Base(path, config, load_tokenizer(cfg.tokenizer or path), original)
 
 
@@ -185,13 +185,15 @@ def _gib(size: int) -> str:
 # --------------------------------------------------------------------------- inference
 
 def load_for_eval(model_path: str, *, adapter: str | None = None, load_in_4bit: bool = False,
-                  attention: str = "full", tokenizer: str | None = None, rope_factor: float = 0.0):
+                  attention: str = "full", tokenizer: str | None = None, rope_factor: float = 0.0,
+                  position: str = "linear"):
     """(model, tokenizer, label) for evaluation tools.
 
     With an adapter or checkpoint directory, its saved recipe supplies the base model (unless
     `model_path` names one), the rope settings and the tokenizer: nothing is typed twice.
     Without one, `model_path` is used as it is (a merged model carries its rope in config.json),
-    or with linear PI by `rope_factor` (zero-shot interpolation, no training).
+    or with its rope stretched by `rope_factor` (zero-shot, no training) by the position backend
+    `position` (linear PI unless named: dynamic, yarn, llama3).
     """
     from harness.recipe import AdapterConfig, AttentionConfig, QuantizationConfig
 
@@ -203,7 +205,7 @@ def load_for_eval(model_path: str, *, adapter: str | None = None, load_in_4bit: 
         attention=AttentionConfig(name="s2" if attention == "s2" else "full", at_inference=attention == "s2",
                                   group_ratio=recipe.attention.group_ratio, group_size=recipe.attention.group_size),
         adapter=AdapterConfig(name="none"),
-        position=recipe.position if adapter else _zero_shot_position(rope_factor),
+        position=recipe.position if adapter else _zero_shot_position(rope_factor, position),
     )
     if tokenizer:
         recipe = replace(recipe, model=replace(recipe.model, tokenizer=tokenizer))
@@ -211,28 +213,19 @@ def load_for_eval(model_path: str, *, adapter: str | None = None, load_in_4bit: 
     built = build_model(recipe, training=False, with_adapter=False, base=base)
     model = built.model
     if adapter:
-        _warn_other_base(recipe.resolved.base_fingerprint, base.path, adapter)
-        model = rundir.attach_adapter(model, adapter)
+        model = rundir.attach_adapter(model, adapter)  # other shapes: an error, and no warning before it
+        warn_if_other_base(recipe.resolved.base_fingerprint, base.path, adapter)
     label = Path(model_path or recipe.model.name_or_path).name + (f"+{Path(adapter).name}" if adapter else "")
-    label += f"+PI x{rope_factor:g}" if rope_factor and not adapter else ""
+    label += f"+{'PI' if position == 'linear' else position} x{rope_factor:g}" if rope_factor and not adapter else ""
     return model.eval(), built.tokenizer, label
 
 
-def _warn_other_base(trained_on: str, base_path: str, adapter: str) -> None:
-    """An adapter on a base of the same shape but other weights loads without error and gives wrong outputs."""
-    from harness.fingerprint import weights_fingerprint
-
-    here = weights_fingerprint(base_path)
-    if trained_on and here and here != trained_on:
-        logging.getLogger("harness").warning(
-            "%s was trained on a base whose weight files differ from those of %s (fingerprint %s, here %s): its "
-            "outputs will be wrong unless this is the same model", adapter, base_path, trained_on, here)
-
-
-def _zero_shot_position(rope_factor: float):
+def _zero_shot_position(rope_factor: float, position: str):
+    """The stretch as a recipe's [position] table: target_length 0, so the backend widens the window by
+    the factor (dynamic NTK keeps the original there, as transformers reads it)."""
     from harness.recipe import PositionConfig
 
-    return PositionConfig(name="linear", factor=rope_factor) if rope_factor else PositionConfig(name="none")
+    return PositionConfig(name=position, factor=rope_factor) if rope_factor else PositionConfig(name="none")
 
 
 def _eval_recipe(model_path: str, adapter: str | None) -> Recipe:

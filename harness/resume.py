@@ -27,6 +27,12 @@ SAFE_CHANGES = frozenset({
     "train.tensorboard", "train.report_to", "train.output_dir",
     "data.num_proc", "data.cache_dir", "engine.deepspeed_config",
 })
+# Keys that change only how much memory a step takes (and its speed), not what it computes: allowed,
+# and named on one line of their own.
+MEMORY_ONLY_CHANGES = frozenset({
+    "train.gradient_checkpointing", "train.chunked_loss", "train.cpu_cache_mb", "attention.kernel",
+    "train.offload_activations",
+})
 COMPARED_RESOLVED = ("resolved.seq_len", "resolved.effective_batch_size")
 
 
@@ -48,6 +54,7 @@ def starting_point(output_dir: Path, recipe: Recipe, engine, console: Console) -
                           f"was 0). Start over with train.overwrite=true, or choose another train.output_dir")
     if latest is not None:
         show_changes(rundir.read_recipe(latest), recipe, latest, console)
+        _say_if_nothing_to_train(latest, recipe, console)
     else:
         console.print(f"[yellow]Nothing to resume in {output_dir}: no checkpoint there; training from step 0[/]")
     return latest
@@ -86,6 +93,18 @@ def _check_extended(final: Path, recipe: Recipe) -> None:
                           f"resume with a larger train.max_steps; to start over, train.overwrite=true")
 
 
+def _say_if_nothing_to_train(latest: Path, recipe: Recipe, console: Console) -> None:
+    """A checkpoint at or past train.max_steps: the loop trains no step and exports its adapter as it is."""
+    done, wanted = int(rundir.CHECKPOINT_NAME.match(latest.name).group(1)), recipe.train.max_steps
+    if wanted <= 0 or done < wanted:  # max_steps 0: the epochs decide, once the data is known
+        return
+    what = f"train.max_steps = {wanted} is below the {done} steps {latest.name} already trained" if wanted < done \
+        else f"{latest.name} already trained train.max_steps = {wanted} steps"
+    undo = f". To stop at step {wanted} instead, start over with train.overwrite=true" if wanted < done else ""
+    console.print(f"[yellow]{what}: no step is trained; its adapter (step {done}) is exported to "
+                  f"{latest.parent / rundir.FINAL_DIR}{undo}[/]")
+
+
 def intact_checkpoint(output_dir: Path, console: Console) -> Path | None:
     """The newest checkpoint whose manifest matches its files; damaged ones are named and passed over."""
     found = checkpoint.checkpoints(output_dir)
@@ -111,14 +130,18 @@ def show_changes(saved: Recipe, recipe: Recipe, directory: Path, console: Consol
     changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key)
                      and (not key.startswith("resolved.") or key in COMPARED_RESOLVED))
     lines = {key: f"{key} {before.get(key)!r} -> {after.get(key)!r}" for key in changed}
-    refused = [lines[key] for key in changed if key not in SAFE_CHANGES]
+    refused = [lines[key] for key in changed if key not in SAFE_CHANGES | MEMORY_ONLY_CHANGES]
     if refused:
         raise ResumeError(f"resume cannot honour these changes to the recipe saved in {directory}: "
                           f"{'; '.join(refused)}. Undo them, or start a new run (another train.output_dir, or "
                           f"train.overwrite=true)")
     for key in changed:
-        if key != "train.resume":  # --resume itself
+        if key in SAFE_CHANGES and key != "train.resume":  # --resume itself
             console.print(f"Resuming with a changed setting: {lines[key]}")
+    memory = [lines[key] for key in changed if key in MEMORY_ONLY_CHANGES]
+    if memory:
+        console.print(f"Resuming with changed memory settings: {'; '.join(memory)}: they change only the memory "
+                      f"(and speed) of a step, not what it computes")
 
 
 def _flat(recipe: Recipe) -> dict:

@@ -34,7 +34,8 @@ def zero_to_adapter(checkpoint: str | Path, out: str | Path, *, tag: str | None 
     deepspeed_dir, tag = find_deepspeed_checkpoint(checkpoint, tag)
     sidecars = _sidecar_dir(checkpoint, deepspeed_dir, recipe_file)
     recipe = read_lora_recipe(sidecars)
-    check_out(out, overwrite)
+    check_out(out, overwrite, [("CHECKPOINT", checkpoint), ("its DeepSpeed state", deepspeed_dir),
+                               ("the recipe", sidecars / rundir.RECIPE_FILE), ("--base", base)])
     config = base_config(recipe, base)
     peft_model = _meta_peft_model(recipe, config, sidecars)
     weights = _zero_trainable_weights(deepspeed_dir, tag)

@@ -1,6 +1,6 @@
 """`tools/eval_ppl.py --model M [--model M2 ...] --data DATA --seq-lens 1024,2048`: perplexity per length.
 
-Each --model (with its --adapter, --label, --rope-factor) is scored on the same data at every
+Each --model (with its --adapter, --label, --rope-factor, --position) is scored on the same data at every
 length (harness.evaluation.compare_models); a table, and JSON and a plot on request.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from harness.cli.args import Parser, int_list, positive_int, run
-from harness.cli.model_args import add_model_arguments, model_specs
+from harness.cli.model_args import add_model_arguments, check_report_outputs, model_specs
 from harness.evaluation.compare import PplSettings, compare_models
 from harness.evaluation.perplexity import PROTOCOLS
 from harness.evaluation.report import report_ppl
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
 
 
 def _eval_ppl(args: argparse.Namespace) -> None:
-    specs = model_specs(args, args.model, args.adapter, args.label, args.rope_factor)
+    specs = model_specs(args, args.model, args.adapter, args.label, args.rope_factor, args.position)
+    check_report_outputs(args, specs, args.data)
     settings = PplSettings(args.seq_lens, args.protocol, args.stride, args.sliding_window, args.max_tokens,
                            args.batch_size)
     records = compare_models(specs, args.data, settings, split=args.split, text_field=args.text_field)

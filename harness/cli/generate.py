@@ -58,7 +58,8 @@ def _generate(args: argparse.Namespace, prog: str) -> None:
     if not args.model and not args.adapter:
         raise UsageError("no model: give --adapter DIR (a checkpoint or final/ directory) or --model M (a merged "
                          "directory, hub id or .gguf file)")
-    [spec] = model_specs(args, [args.model or ""], [args.adapter or "none"], None, [args.rope_factor or 0.0])
+    [spec] = model_specs(args, [args.model or ""], [args.adapter or "none"], None, [args.rope_factor or 0.0],
+                         [args.position])
     from harness.evaluation.models import load_model  # torch and transformers: only once the input is checked
 
     model, tokenizer, label = load_model(spec)

@@ -6,12 +6,13 @@ a table of accuracies, and JSON and a heatmap on request.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from rich.console import Console
 
 from harness.cli.args import Parser, UsageError, depth_list, int_list, positive_int, run
-from harness.cli.model_args import add_model_arguments, model_specs
+from harness.cli.model_args import add_model_arguments, check_report_outputs, model_specs
 from harness.evaluation.models import load_model
 from harness.evaluation.passkey import build_prompt, evaluate_passkey, passkeys
 from harness.evaluation.perplexity import EvaluationError
@@ -40,13 +41,15 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
 
 def _passkey(args: argparse.Namespace) -> None:
     [spec] = model_specs(args, [args.model] if args.model else None, [args.adapter] if args.adapter else None, None,
-                         [args.rope_factor or 0.0])
+                         [args.rope_factor or 0.0], [args.position])
+    check_report_outputs(args, [spec])
     model, tokenizer, label = load_model(spec)
     for length in args.lengths:  # a length too short for the bare prompt fails before any generation
         try:
             build_prompt(tokenizer, length, 0.0, passkeys(args.seed, 1)[0])
         except EvaluationError as error:
             raise UsageError(f"--lengths {length}: {error}") from None
+    _note_past_the_window(model, label, args.lengths)
     with progress_bar(f"passkey {label}", unit="trial") as progress:
         result = evaluate_passkey(model, tokenizer, args.lengths, args.depths, args.trials, args.seed,
                                   progress=progress)
@@ -55,3 +58,14 @@ def _passkey(args: argparse.Namespace) -> None:
         write_passkey_json(result, args.json)
     if args.plot:
         plot_passkey(result, args.plot)
+
+
+def _note_past_the_window(model, label: str, lengths: list[int]) -> None:
+    """One line for the lengths past the model's window (in place of transformers' reminder at each call)."""
+    from harness.generation import context_window
+
+    window = context_window(model.config)
+    past = [length for length in lengths if length > window.tokens]
+    if past:
+        print(f"note: --lengths {','.join(map(str, past))} past the window of {label}, {window.describe()}: "
+              f"measured as asked", file=sys.stderr)

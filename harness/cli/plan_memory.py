@@ -1,8 +1,10 @@
 """`tools/plan_memory.py RECIPE [section.key=value ...] (--gpu CARD | --gib N)`: a recipe's peak GPU memory.
 
     python tools/plan_memory.py recipes/llama2_13b_12k.toml --gpu v100-32gb
-    python tools/plan_memory.py recipes/llama2_7b_8k.toml data.max_seq_length=32768 --gib 24 --json
-    python tools/plan_memory.py recipes/llama2_7b_8k.toml data.max_seq_length=524288 --gpu a100-80gb --gpus 8 \
+    python tools/plan_memory.py recipes/llama2_7b_8k.toml data.max_seq_length=32768 position.target_length=32768 \
+        --gib 24 --json
+    python tools/plan_memory.py recipes/llama2_7b_8k.toml data.max_seq_length=524288 position.target_length=524288 \
+        --gpu a100-80gb --gpus 8 \
         engine.name=deepspeed engine.deepspeed_config=launch/deepspeed/zero2_offload.json engine.sequence_parallel_size=8
 
 Overrides are `section.key=value` as for training. The card is one of harness.memory.CARDS

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from harness.atomic import check_output
 from harness.cli.args import Parser, run
 from harness.data import DataError
 
@@ -47,28 +48,18 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
 def _prepare(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s",  # the data warnings, with file:line
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)])
-    _check_inputs_kept(args.input, args.output)
+    _check_inputs_kept(args)
     tokenizer = _load_tokenizer(args.tokenizer)
     inputs = [_documents(tokenizer, source, args) for source in args.input]
     info = _write(args, tokenizer, inputs)
     Console().print(_summary(args, inputs, info))
 
 
-def _check_inputs_kept(inputs: list[str], output: str) -> None:
-    """The token file and its sidecar never land on an input: compared as resolved paths (links,
-    "..", "~"), the files inside input folders and globs included."""
-    from pathlib import Path
-
-    from harness.fingerprint import data_files
-
-    written = {Path(output).expanduser().resolve(), Path(output + ".json").expanduser().resolve()}
-    for source in inputs:
-        if source.startswith("hub:"):
-            continue
-        for file in data_files(source):
-            if file.resolve() in written:
-                raise DataError(f"--output {output} would overwrite the input {file} (the token file or its "
-                                f"sidecar {Path(output).name}.json): choose another --output")
+def _check_inputs_kept(args: argparse.Namespace) -> None:
+    """Neither the token file nor its sidecar lands on an input (harness.atomic.check_output)."""
+    inputs = [("--input", source) for source in args.input] + [("--tokenizer", args.tokenizer)]
+    for output in (args.output, args.output + ".json"):
+        check_output("--output", output, inputs)
 
 
 def _load_tokenizer(name: str):

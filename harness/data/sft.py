@@ -4,7 +4,7 @@ Record formats (data.format; "auto" picks one per record from its fields):
 - ``vicuna``: {"input", "output"} (LongQLoRA's single-turn records) or
   {"conversation": [{"human", "assistant"}, ...]}; an optional "system" field;
 - ``sharegpt``: {"conversations": [{"from": "human" | "gpt" | "system", "value"}, ...]};
-- ``messages``: {"messages": [{"role", "content"}, ...]}.
+- ``messages``: {"messages": [{"role": "system" | "user" | "assistant", "content"}, ...]}.
 
 vicuna and sharegpt records are rendered with the Vicuna v1.1 template (FastChat's
 "vicuna_v1.1", which the paper uses for Vicuna-13B):
@@ -42,6 +42,7 @@ from harness.data.sources import Record, Report, iter_records
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 FORMATS = ("auto", "vicuna", "sharegpt", "messages")
+MESSAGE_ROLES = ("system", "user", "assistant")  # what the loss masking knows: replies are the assistant's
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -209,8 +210,14 @@ def _from_sharegpt(record: dict) -> list[dict]:
 
 
 def _from_messages(record: dict) -> list[dict]:
-    return [{"role": _field(m, "role", f"turn {i}: "), "content": _field(m, "content", f"turn {i}: ")}
-            for i, m in enumerate(_turns(record, "messages"))]
+    messages = []
+    for index, turn in enumerate(_turns(record, "messages")):
+        role = _field(turn, "role", f"turn {index}: ")
+        if role not in MESSAGE_ROLES:  # a chat template renders an unknown role as it likes: often as a reply
+            raise _BadRecord("malformed conversation", f"turn {index}: unknown role 'role': {role!r}",
+                             f"use one of {', '.join(MESSAGE_ROLES)}")
+        messages.append({"role": role, "content": _field(turn, "content", f"turn {index}: ")})
+    return messages
 
 
 def render_vicuna(messages: list[dict], system_prompt: str, eos: str) -> tuple[str, list[tuple[int, int]]]:

@@ -7,7 +7,8 @@
     free_memory()
 
 A spec is a base (hub id, HF directory or .gguf file), optionally with an adapter or
-checkpoint directory, or with zero-shot linear PI (`rope_factor`); harness.model.load_for_eval
+checkpoint directory, or with a zero-shot rope stretch (`rope_factor`, by the position backend
+`position`: linear PI unless named); harness.model.load_for_eval
 builds it. Messages name the evaluation tools' options (--model, --adapter).
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ class ModelSpec:
     model: str  # "" with an adapter: the base its saved recipe names
     adapter: str | None = None
     label: str | None = None  # None: the label load_for_eval gives
-    rope_factor: float = 0.0  # zero-shot linear PI without an adapter; 0: the model's own rope
+    rope_factor: float = 0.0  # zero-shot stretch without an adapter; 0: the model's own rope
+    position: str = "linear"  # the position backend that stretches by rope_factor: linear, dynamic, yarn, llama3
     tokenizer: str | None = None  # override: hub id, directory or builtin:bytes
     load_in_4bit: bool = False
     attention: str = "full"  # full | s2
@@ -37,7 +39,7 @@ def load_model(spec: ModelSpec):
     try:
         model, tokenizer, label = load_for_eval(spec.model, adapter=spec.adapter, load_in_4bit=spec.load_in_4bit,
                                                 attention=spec.attention, tokenizer=spec.tokenizer,
-                                                rope_factor=spec.rope_factor)
+                                                rope_factor=spec.rope_factor, position=spec.position)
     except HarnessError:  # already a message for the user
         raise
     except Exception as error:  # noqa: BLE001 - any failure of the loaders is reported, not a traceback

@@ -17,8 +17,11 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColum
 from rich.table import Table
 from rich.text import Text
 
+from harness import atomic
 from harness.evaluation.passkey import PasskeyResult
-from harness.evaluation.perplexity import PerplexityResult
+from harness.evaluation.perplexity import EvaluationError, PerplexityResult
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")  # what matplotlib writes without extra packages
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ def ppl_table(records: Sequence[PplRecord]) -> Table:
 
 
 def write_ppl_json(records: Sequence[PplRecord], path: str | Path) -> None:
-    Path(path).write_text(json.dumps({"results": [asdict(r) for r in records]}, indent=2) + "\n")
+    _write_json({"results": [asdict(r) for r in records]}, path)
 
 
 def report_ppl(records: Sequence[PplRecord], *, json_path: Path | None = None, plot_path: Path | None = None) -> None:
@@ -74,7 +77,10 @@ def report_ppl(records: Sequence[PplRecord], *, json_path: Path | None = None, p
 
 
 def plot_ppl(records: Sequence[PplRecord], path: str | Path) -> None:
-    """Perplexity against context length, one line per model (log2 x; log y over a wide range)."""
+    """Perplexity against context length, one line per model (log2 x, log y: a zero-shot blow-up does
+    not flatten the lines below it)."""
+    from matplotlib.ticker import LogFormatter
+
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6.4, 4.4))
     for name, by_length in _series(records).items():
@@ -82,12 +88,12 @@ def plot_ppl(records: Sequence[PplRecord], path: str | Path) -> None:
         axes.plot(lengths, [by_length[n].ppl for n in lengths], marker="o", label=name)
     lengths = sorted({r.seq_len for r in records})
     axes.set_xscale("log", base=2)
-    values = [r.ppl for r in records]
-    if max(values) > 10 * min(values):  # e.g. a base model blowing up past its trained length
-        axes.set_yscale("log")
+    axes.set_yscale("log")  # equal ratios, equal heights: 7.8 against 8.3 reads the same beside a 21
+    axes.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))  # 10, not 10^1
+    axes.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))  # 8, 9, 20
     axes.set_xticks(lengths, [str(n) for n in lengths])
     axes.set_xlabel("context length (tokens)")
-    axes.set_ylabel("perplexity")
+    axes.set_ylabel("perplexity (log scale)")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     _save(figure, path)
@@ -108,7 +114,13 @@ def passkey_table(result: PasskeyResult) -> Table:
 
 
 def write_passkey_json(result: PasskeyResult, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    _write_json(result.to_dict(), path)
+
+
+def _write_json(content: dict, path: str | Path) -> None:
+    """Atomically (a file that was there stays whole until the new one is complete), its folder made."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(path, json.dumps(content, indent=2) + "\n")
 
 
 def plot_passkey(result: PasskeyResult, path: str | Path) -> None:
@@ -137,8 +149,16 @@ def _pyplot():
     return plt
 
 
+def check_plot_path(flag: str, path: Path) -> None:
+    """A figure's format comes from its suffix: one matplotlib cannot write fails before any scoring."""
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise EvaluationError(f"{flag} {path}: {path.suffix or 'no suffix'} is not a figure format; end the name "
+                              f"in {', '.join(PLOT_SUFFIXES)}")
+
+
 def _save(figure, path: str | Path) -> None:
     figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     _pyplot().close(figure)
 

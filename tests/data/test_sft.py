@@ -137,3 +137,19 @@ def test_messages_need_a_chat_template(byte_tokenizer, tmp_path):
     byte_tokenizer.chat_template = None
     with pytest.raises(DataError, match="no chat template"):
         sft(byte_tokenizer, tmp_path, [MESSAGES])
+
+
+@pytest.mark.parametrize("role", ["User", "tool", "asistant"])
+def test_messages_with_an_unknown_role_are_refused_by_name(byte_tokenizer, tmp_path, caplog, role):
+    """A role the masking does not know is not rendered as a reply and trained on: the record is
+    skipped with its file:line, the role and the allowed ones, as for an unknown ShareGPT speaker."""
+    caplog.set_level(logging.WARNING, logger="harness.data")
+    records = [{"messages": [{"role": "user", "content": "q"}, {"role": role, "content": "not a reply"},
+                             {"role": "assistant", "content": "a"}]}, MESSAGES]
+    splits = sft(byte_tokenizer, tmp_path, records)
+    assert splits.stats.skipped == {"malformed conversation": 1} and len(splits.train) == 1
+    path = tmp_path / "chats.jsonl"
+    expected = f"{path}:1: turn 1: unknown role 'role': {role!r}; skipped (use one of system, user, assistant)"
+    assert expected in [r.getMessage() for r in caplog.records]
+    with pytest.raises(DataError, match=rf"{path}:1: turn 1: unknown role 'role': {role!r}; use one of system, user"):
+        sft(byte_tokenizer, tmp_path, records, strict=True)
