@@ -55,7 +55,19 @@ def machine() -> dict:
         "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})",
         "load_average": os.getloadavg(),  # other processes may share the CPU
+        **cpu_record(),
     }
+
+
+def cpu_record() -> dict:
+    """lscpu's model name and flags: which instructions (AVX-512, AVX512-BF16) the numbers ran on."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "LC_ALL": "C"}).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"cpu_model": platform.processor() or platform.machine(), "cpu_flags": []}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return {"cpu_model": fields.get("Model name", "").strip(), "cpu_flags": fields.get("Flags", "").split()}
 
 
 def load_average() -> float:

@@ -16,7 +16,8 @@ import torch
 
 from harness import rundir
 from harness.backends import fsdp
-from harness.backends.engine import EngineError, Hyper, check_group, forming_group, is_quantized, trainable
+from harness.backends.engine import (EngineError, Hyper, check_group, forming_group, is_quantized, release_groups,
+                                     trainable)
 from harness.registry import register
 
 
@@ -42,6 +43,14 @@ class AccelerateEngine:
 
         with forming_group():
             self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        try:
+            self._join()
+        except BaseException:
+            self.teardown()  # a refused launch leaves no group behind either
+            raise
+
+    def _join(self) -> None:
+        """This rank's place: rank, world size and device; the world size checked; FSDP asked for or not."""
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.data_rank, self.data_world_size, self.sequence = self.rank, self.world_size, None  # no sequence parallelism
@@ -140,3 +149,16 @@ class AccelerateEngine:
             return value
         tensor = torch.tensor([value], device=self.device, dtype=torch.float64)
         return float(self.accelerator.reduce(tensor, reduction="mean"))
+
+    def teardown(self) -> None:
+        """The prepared module (DDP's reducer or FSDP's shards hold the group), optimizer and scheduler, which
+        accelerate lets go of too; then the process group (FSDP's mesh is a view of it)."""
+        import torch.distributed as dist
+
+        self.module = self.optimizer = self.scheduler = None
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None:
+            accelerator.free_memory()  # its own lists of prepared models and optimizers
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        release_groups()

@@ -23,7 +23,8 @@ import torch
 
 from harness import policy, rundir
 from harness.backends import sequence_parallel
-from harness.backends.engine import EngineError, Hyper, check_group, forming_group, is_quantized, trainable
+from harness.backends.engine import (EngineError, Hyper, check_group, forming_group, is_quantized, release_groups,
+                                     trainable)
 from harness.registry import register
 
 
@@ -54,6 +55,15 @@ class DeepSpeedEngine:
         with forming_group():
             _set_single_process_variables()
             deepspeed.init_distributed(dist_backend=backend)
+        _gather_without_deprecation()
+        try:
+            self._join(dist)
+        except BaseException:
+            self.teardown()  # a refused launch leaves no group behind either
+            raise
+
+    def _join(self, dist) -> None:
+        """This rank's place: rank, world size and device; the world size checked; the sequence groups."""
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -191,6 +201,31 @@ class DeepSpeedEngine:
         dist.all_reduce(tensor)
         return float(tensor) / self.world_size
 
+    def teardown(self) -> None:
+        """DeepSpeed's engine (its optimizer's hooks and buffers), then the sequence-parallel groups (the
+        harness's attention lets go of them), then the process group with every group DeepSpeed made;
+        deepspeed.comm drops its references to them, and the groups' gloo threads are joined here."""
+        module, self.module, self.optimizer, self.scheduler = getattr(self, "module", None), None, None, None
+        if module is not None:
+            module.destroy()
+            del module
+        import deepspeed.comm as ds_comm
+        import torch.distributed as dist
+
+        if self.sequence is not None:
+            sequence_parallel.release(self.sequence)
+        if self.mpu is not None:
+            groups = (self.mpu.get_sequence_parallel_group(), self.mpu.get_sequence_data_parallel_group())
+            self.mpu = None
+            for group in groups:
+                ds_comm.destroy_process_group(group)
+            del groups
+        if ds_comm.is_initialized() and dist.is_initialized():
+            ds_comm.destroy_process_group()
+        elif dist.is_initialized():  # DeepSpeed's init_distributed failed after torch formed the group
+            dist.destroy_process_group()
+        release_groups()
+
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
 
@@ -209,3 +244,15 @@ def _set_single_process_variables() -> None:
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
                         ("MASTER_PORT", str(port))):
         os.environ.setdefault(name, value)
+
+
+def _gather_without_deprecation() -> None:
+    """DeepSpeed's torch backend picks torch.distributed.all_gather_into_tensor for ZeRO's all-gathers (the
+    first that exists); torch 2.13 deprecates it for all_gather_single, the same function, and every rank
+    printed a FutureWarning. DeepSpeed asks its backend object for the function it chose: give it the new one."""
+    import deepspeed.comm.comm as ds_comm
+    import torch.distributed as dist
+
+    backend = getattr(ds_comm, "cdb", None)
+    if hasattr(dist, "all_gather_single") and getattr(backend, "all_gather_function", None) is not None:
+        backend.all_gather_function = dist.all_gather_single

@@ -11,6 +11,15 @@ asks which engine it has):
     engine.save_state(dir) / load_state(dir)   optimizer + scheduler (+ DeepSpeed's own files)
     with engine.gathered(model) as whole:  sharded trainable parameters made whole: ZeRO-3 in place
                                            (whole is None), FSDP as {name: full tensor}
+    engine.teardown()                      at the end of every run, finished or failed, on every rank: what
+                                           setup and prepare started, undone in reverse (the engine's own
+                                           state, its sub-groups, the process group); again: nothing.
+                                           A setup that fails tears down what it started itself.
+
+Why teardown: a process that leaves its gloo process groups to interpreter exit tears them down in
+whatever order finalization and the C++ static destructors reach them, while their threads still
+run; now and then a rank then dies after its last line with "terminate called without an active
+exception" and the launcher exits nonzero (docs/faults.md, issue 34).
 
 Ranks and data: `rank` / `world_size` count processes; `data_rank` / `data_world_size` count
 data-parallel replicas, which read different samples. They differ under sequence parallelism
@@ -23,6 +32,8 @@ and harness.backends.deepspeed_engine (ZeRO-2/3, CPU offload).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Protocol
@@ -67,6 +78,7 @@ class Engine(Protocol):
     def gathered(self, model) -> ContextManager: ...
     def barrier(self) -> None: ...
     def all_mean(self, value: float) -> float: ...
+    def teardown(self) -> None: ...
 
 
 # --------------------------------------------------------------------------- shared by the engines
@@ -109,3 +121,23 @@ def local_shard(parameter: torch.Tensor) -> torch.Tensor:
     if hasattr(parameter, "ds_tensor"):
         return parameter.ds_tensor
     return parameter.to_local() if hasattr(parameter, "to_local") else parameter
+
+
+@contextlib.contextmanager
+def torn_down(engine: Engine):
+    """Run the body, then engine.teardown() whatever happened. After a failure the body's error is the
+    one that propagates: a teardown that fails then (a peer already gone) does not replace it."""
+    try:
+        yield engine
+    except BaseException:
+        with contextlib.suppress(Exception):
+            engine.teardown()
+        raise
+    engine.teardown()
+
+
+def release_groups() -> None:
+    """Free the destroyed process groups now. destroy_process_group() forgets a gloo group but does not
+    stop its threads (pt_gloo_runloop, gloo_tcp_loop): they end when the last reference goes, which
+    without this is the interpreter's exit, racing the peer's closing sockets (docs/faults.md)."""
+    gc.collect()

@@ -178,6 +178,20 @@ def enable(model, shards: SequenceShards, micro_batch_size: int) -> str:
     return ULYSSES_IMPLEMENTATION
 
 
+def release(shards: SequenceShards) -> None:
+    """The engine's teardown: the harness's hold on the sequence-parallel group let go, so that the group
+    can be freed before the interpreter exits. harness_ulysses is registered globally (transformers'
+    AttentionInterface) with DeepSpeed's Ulysses attention, which holds the group: it is replaced by a
+    refusal, and the shards forget the group."""
+    from transformers import AttentionInterface
+
+    def torn_down(*args, **kwargs):
+        raise SequenceParallelError("sequence parallelism was torn down with its engine: start a new run")
+
+    AttentionInterface.register(ULYSSES_IMPLEMENTATION, torn_down)
+    shards.group = None
+
+
 def _core_attention(implementation: str):
     """The attention run over the whole sequence on each rank's heads."""
     from harness.backends.attention import S2_IMPLEMENTATION, s2_attention_forward
