@@ -37,7 +37,7 @@ import torch
 from rich.console import Console
 
 from harness import checkpoint, policy, registry, rundir
-from harness.backends.engine import Engine, Hyper, local_shard
+from harness.backends.engine import Engine, Hyper, local_shard, torn_down
 from harness.cpu_memory import apply_recipe_policy
 from harness.errors import HarnessError, first_line
 from harness.evaluation.in_training import LongContextEval, TransferWatch, transfer_hint, zero_weight
@@ -71,8 +71,6 @@ def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) ->
     """Run a recipe to the end (or to a signal); returns the output directory.
 
     `after_step(step)` is called after every optimizer step (tests use it to send signals)."""
-    from harness.backends.engine import torn_down
-
     cpu_policy = apply_recipe_policy(recipe.train)  # before anything is allocated
     engine = start_engine(recipe)
     with torn_down(engine):  # engine, sub-groups, process group: on every rank, finished or failed

@@ -117,7 +117,10 @@ def _meta_peft_model(recipe, config, sidecars: Path):
 
             peft_config = LoraConfig.from_pretrained(str(sidecars))
             peft_config.inference_mode = False  # saved as True; trainable = what the optimizer held
-            return get_peft_model(model, peft_config)
+            from harness.quiet import peft_quietly
+
+            with peft_quietly():
+                return get_peft_model(model, peft_config)
         backend = registry.get("adapter", recipe.adapter.name, key="adapter.name")
         return backend.fn(model, **registry.table_kwargs(backend, recipe.adapter))
 

@@ -5,11 +5,10 @@
     torchrun --nproc_per_node 2 launch/train.py RECIPE
     deepspeed --num_gpus 2 launch/train.py RECIPE
 
-The command line is harness.cli.train (also `python -m harness train`).
+The command line is harness.cli.train (also `python -m harness train`). The process ends with
+harness.cli.train.exit_process: its exit status is the run's, never an abort at interpreter exit.
 """
-import sys
-
-from harness.cli.train import main
+from harness.cli.train import exit_process, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -6,6 +6,7 @@ prints the resolved recipe and loads nothing.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rich.console import Console
 from rich.table import Table
@@ -27,6 +28,23 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     return run(build_parser(prog), argv, _train, intermixed=True)
+
+
+def exit_process(code: int) -> None:
+    """End a training process with `code`, skipping the interpreter's own teardown.
+
+    gloo's TCP loop threads outlive destroy_process_group() (they stop with the last reference to
+    their group, and torch keeps one). At interpreter exit their C++ destructors raced the peer's
+    closing sockets: `terminate called without an active exception`, and the deepspeed launcher
+    exited 250 after a run had written its adapter (docs/faults.md). By now the run has written
+    and closed everything and torn its engine down; the streams and logging are flushed here."""
+    import logging
+    import os
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -23,7 +23,7 @@ def test_cli_merges_bf16_and_into_original_weights(final, merged, tmp_path, caps
 
     assert main(["merge", str(final), str(tmp_path / "bf16"), "--verify"]) == 0
     table = capsys.readouterr().out
-    assert "verified" in table and "linear factor 2.0" in table and "NF4 round trip" in table
+    assert "verified" in table and "yarn factor 2.0" in table and "NF4 round trip" in table
     assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "model.safetensors")).values()} == {torch.bfloat16}
 
     assert main(["merge", str(final), str(tmp_path / "orig"), "--dtype", "fp32", "--base-weights", "original",
