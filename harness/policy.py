@@ -26,7 +26,9 @@ a V100 makes exactly the choices a run on a V100 makes. Dtypes are names: "bf16"
                         fused kernels, 1/PIECE_SHARE of it on the math fallback and the CPU (at
                         least CPU_PIECE_FLOOR elements there); see piece_budget
     eval cadence        train.eval_every = -1: every N steps, N chosen so that the held-out
-                        evaluations cost about EVAL_SHARE (5%) of the training time (eval_cadence)
+                        evaluations cost about EVAL_SHARE (5%) of the training time (eval_cadence);
+                        a run shorter than N scores only as many samples at its last step as
+                        that share buys, at least one (eval_samples_within)
     SDPA math fallback  torch's fused SDPA kernels take grouped-query attention (enable_gqa)
                         only in flash form: 16-bit on Ampere or newer. Unmasked GQA elsewhere on
                         CUDA runs the math kernel, which materialises the scores.
@@ -240,5 +242,17 @@ def eval_cadence(*, samples: int, readings: int, micro_batch_size: int, grad_acc
     An evaluation runs `readings` no-grad forwards of each of a replica's `samples`; a step runs
     micro_batch_size x grad_accum samples of the same length forward and backward: about 3
     forwards each, 4 where gradient checkpointing recomputes the forward."""
-    forwards_per_step = micro_batch_size * grad_accum * (4 if checkpointing else 3)
-    return max(1, math.ceil(samples * readings / (EVAL_SHARE * forwards_per_step)))
+    per_step = _forwards_per_step(micro_batch_size, grad_accum, checkpointing)
+    return max(1, math.ceil(samples * readings / (EVAL_SHARE * per_step)))
+
+
+def eval_samples_within(steps: int, *, readings: int, micro_batch_size: int, grad_accum: int,
+                        checkpointing: bool) -> int:
+    """How many held-out samples per replica a run of `steps` steps can score at its last step within
+    EVAL_SHARE of its training time (at least 1: every run gets one reading)."""
+    per_step = _forwards_per_step(micro_batch_size, grad_accum, checkpointing)
+    return max(1, math.floor(EVAL_SHARE * steps * per_step / readings))
+
+
+def _forwards_per_step(micro_batch_size: int, grad_accum: int, checkpointing: bool) -> int:
+    return micro_batch_size * grad_accum * (4 if checkpointing else 3)

@@ -337,26 +337,31 @@ class Loop:
         self.data_fingerprints = {key: data_fingerprint(_setting(recipe, key)) for key in ("data.path", "data.eval_path")}
         if data is not None and data.held_out:
             self.data_fingerprints["train.eval_holdout"] = ",".join(map(str, data.held_out))
-        self.eval_every = self._eval_cadence()
+        self.eval_every, self.eval_count = self._plan_evaluations()
         if recipe.train.eval_every > 0 and data is not None and data.eval is None:
             self.console.print(f"[yellow]train.eval_every = {recipe.train.eval_every} but there is no held-out data: set "
                                f"data.eval_path or data.eval_fraction to see held-out perplexity during training[/]")
 
-    def _eval_cadence(self) -> int:
-        """train.eval_every, or under -1 (auto) the cadence that keeps evaluating near policy.EVAL_SHARE of
-        the training time (said once, with what is read)."""
-        train = self.recipe.train
-        if train.eval_every >= 0 or self.data is None or self.data.eval is None:
-            return max(train.eval_every, 0)
-        samples = -(-self._eval_count() // self.engine.data_world_size)
-        readings = 1 + bool(self.evaluator.window) + bool(self.evaluator.s2)
-        every = policy.eval_cadence(samples=samples, readings=readings, micro_batch_size=train.micro_batch_size,
-                                    grad_accum=train.grad_accum, checkpointing=train.gradient_checkpointing)
-        readings = describe_readings(self._eval_length(), self.evaluator)
-        self.console.print(f"Long-context watch: {self._eval_count()} held-out samples {readings}, every {every} "
-                           f"steps and at the last (train.eval_every = -1: about {policy.EVAL_SHARE:.0%} of the "
-                           f"training time)")
-        return every
+    def _plan_evaluations(self) -> tuple[int, int]:
+        """(steps between evaluations, held-out samples each scores): train.eval_every and the split (or
+        train.eval_batches per replica); under train.eval_every = -1 (auto) both kept near policy.EVAL_SHARE
+        of the training time, said once with what is read."""
+        train, world = self.recipe.train, self.engine.data_world_size
+        if self.data is None or self.data.eval is None:
+            return max(train.eval_every, 0), 0
+        count = min(len(self.data.eval), train.eval_batches * world) if train.eval_batches else len(self.data.eval)
+        if train.eval_every >= 0:
+            return train.eval_every, count
+        shape = dict(readings=1 + bool(self.evaluator.window) + bool(self.evaluator.s2),
+                     micro_batch_size=train.micro_batch_size, grad_accum=train.grad_accum,
+                     checkpointing=train.gradient_checkpointing)
+        per_replica = min(-(-count // world), policy.eval_samples_within(self.total, **shape))
+        count = min(count, per_replica * world)
+        every = policy.eval_cadence(samples=per_replica, **shape)
+        readings = describe_readings(self._eval_length(count), self.evaluator)
+        self.console.print(f"Long-context watch: {count} held-out samples {readings}, every {every} steps and at "
+                           f"the last (train.eval_every = -1: about {policy.EVAL_SHARE:.0%} of the training time)")
+        return every, count
 
     def resume(self, directory: Path) -> None:
         """Everything but the adapter weights, which train() loads before the engine prepares the model."""
@@ -530,7 +535,7 @@ class Loop:
         readings = self._evaluate_within_memory()
         if readings is None:
             return
-        record = {"step": self.step, **readings, "eval_length": self._eval_length(),
+        record = {"step": self.step, **readings, "eval_length": self._eval_length(self.eval_count),
                   "eval_seconds": time.perf_counter() - started}
         metrics.write(record)
         progress.show_eval(record)
@@ -564,22 +569,15 @@ class Loop:
     def evaluate(self) -> dict[str, float]:
         """harness.evaluation.in_training over (a prefix of) this replica's share of the held-out split,
         padded with zero-weight samples to the largest share."""
-        count, world = self._eval_count(), self.engine.data_world_size
+        count, world = self.eval_count, self.engine.data_world_size
         samples = [self.data.eval[i] for i in range(self.engine.data_rank, count, world)]
         rounds = -(-count // world)  # every replica runs as many forwards (ZeRO-3: each is a collective)
         samples += [zero_weight(self.data.eval[0])] * (rounds - len(samples))
         return self.evaluator.run(self.engine.module, samples)
 
-    def _eval_count(self) -> int:
-        """Held-out samples scored at each evaluation: the split, or train.eval_batches per replica."""
-        count = len(self.data.eval)
-        if self.recipe.train.eval_batches:
-            count = min(count, self.recipe.train.eval_batches * self.engine.data_world_size)
-        return count
-
-    def _eval_length(self) -> int:
-        """The longest held-out sample scored: the target, unless the held-out text is shorter."""
-        return max(len(self.data.eval[i]["input_ids"]) for i in range(self._eval_count()))
+    def _eval_length(self, count: int) -> int:
+        """The longest of the first `count` held-out samples: the target, unless the held-out text is shorter."""
+        return max(len(self.data.eval[i]["input_ids"]) for i in range(count))
 
     def _report_best(self) -> None:
         best = self.watch.best

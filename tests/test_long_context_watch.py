@@ -39,7 +39,7 @@ def test_a_recipe_without_held_out_data_is_watched_at_the_target(tmp_path, capsy
     assert {"eval_ppl_window", "eval_ppl_s2"} <= record.keys() and math.isfinite(record["eval_ppl"])
     err = " ".join(capsys.readouterr().err.split())
     assert "Held out 4 training samples of data.path (indices" in err and "never trained on" in err
-    assert "every 30 steps and at the last" in err  # 4 samples x 3 readings / (5% of 1 x 2 x 4 forwards)
+    assert "Long-context watch: 1 held-out samples" in err  # a 2-step run affords one (policy.eval_samples_within)
 
 
 def test_held_out_samples_are_target_length_and_never_trained_on():
@@ -61,6 +61,14 @@ def test_the_auto_cadence_keeps_evaluation_near_five_percent():
     assert policy.eval_cadence(samples=4, readings=3, micro_batch_size=2, grad_accum=8, checkpointing=True) == 4
     assert policy.eval_cadence(samples=4, readings=3, micro_batch_size=2, grad_accum=8, checkpointing=False) == 5
     assert policy.eval_cadence(samples=1, readings=1, micro_batch_size=64, grad_accum=64, checkpointing=True) == 1
+
+
+def test_a_short_run_scores_what_its_share_buys():
+    # 5% of 100 steps x 2 samples x 3 forwards = 30 forwards = 10 samples x 3 readings
+    assert policy.eval_samples_within(100, readings=3, micro_batch_size=2, grad_accum=1, checkpointing=False) == 10
+    # llama2_13b_12k: 5% of 1000 steps x 16 samples x 4 forwards, over 3 readings: far more than its 4 samples
+    assert policy.eval_samples_within(1000, readings=3, micro_batch_size=1, grad_accum=16, checkpointing=True) == 1066
+    assert policy.eval_samples_within(2, readings=3, micro_batch_size=1, grad_accum=2, checkpointing=True) == 1
 
 
 def test_resume_refuses_other_held_out_samples(tmp_path):
