@@ -69,9 +69,19 @@ def base_config(recipe: Recipe, base: str | None):
 
 
 def check_out(out: Path, overwrite: bool, inputs: list[tuple[str, str | Path | None]]) -> None:
-    """OUT, replaced whole on success: never an input or inside one or holding one (even with
-    --overwrite), writable, and not a run of its own unless --overwrite says so."""
+    """OUT, replaced whole on success: never an input or inside one or holding one, never in the
+    harness's base-model cache nor a training run's export or checkpoint (even with --overwrite),
+    writable, and not a run of its own unless --overwrite says so."""
+    from harness.base_model import cache_root
+
     check_output("OUT", out, inputs, is_file=False)
+    cache = cache_root().resolve()
+    if out.expanduser().resolve().is_relative_to(cache):
+        raise ConvertError(f"OUT {out} lies inside the harness's model cache {cache} (HARNESS_CACHE), whose bases "
+                           f"every run loads: choose an OUT outside it")
+    if (out / rundir.STATE_FILE).is_file():
+        raise ConvertError(f"OUT {out} is a training run's export or checkpoint (it holds {rundir.STATE_FILE}): "
+                           f"replacing it would lose that step's files; choose another OUT")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConvertError(f"{out}: already exists and is not empty; choose another OUT or pass --overwrite")
 

@@ -62,7 +62,8 @@ def merge(adapter: str | Path, out: str | Path, *, base: str | None = None, dtyp
     adapter, out = adapter_dir(Path(adapter)), Path(out)
     recipe = read_lora_recipe(adapter)
     rope = rundir.read_rope(adapter)
-    check_out(out, overwrite, [("ADAPTER", adapter), ("--base", base)])
+    check_out(out, overwrite, [("ADAPTER", adapter), ("--base", base),
+                               ("the base its recipe names", None if base else recipe.model.name_or_path)])
     from harness.backends.quantization import TORCH_DTYPES  # torch: only once the input is checked
 
     model, base_path, regime = load_base(recipe, rope, base=base, base_weights=base_weights)

@@ -359,7 +359,8 @@ class Loop:
         count = min(count, per_replica * world)
         every = policy.eval_cadence(samples=per_replica, **shape)
         readings = describe_readings(self._eval_length(count), self.evaluator)
-        self.console.print(f"Long-context watch: {count} held-out samples {readings}, every {every} steps and at "
+        scored = f"{count} of the {len(self.data.eval)}" if count < len(self.data.eval) else f"{count}"
+        self.console.print(f"Long-context watch: {scored} held-out samples {readings}, every {every} steps and at "
                            f"the last (train.eval_every = -1: about {policy.EVAL_SHARE:.0%} of the training time)")
         return every, count
 
@@ -370,6 +371,9 @@ class Loop:
         self.engine.load_state(directory)
         self.order.load_state_dict(state["data"])
         self.watch.load_state_dict(state.get("watch", {}))
+        if self.recipe.train.eval_every == -1 and "evaluations" in state and self.eval_count:
+            # auto: the plan of the run's start (its length decided how many samples), so the curve reads one set
+            self.eval_every, self.eval_count = state["evaluations"]["every"], state["evaluations"]["count"]
         self.step = state["step"]
         if self.engine.rank == 0:
             drop_metrics_after(self.output_dir / rundir.METRICS_FILE, self.step)
@@ -378,9 +382,16 @@ class Loop:
     def _check_data_unchanged(self, saved: dict, directory: Path) -> None:
         """Resume trains on the data the checkpoint trained on, or says so (harness.fingerprint)."""
         changed = [key for key, value in saved.items() if self.data_fingerprints.get(key) != value]
-        if not changed or self.recipe.train.allow_data_change:
+        if not changed:
             return
         where = ", ".join(f"{key} = {_setting(self.recipe, key)!r}" for key in changed)
+        if self.recipe.train.allow_data_change:
+            redrawn = (" The held-out samples were drawn anew from the changed data: evaluations before and after "
+                       "this resume read different samples, and some held out before are trained on now."
+                       if "train.eval_holdout" in changed else "")
+            self.console.print(f"[yellow]{where} changed since {directory} was saved; resuming anyway "
+                               f"(train.allow_data_change = true).{redrawn}[/]")
+            return
         raise TrainError(f"{where} changed since {directory} was saved (file names, sizes or contents differ): "
                          f"resuming would continue on other samples. Restore the data, or resume anyway with "
                          f"train.allow_data_change=true")
@@ -611,7 +622,8 @@ class Loop:
         self._check_run_dir()
         final = rundir.checkpoint_dir(self.output_dir, self.step)
         state = {"step": self.step, "data": self.order.state_dict(), "total_steps": self.total,
-                 "watch": self.watch.state_dict(), "data_fingerprints": self.data_fingerprints}
+                 "watch": self.watch.state_dict(), "data_fingerprints": self.data_fingerprints,
+                 "evaluations": {"every": self.eval_every, "count": self.eval_count}}
         try:
             with checkpoint.collective_dir(final, self.engine) as tmp:
                 self.engine.save_state(tmp)

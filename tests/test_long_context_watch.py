@@ -39,7 +39,7 @@ def test_a_recipe_without_held_out_data_is_watched_at_the_target(tmp_path, capsy
     assert {"eval_ppl_window", "eval_ppl_s2"} <= record.keys() and math.isfinite(record["eval_ppl"])
     err = " ".join(capsys.readouterr().err.split())
     assert "Held out 4 training samples of data.path (indices" in err and "never trained on" in err
-    assert "Long-context watch: 1 held-out samples" in err  # a 2-step run affords one (policy.eval_samples_within)
+    assert "Long-context watch: 1 of the 4 held-out samples" in err  # 2 steps afford one (policy.eval_samples_within)
 
 
 def test_held_out_samples_are_target_length_and_never_trained_on():
@@ -112,3 +112,29 @@ def test_an_evaluation_out_of_gpu_memory_is_skipped_and_training_goes_on(tmp_pat
     assert (out / "final").is_dir() and len(rows(out, "loss")) == 3 and rows(out, "eval_ppl") == []
     err = " ".join(capsys.readouterr().err.split())
     assert "The held-out evaluation at step 1 ran out of GPU memory: skipped for the rest of the run" in err
+
+
+def test_resume_onto_changed_data_says_the_held_out_samples_were_drawn_anew(tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text(Path("recipes/data/the_complete_angler_excerpt.txt").read_text())
+    out, common = tmp_path / "run", (f"data.path=\"{data}\"", "train.save_every=1", "train.eval_every=0")
+    train(tiny(out, "train.max_steps=2", *common))
+    (out / "final").rename(tmp_path / "first-final")
+    with data.open("a") as text:
+        text.write(" more words about fishing." * 400)
+    capsys.readouterr()
+    train(tiny(out, "train.max_steps=3", *common, "train.resume=\"auto\"", "train.allow_data_change=true"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "resuming anyway (train.allow_data_change = true). The held-out samples were drawn anew" in err
+
+
+def test_a_resumed_run_keeps_the_evaluation_plan_it_started_with(tmp_path):
+    """Auto: a 2-step run scores 1 sample; resumed to 40 steps it still scores that one, so the curve reads
+    one set (a 40-step run from the start would score all 4)."""
+    out = tmp_path / "run"
+    train(tiny(out, "train.max_steps=2", "train.save_every=1"))
+    (out / "final").rename(tmp_path / "first-final")
+    state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["evaluations"]["count"] == 1
+    train(tiny(out, "train.max_steps=40", "train.save_every=39", "train.resume=\"auto\""))
+    assert json.loads((out / "checkpoint-39" / "trainer_state.json").read_text())["evaluations"] == state["evaluations"]

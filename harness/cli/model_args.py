@@ -9,6 +9,7 @@ A value that can only be a local path (harness.base_model.looks_local) must exis
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from harness.base_model import looks_local
@@ -67,9 +68,12 @@ def model_specs(args: argparse.Namespace, models: list[str] | None, adapters: li
 def _position(name: str | None, factor: float, adapter: str) -> str:
     """A --position value (linear unless given): a stretching position backend, and only where
     --rope-factor gives a stretch, checked with the factor itself."""
-    if factor and factor < 1:
-        raise UsageError(f"--rope-factor {factor:g} is below 1: it would shrink the rope; give a factor >= 1 "
-                         f"(0: the model's own rope)")
+    if factor and not (math.isfinite(factor) and factor >= 1):
+        raise UsageError(f"--rope-factor {factor:g} must be a finite number >= 1 (below 1 it would shrink the rope; "
+                         f"0: the model's own rope)")
+    if factor and adapter.lower() != "none":
+        raise UsageError(f"--rope-factor {factor:g} with --adapter {adapter}: the adapter's saved recipe sets its "
+                         f"rope; drop --rope-factor (it would be ignored)")
     if name is None:
         return "linear"
     from harness import registry

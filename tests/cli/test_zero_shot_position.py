@@ -76,7 +76,10 @@ def test_eval_ppl_compares_positions_side_by_side(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--rope-factor", "2", "--position", "ntk"], "--position 'ntk' is not one of dynamic, linear, llama3, yarn"),
     (["--position", "yarn"], "--position yarn needs --rope-factor F"),
-    (["--rope-factor", "0.5"], "--rope-factor 0.5 is below 1"),
+    (["--rope-factor", "0.5"], "--rope-factor 0.5 must be a finite number >= 1"),
+    (["--rope-factor", "nan"], "--rope-factor nan must be a finite number >= 1"),
+    (["--rope-factor", "inf"], "--rope-factor inf must be a finite number >= 1"),
+    (["--adapter", "runs/x/final", "--rope-factor", "8"], "--rope-factor 8 with --adapter runs/x/final"),
 ])
 def test_bad_position_is_one_line(model_dir, tmp_path, capsys, argv, message):
     code = eval_ppl_main(["--model", str(model_dir), "--data", str(tmp_path / "x.txt"), *argv])

@@ -41,6 +41,25 @@ def test_merge_never_replaces_its_adapter_or_the_run_holding_it(run, capsys):
     assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
 
 
+def test_merge_never_replaces_its_base_the_model_cache_or_a_runs_export(run, tmp_path, capsys):
+    """Without --base the adapter's base comes from its recipe: a local base, or the harness's model cache
+    (a random or GGUF base), is every later run's input; final/ and checkpoints are a run's steps."""
+    from harness.base_model import cache_root
+
+    final = run / rundir.FINAL_DIR
+    cached = next(path for path in cache_root().glob("random/*") if path.is_dir())  # the recipe says "random"
+    assert_refused(capsys, ["merge", str(final), str(cached), "--overwrite"], "inside the harness's model cache")
+    other_run = tmp_path / "other-run" / rundir.FINAL_DIR
+    shutil.copytree(final, other_run)
+    assert_refused(capsys, ["merge", str(final), str(other_run), "--overwrite"], "a training run's export")
+    local = tmp_path / "local-base"
+    shutil.copytree(cached, local)
+    recipe = (final / rundir.RECIPE_FILE).read_text().replace('name_or_path = "random"', f'name_or_path = "{local}"')
+    (final / rundir.RECIPE_FILE).write_text(recipe)
+    rundir.write_manifest(final)  # as a run whose recipe named the local base would have written it
+    assert_refused(capsys, ["merge", str(final), str(local), "--overwrite"], "the input the base its recipe names")
+
+
 def test_zero_to_adapter_never_replaces_the_run_of_its_checkpoint(zero2_checkpoint, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(zero2_checkpoint.parent, run)
