@@ -16,8 +16,8 @@ import torch
 
 from harness import rundir
 from harness.backends import fsdp
-from harness.backends.engine import (EngineError, Hyper, check_group, forming_group, is_quantized, release_groups,
-                                     trainable)
+from harness.backends.engine import (EngineError, Hyper, check_group, forming_group, is_quantized,
+                                     keep_groups_until_exit, trainable)
 from harness.registry import register
 
 
@@ -152,13 +152,14 @@ class AccelerateEngine:
 
     def teardown(self) -> None:
         """The prepared module (DDP's reducer or FSDP's shards hold the group), optimizer and scheduler, which
-        accelerate lets go of too; then the process group (FSDP's mesh is a view of it)."""
+        accelerate lets go of too; then the process group (FSDP's mesh is a view of it), which stays referenced
+        (keep_groups_until_exit)."""
         import torch.distributed as dist
 
+        keep_groups_until_exit()
         self.module = self.optimizer = self.scheduler = None
         accelerator = getattr(self, "accelerator", None)
         if accelerator is not None:
             accelerator.free_memory()  # its own lists of prepared models and optimizers
         if dist.is_initialized():
             dist.destroy_process_group()
-        release_groups()

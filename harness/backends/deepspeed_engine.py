@@ -23,8 +23,8 @@ import torch
 
 from harness import policy, rundir
 from harness.backends import sequence_parallel
-from harness.backends.engine import (EngineError, Hyper, check_group, forming_group, is_quantized, release_groups,
-                                     trainable)
+from harness.backends.engine import (EngineError, Hyper, check_group, forming_group, is_quantized,
+                                     keep_groups_until_exit, trainable)
 from harness.registry import register
 
 
@@ -204,7 +204,8 @@ class DeepSpeedEngine:
     def teardown(self) -> None:
         """DeepSpeed's engine (its optimizer's hooks and buffers), then the sequence-parallel groups (the
         harness's attention lets go of them), then the process group with every group DeepSpeed made;
-        deepspeed.comm drops its references to them, and the groups' gloo threads are joined here."""
+        deepspeed.comm drops its references to them (the groups stay referenced: keep_groups_until_exit)."""
+        keep_groups_until_exit()
         module, self.module, self.optimizer, self.scheduler = getattr(self, "module", None), None, None, None
         if module is not None:
             module.destroy()
@@ -224,7 +225,6 @@ class DeepSpeedEngine:
             ds_comm.destroy_process_group()
         elif dist.is_initialized():  # DeepSpeed's init_distributed failed after torch formed the group
             dist.destroy_process_group()
-        release_groups()
 
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")

@@ -16,10 +16,11 @@ asks which engine it has):
                                            state, its sub-groups, the process group); again: nothing.
                                            A setup that fails tears down what it started itself.
 
-Why teardown: a process that leaves its gloo process groups to interpreter exit tears them down in
-whatever order finalization and the C++ static destructors reach them, while their threads still
-run; now and then a rank then dies after its last line with "terminate called without an active
-exception" and the launcher exits nonzero (docs/faults.md, issue 34).
+Why teardown: the engine's state and torch's registry of groups are undone in order on every path;
+the groups themselves stay referenced until the process ends (keep_groups_until_exit), which
+launch/train.py ends without interpreter teardown: freeing a gloo group while a peer may still close
+its sockets aborted a rank after its last line now and then ("terminate called without an active
+exception", the launcher's exit 250; docs/faults.md, issue 34).
 
 Ranks and data: `rank` / `world_size` count processes; `data_rank` / `data_world_size` count
 data-parallel replicas, which read different samples. They differ under sequence parallelism
@@ -33,12 +34,12 @@ and harness.backends.deepspeed_engine (ZeRO-2/3, CPU offload).
 from __future__ import annotations
 
 import contextlib
-import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Protocol
 
 import torch
+import torch.distributed as dist
 
 from harness import policy
 from harness.errors import HarnessError
@@ -136,8 +137,18 @@ def torn_down(engine: Engine):
     engine.teardown()
 
 
-def release_groups() -> None:
-    """Free the destroyed process groups now. destroy_process_group() forgets a gloo group but does not
-    stop its threads (pt_gloo_runloop, gloo_tcp_loop): they end when the last reference goes, which
-    without this is the interpreter's exit, racing the peer's closing sockets (docs/faults.md)."""
-    gc.collect()
+_GROUPS_UNTIL_EXIT: list = []  # destroyed process groups, still referenced: see keep_groups_until_exit
+
+
+def keep_groups_until_exit() -> None:
+    """Before a teardown destroys them: every process group of this process stays referenced until the
+    process ends (harness.cli.train.exit_process ends it without destroying anything).
+
+    gloo aborts a process (std::terminate, "terminate called without an active exception") when the
+    last reference to a group's TCP loop is dropped on that loop's own thread: that happens when this
+    rank has let go of the group and the peer then closes its sockets, at interpreter exit or at any
+    time after a teardown that freed the groups. A group referenced here is never freed."""
+    if dist.is_available() and dist.is_initialized():
+        from torch.distributed import distributed_c10d
+
+        _GROUPS_UNTIL_EXIT.extend(distributed_c10d._world.pg_map)  # every group: the world's, DeepSpeed's, SP's

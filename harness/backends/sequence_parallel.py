@@ -179,10 +179,11 @@ def enable(model, shards: SequenceShards, micro_batch_size: int) -> str:
 
 
 def release(shards: SequenceShards) -> None:
-    """The engine's teardown: the harness's hold on the sequence-parallel group let go, so that the group
-    can be freed before the interpreter exits. harness_ulysses is registered globally (transformers'
-    AttentionInterface) with DeepSpeed's Ulysses attention, which holds the group: it is replaced by a
-    refusal, and the shards forget the group."""
+    """The engine's teardown: the harness's hold on the sequence-parallel group let go (the engine keeps
+    the group referenced until the process ends: engine.keep_groups_until_exit). harness_ulysses is
+    registered globally (transformers' AttentionInterface) with DeepSpeed's Ulysses attention, which
+    holds the group: it is replaced by a refusal, so no later model runs on a destroyed group, and the
+    shards forget the group."""
     from transformers import AttentionInterface
 
     def torn_down(*args, **kwargs):

@@ -1,9 +1,10 @@
 """Engine.teardown: what setup and prepare started, undone on every rank at the end of a run (issue 34).
 
 Each case runs in its own process (a process group is process-wide state): an engine set up over gloo
-in a group of one, its module prepared, then torn down. Afterwards no process group is left and none of
-its threads (pt_gloo_runloop, gloo_tcp_loop, the TCPStore's pt_tcpstore_uv) runs on to the interpreter's
-exit (docs/faults.md): that part is not reached yet, one group outlives the teardown (xfail below). A
+in a group of one, its module prepared, then torn down. Afterwards no process group is initialized;
+the destroyed groups themselves stay referenced until the process ends (their gloo threads with them:
+freeing a group while a peer may still close its sockets aborts a rank, docs/faults.md), and
+launch/train.py ends the process without interpreter teardown (tests/cli/test_train_exit.py). A
 setup that refuses tears down what it formed itself; a second teardown does nothing.
 """
 from __future__ import annotations
@@ -84,21 +85,13 @@ def group_of_one() -> dict:
 
 
 @pytest.mark.parametrize("kind", ["deepspeed", "accelerate"])
-def test_teardown_destroys_every_group_and_frees_the_groups_it_holds(kind):
+def test_teardown_destroys_every_group(kind):
     report = run_child(kind, "run", group_of_one())
     assert report["formed"]  # a gloo group was formed (its store and, once used, its threads) ...
     assert not report["initialized"]  # ... and destroyed; a second teardown did nothing
 
 
-@pytest.mark.xfail(strict=True, reason="one gloo group (2 pt_gloo_runloop + 1 gloo_tcp_loop, the TCPStore's "
-                   "thread on rank 0) outlives destroy_process_group after a prepared engine has stepped: no Python "
-                   "object refers to it (gc scan), so something in C++ holds it; not found yet (issue 34)")
-@pytest.mark.parametrize("kind", ["deepspeed", "accelerate"])
-def test_no_communication_thread_outlives_the_teardown(kind):
-    assert run_child(kind, "run", group_of_one())["left"] == []
-
-
 def test_a_refused_setup_tears_down_the_group_it_formed():
     report = run_child("deepspeed", "refused", {})
     assert "does not divide" in report["refused"]
-    assert not report["initialized"] and report["left"] == []
+    assert not report["initialized"]
