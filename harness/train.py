@@ -73,7 +73,7 @@ def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) ->
     `after_step(step)` is called after every optimizer step (tests use it to send signals)."""
     cpu_policy = apply_recipe_policy(recipe.train)  # before anything is allocated
     engine = start_engine(recipe)
-    with torn_down(engine):  # engine, sub-groups, process group: on every rank, finished or failed
+    with torn_down(engine):  # engine, sub-groups, process group: every rank, once the run finished
         console = Console(stderr=True, quiet=engine.rank != 0)
         if cpu_policy:
             console.print(f"CPU memory: {cpu_policy}")

@@ -2,7 +2,7 @@
 
 - every relative link and image points at a file or folder of the repository;
 - every repository path docs/architecture.md names in backticks exists;
-- README's set-up commands are the Makefile's and include what CI (.ci/run) runs;
+- README's set-up commands are the Makefile's, and CI (.ci/run) runs the README's whole-suite command;
 - every fenced bash line that ends with `# cheap` runs from the repository root and exits 0.
 """
 from __future__ import annotations
@@ -122,11 +122,14 @@ def test_readme_setup_commands_are_the_makefiles():
         assert re.search(rf"^{target}:", makefile, re.M), f"README runs `{command}`: no target {target} in Makefile"
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_runs_the_readme_full_suite_command():
+    """CI runs `make test-all`: the command the README's set-up section gives for the whole suite."""
     ci = commands_of((ROOT / ".ci" / "run").read_text().splitlines())
     make_lines = [line for line in ci if line.startswith("make")]
-    assert make_lines == ["make test"]
-    assert set(make_lines) <= set(setup_commands())
+    assert make_lines == ["make test-all"]
+    setup = (ROOT / "README.md").read_text().split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    assert "`make test-all` runs the whole suite" in setup and "CI (`.ci/run`) runs `make test-all`" in setup
+    assert re.search(r"^test-all:", (ROOT / "Makefile").read_text(), re.M)
 
 
 # --------------------------------------------------------------------------- cheap commands

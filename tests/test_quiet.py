@@ -46,7 +46,12 @@ def test_peft_quietly_hides_the_deprecated_name_and_nothing_else():
 def test_progress_bars_are_restored(shown):
     import datasets
 
-    assert not datasets.are_progress_bars_disabled()
+    datasets.enable_progress_bars()  # whatever an earlier test of this process left
     with quiet.progress_bars_if(shown):
         assert datasets.are_progress_bars_disabled() is not shown
     assert not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # and a user's own choice survives it too
+    with quiet.progress_bars_if(shown):
+        assert datasets.are_progress_bars_disabled()
+    assert datasets.are_progress_bars_disabled()
+    datasets.enable_progress_bars()

@@ -11,10 +11,11 @@ asks which engine it has):
     engine.save_state(dir) / load_state(dir)   optimizer + scheduler (+ DeepSpeed's own files)
     with engine.gathered(model) as whole:  sharded trainable parameters made whole: ZeRO-3 in place
                                            (whole is None), FSDP as {name: full tensor}
-    engine.teardown()                      at the end of every run, finished or failed, on every rank: what
-                                           setup and prepare started, undone in reverse (the engine's own
-                                           state, its sub-groups, the process group); again: nothing.
-                                           A setup that fails tears down what it started itself.
+    engine.teardown()                      at the end of every finished run, on every rank: what setup
+                                           and prepare started, undone in reverse (the engine's own state,
+                                           its sub-groups, the process group); again: nothing. A setup
+                                           that fails tears down what it started itself; a run that fails
+                                           ends its process after its message (torn_down says why).
 
 Why teardown: the engine's state and torch's registry of groups are undone in order on every path;
 the groups themselves stay referenced until the process ends (keep_groups_until_exit), which
@@ -126,14 +127,10 @@ def local_shard(parameter: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def torn_down(engine: Engine):
-    """Run the body, then engine.teardown() whatever happened. After a failure the body's error is the
-    one that propagates: a teardown that fails then (a peer already gone) does not replace it."""
-    try:
-        yield engine
-    except BaseException:
-        with contextlib.suppress(Exception):
-            engine.teardown()
-        raise
+    """Run the body, then engine.teardown() when it finished. A failed body's error propagates untouched:
+    its process ends right after its one-line message (harness.cli.train.exit_process), and a teardown
+    there could wait on a peer that is gone while the launcher kills this rank before the message is out."""
+    yield engine
     engine.teardown()
 
 

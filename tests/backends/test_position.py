@@ -34,7 +34,8 @@ def default_inv_freq(head_dim, theta):
 
 
 def test_linear_pi_matches_the_definition():
-    built = build_model(tiny_recipe("quantization.name=\"none\"", "attention.name=\"full\""), training=False, with_adapter=False)
+    recipe = tiny_recipe("position.name=\"linear\"", "quantization.name=\"none\"", "attention.name=\"full\"")
+    built = build_model(recipe, training=False, with_adapter=False)
     config = built.model.config
     assert built.rope_factor == 2.0
     assert config.rope_parameters == {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
