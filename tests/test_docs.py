@@ -127,7 +127,7 @@ def test_ci_runs_the_readme_full_suite_command():
     ci = commands_of((ROOT / ".ci" / "run").read_text().splitlines())
     make_lines = [line for line in ci if line.startswith("make")]
     assert make_lines == ["make test-all"]
-    setup = (ROOT / "README.md").read_text().split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    setup = " ".join((ROOT / "README.md").read_text().split("## Set-up", 1)[1].split("\n## ", 1)[0].split())
     assert "`make test-all` runs the whole suite" in setup and "CI (`.ci/run`) runs `make test-all`" in setup
     assert re.search(r"^test-all:", (ROOT / "Makefile").read_text(), re.M)
 
