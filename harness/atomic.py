@@ -13,6 +13,7 @@ never a mixture. Every writer in the harness goes through these two.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import shutil
 from pathlib import Path
@@ -92,6 +93,9 @@ def check_output(flag: str, output: str | os.PathLike, inputs: Iterable[tuple[st
         raise OutputError(f"{flag} {output} is a folder: give a file name, e.g. {Path(output) / 'results.json'}")
     written = Path(output).expanduser().resolve()
     for input_flag, value in inputs:
+        if _matched_by_glob(written, value):
+            raise OutputError(f"{flag} {output} matches the input {input_flag} {value}: the next run would read "
+                              f"it as input; choose a {flag} the pattern does not match")
         for path in _input_paths(value):
             if written.is_relative_to(path) or path.is_relative_to(written):
                 raise OutputError(f"{flag} {output} would overwrite the input {input_flag} {value} "
@@ -107,6 +111,15 @@ def _input_paths(value) -> list[Path]:
 
     given = Path(value).expanduser()
     return [path.resolve() for path in ([given] if given.exists() else []) + data_files(str(value))]
+
+
+def _matched_by_glob(written: Path, value) -> bool:
+    """Whether an input given as a glob ("data/a*.jsonl") names the output too, existing or not."""
+    text = str(value or "")
+    if not any(char in text for char in "*?["):
+        return False
+    pattern = Path(text).expanduser()
+    return fnmatch.fnmatch(str(written), str(pattern.parent.resolve() / pattern.name))
 
 
 def _overlap(written: Path, path: Path) -> str:

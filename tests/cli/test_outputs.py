@@ -40,6 +40,12 @@ def test_eval_ppl_json_over_its_data_is_refused_and_the_data_kept(model_dir, dat
     assert data.read_text() == '{"text": "%s"}\n' % DATA
 
 
+def test_eval_ppl_json_that_its_data_glob_would_read_is_refused(model_dir, data, tmp_path, capsys):
+    pattern = tmp_path / "d*.json"  # names data.json now, and a new d2.json once written
+    refused(capsys, eval_ppl(model_dir, pattern, "--json", tmp_path / "d2.json"), "--json", "matches the input --data")
+    assert not (tmp_path / "d2.json").exists()
+
+
 def test_eval_ppl_output_that_cannot_be_written_is_one_line_before_scoring(model_dir, data, tmp_path, capsys):
     refused(capsys, eval_ppl(model_dir, data, "--json", tmp_path), "--json", "is a folder")
     refused(capsys, eval_ppl(model_dir, data, "--json", "/sys/ppl.json"), "--json /sys/ppl.json", "cannot write")
