@@ -196,7 +196,9 @@ def _with_held_out(recipe: Recipe, data: DataSplits) -> DataSplits:
 def _report_held_out(recipe: Recipe, data: DataSplits, console: Console) -> None:
     """Which training samples the watch holds out, or why it has nothing to read."""
     if data.held_out:
-        console.print(f"Held out {len(data.held_out)} training samples of data.path (indices "
+        asked = recipe.train.eval_holdout
+        capped = f" (train.eval_holdout = {asked}: at most 1 sample in 10 is held out)" if asked > len(data.held_out) else ""
+        console.print(f"Held out {len(data.held_out)} training samples{capped} of data.path (indices "
                       f"{', '.join(map(str, data.held_out))}) for the long-context watch: never trained on. "
                       f"data.eval_path names other text instead; train.eval_holdout = 0 turns this off")
     elif data.eval is None and recipe.train.eval_holdout:

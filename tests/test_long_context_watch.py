@@ -138,3 +138,11 @@ def test_a_resumed_run_keeps_the_evaluation_plan_it_started_with(tmp_path):
     assert state["evaluations"]["count"] == 1
     train(tiny(out, "train.max_steps=40", "train.save_every=39", "train.resume=\"auto\""))
     assert json.loads((out / "checkpoint-39" / "trainer_state.json").read_text())["evaluations"] == state["evaluations"]
+
+
+def test_a_holdout_larger_than_a_tenth_of_the_data_is_capped_and_said(capsys):
+    session = build_session(tiny(Path("unused"), "train.eval_holdout=1000"))
+    held = len(session.data.held_out)
+    assert held == (held + len(session.data.train)) // 10
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"Held out {held} training samples (train.eval_holdout = 1000: at most 1 sample in 10 is held out)" in err
