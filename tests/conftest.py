@@ -100,6 +100,20 @@ def session_cache(cache):
         yield
 
 
+def copy_with_other_weights(base: Path, copy: Path) -> Path:
+    """A copy of a model directory whose first weight tensor is shifted by 1: the same shapes, other weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, copy)
+    weights = load_file(str(copy / "model.safetensors"))
+    first = next(iter(weights))
+    weights[first] = weights[first] + 1
+    save_file(weights, str(copy / "model.safetensors"))
+    return copy
+
+
 def tiny_recipe(*overrides: str):
     """recipes/tiny_cpu.toml with `section.key=value` overrides."""
     from harness.recipe import load_recipe

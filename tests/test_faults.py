@@ -23,7 +23,7 @@ from harness import rundir
 from harness.recipe import RecipeError, load_recipe
 from harness.resume import ResumeError, intact_checkpoint
 from harness.train import TrainError, train
-from tests.conftest import ROOT, free_port, in_repo
+from tests.conftest import ROOT, copy_with_other_weights, free_port, in_repo
 
 BOOK = ROOT / "recipes" / "data" / "the_complete_angler_excerpt.txt"
 STEPS = ["train.max_steps=6", "train.save_every=2", "data.max_seq_length=256", "train.keep_checkpoints=0"]
@@ -433,19 +433,12 @@ def test_a_run_directory_removed_mid_run_stops_the_run_at_the_next_save(tmp_path
 
 def test_an_adapter_on_a_base_with_other_weights_is_warned_about(tmp_path, straight, caplog):
     """The tiny run's base is a random model (cached); a copy with one weight changed has the same shape."""
-    from safetensors.torch import save_file
-
     from harness.model import load_for_eval
 
     saved = rundir.read_recipe(straight / "final")
     assert len(saved.resolved.base_fingerprint) == 16
     base = Path(load_for_eval("", adapter=str(straight / "final"))[0].get_base_model().config._name_or_path)
-    other = tmp_path / "other-base"
-    shutil.copytree(base, other)
-    weights = load_file(str(other / "model.safetensors"))
-    first = next(iter(weights))
-    weights[first] = weights[first] + 1
-    save_file(weights, str(other / "model.safetensors"))
+    other = copy_with_other_weights(base, tmp_path / "other-base")
     caplog.clear()
     load_for_eval(str(base), adapter=str(straight / "final"))
     assert "weight files differ" not in caplog.text

@@ -6,11 +6,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from harness import rundir
 from harness.cli.convert import main
 from harness.merge import merge
+from tests.conftest import copy_with_other_weights
 
 
 def assert_refused(capsys, argv: list[str], *words: str) -> None:
@@ -74,12 +75,7 @@ def test_zero_to_adapter_never_replaces_the_run_of_its_checkpoint(zero2_checkpoi
 def test_merge_onto_other_weights_of_the_same_shape_is_warned_about(final, tmp_path, caplog):
     base = Path(merge(final, tmp_path / "plain", dtype="fp32").notes[0].removeprefix("base: "))
     assert "weight files differ" not in caplog.text
-    other = tmp_path / "other-base"
-    shutil.copytree(base, other)
-    weights = load_file(str(other / "model.safetensors"))
-    first = next(iter(weights))
-    weights[first] = weights[first] + 1
-    save_file(weights, str(other / "model.safetensors"))
+    other = copy_with_other_weights(base, tmp_path / "other-base")
     report = merge(final, tmp_path / "merged", base=str(other), dtype="fp32", verify=True)
     assert "was trained on a base whose weight files differ from those of" in caplog.text
     assert any(note.startswith("warning: ") and "weight files differ" in note for note in report.notes)
