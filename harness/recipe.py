@@ -119,6 +119,12 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class LayoutConfig:
+    name: str = "contiguous"  # contiguous | pose (harness.backends.layout)
+    chunks: int = 2  # pose: pieces of the window, each after a random skip of positions
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 42
@@ -169,7 +175,8 @@ class Resolved:
 
     original_context: int = 0  # 0 = read from the model config at load time
     rope_factor: float = 0.0
-    seq_len: int = 0
+    seq_len: int = 0  # tokens the model computes per training sample (data.max_seq_length)
+    sample_length: int = 0  # tokens read per sample: seq_len, or the target under a skipping layout (pose)
     group_size: int = 0  # S2 group size at seq_len (0 for full attention)
     weights_dtype: str = ""  # what the frozen unquantized weights trained in (harness.policy); "" = not recorded
     world_size: int = 1
@@ -188,6 +195,7 @@ class Recipe:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     resolved: Resolved = field(default_factory=Resolved)
@@ -367,11 +375,18 @@ def resolve(recipe: Recipe, *, world_size: int | None = None, original_context: 
     effective = recipe.train.micro_batch_size * recipe.train.grad_accum * world_size
     resolved = Resolved(
         original_context=original, rope_factor=factor, seq_len=seq_len, group_size=group_size,
+        sample_length=sample_length(recipe.layout.name, seq_len, position.target_length),
         weights_dtype=weights_dtype or recipe.resolved.weights_dtype, world_size=world_size, effective_batch_size=effective, tokens_per_step=effective * seq_len,
         best_eval_step=recipe.resolved.best_eval_step, best_eval_ppl=recipe.resolved.best_eval_ppl,
         base_fingerprint=base_fingerprint or recipe.resolved.base_fingerprint,
     )
     return dataclasses.replace(recipe, resolved=resolved)
+
+
+def sample_length(layout: str, seq_len: int, target_length: int) -> int:
+    """Tokens read per training sample: the window, or under any layout but contiguous the target
+    (the layout kind's contract, harness.backends.layout)."""
+    return seq_len if layout == "contiguous" else max(seq_len, target_length)
 
 
 def local_config(model: ModelConfig) -> dict:

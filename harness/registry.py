@@ -29,7 +29,7 @@ from typing import Callable
 
 from harness.errors import HarnessError
 
-KINDS = ("position", "quantization", "attention", "adapter", "engine", "data")
+KINDS = ("position", "quantization", "attention", "adapter", "engine", "data", "layout")
 ENTRY_POINT_GROUP = "harness.backends"
 
 # Modules that register the built-in backends (and validators) when imported; the recipe's own
@@ -44,6 +44,7 @@ _BUILTIN_MODULES = (
     "harness.backends.deepspeed_engine",
     "harness.backends.sequence_parallel",
     "harness.data.backends",
+    "harness.backends.layout",
 )
 
 

@@ -175,11 +175,18 @@ def make_engine(recipe: Recipe) -> Engine:
     return backend.fn(**kwargs)
 
 
+def make_layout(recipe: Recipe):
+    """The recipe's layout backend: which tokens of a training sample are computed, at which positions."""
+    backend = registry.get("layout", recipe.layout.name, key="layout.name")
+    return backend.fn(window=recipe.resolved.seq_len, seed=recipe.train.seed,
+                      **registry.table_kwargs(backend, recipe.layout))
+
+
 def _build_data(recipe: Recipe, tokenizer):
     backend = registry.get("data", recipe.data.name, key="data.name")
     kwargs = registry.table_kwargs(backend, recipe.data)
     if "max_seq_length" in kwargs:
-        kwargs["max_seq_length"] = recipe.resolved.seq_len
+        kwargs["max_seq_length"] = recipe.resolved.sample_length  # the window, or the target under PoSE
     return _with_held_out(recipe, backend.fn(tokenizer, seed=recipe.train.seed, **kwargs))
 
 
@@ -189,7 +196,8 @@ def _with_held_out(recipe: Recipe, data: DataSplits) -> DataSplits:
 
     if data.eval is not None or not recipe.train.eval_holdout:
         return data
-    indices = held_out.choose(data.train, recipe.train.eval_holdout, recipe.resolved.seq_len, recipe.train.seed)
+    indices = held_out.choose(data.train, recipe.train.eval_holdout, recipe.resolved.sample_length,
+                             recipe.train.seed)
     return held_out.hold_out(data, indices) if indices else data
 
 
@@ -329,6 +337,10 @@ class Loop:
         self.output_dir = Path(recipe.train.output_dir)
         self.collate = Collator(session.built.tokenizer.pad_token_id)
         self.order = _data_order(recipe, engine, data) if data is not None else None
+        self.layout = make_layout(recipe)
+        described = self.layout.describe(recipe.resolved.sample_length)
+        if described:
+            self.console.print(described)
         self.total = session.total_steps
         self.step = 0
         self.stop_signal: str | None = None
@@ -525,7 +537,8 @@ class Loop:
         return (self.engine.all_mean(flag) if self.engine.world_size > 1 else flag) > 0
 
     def _items(self, indices: list[int]) -> list[dict]:
-        return [self.data.train[i] for i in indices]
+        """The training samples at `indices` of this epoch, laid out as the recipe's layout computes them."""
+        return [self.layout(self.data.train[i], epoch=self.order.epoch, index=i) for i in indices]
 
     def _record(self, loss: float, tokens: int, seconds: float) -> dict:
         world_tokens = tokens * self.engine.data_world_size
@@ -694,12 +707,12 @@ def _long_context_eval(recipe: Recipe, engine, collate) -> tuple[LongContextEval
     where asked for."""
     attention, train = recipe.attention, recipe.train
     resolved = recipe.resolved
-    longer = resolved.seq_len > resolved.original_context
+    longer = resolved.sample_length > resolved.original_context
     window = resolved.original_context if engine.sequence is None and longer else 0
     evaluator = LongContextEval(collate, engine.device, engine.autocast, engine.all_mean, window=window,
                                 s2=train.eval_s2 and attention.name == "s2")
     hint = transfer_hint(recipe.position.name, attention.name, at_inference=attention.at_inference)
-    return evaluator, TransferWatch(recipe.resolved.seq_len, rises=train.eval_rises, hint=hint)
+    return evaluator, TransferWatch(recipe.resolved.sample_length, rises=train.eval_rises, hint=hint)
 
 
 def _setting(recipe: Recipe, key: str):
@@ -720,7 +733,7 @@ def describe_readings(length: int, evaluator: LongContextEval) -> str:
 
 def describe_eval(record: dict, recipe: Recipe) -> str:
     """One line: step 50: held-out perplexity 6.53 at 1024 tokens, 6.41 in windows of 256, 6.40 under S2."""
-    length = record.get("eval_length", recipe.resolved.seq_len)
+    length = record.get("eval_length", recipe.resolved.sample_length)
     parts = [f"step {record['step']}: held-out perplexity {record['eval_ppl']:.2f} at {length} tokens (full attention)"]
     if "eval_ppl_window" in record:
         parts.append(f"{record['eval_ppl_window']:.2f} in windows of {recipe.resolved.original_context}")

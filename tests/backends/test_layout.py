@@ -1,0 +1,126 @@
+"""Layout backends: PoSE windows against the sample they come from, packed documents kept apart,
+seeded draws, the recipe's checks, and a PoSE run that resumes bit for bit."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from harness import registry
+from harness.backends.attention_kernels import tokens_of
+from harness.backends.layout import Layout
+from harness.recipe import RecipeError, load_recipe
+from harness.train import train
+from tests.test_train import adapter, losses, sigterm_at
+
+pytestmark = pytest.mark.usefixtures("session_cache")
+
+
+def document(n: int, first: int = 100) -> dict:
+    ids = list(range(first, first + n))  # a token's id says where in the text it was
+    return {"input_ids": ids, "labels": ids, "position_ids": list(range(n))}
+
+
+def pose(window: int, chunks: int = 2, seed: int = 0) -> Layout:
+    return registry.get("layout", "pose").fn(window=window, seed=seed, chunks=chunks)
+
+
+@pytest.mark.parametrize("chunks", [2, 3, 5])
+def test_a_pose_window_is_the_sample_s_own_tokens_at_their_own_positions(chunks):
+    sample = document(1024)
+    for index in range(200):
+        out = pose(64, chunks)(sample, epoch=0, index=index)
+        ids, labels, positions = (np.asarray(out[k]) for k in ("input_ids", "labels", "position_ids"))
+        assert len(ids) == len(labels) == len(positions) == 64
+        assert (ids - 100 == positions).all()  # each token at the position it had in the text
+        assert positions[0] == 0 and (np.diff(positions) >= 1).all() and positions[-1] <= 1023  # inside the target
+        jumps = np.flatnonzero(np.diff(positions) > 1) + 1  # where a gap was skipped
+        not_targets = np.flatnonzero(labels == -100)
+        assert set(jumps) <= set(not_targets) and len(not_targets) == chunks - 1  # exactly the later chunks' starts
+        assert (labels[labels != -100] == ids[labels != -100]).all()
+
+
+def test_over_many_samples_pose_reaches_every_distance_of_the_target():
+    """The paper's point: a 64-token window covers relative distances up to the 1024-token target."""
+    spans = [pose(64)(document(1024), epoch=0, index=i)["position_ids"][-1] for i in range(2000)]
+    assert min(spans) < 80  # some windows skip (almost) nothing
+    assert max(spans) > 1000  # some reach the end of the target
+    counts, _ = np.histogram(spans, bins=4, range=(63, 1024))
+    assert counts.min() > 300  # spread over the range, not bunched at one end (2000 draws, 4 bins)
+
+
+def test_draws_are_a_function_of_seed_epoch_and_index():
+    sample, layout = document(512), pose(64)
+    assert layout(sample, epoch=1, index=7) == layout(sample, epoch=1, index=7)
+    assert layout(sample, epoch=1, index=7) != layout(sample, epoch=2, index=7)
+    assert layout(sample, epoch=1, index=7) != pose(64, seed=1)(sample, epoch=1, index=7)
+
+
+def test_a_sample_no_longer_than_the_window_is_kept_whole():
+    sample = document(60)
+    assert pose(64)(sample, epoch=0, index=0) is sample
+
+
+def test_packed_documents_are_never_joined_by_a_skip():
+    """A packed row's positions restart at each document; after the skip, the attention's documents (read
+    from position 0s) must never hold tokens of two source documents."""
+    lengths = [40, 7, 300, 3, 500, 174]
+    source = np.repeat(np.arange(len(lengths)), lengths)  # (1024,) which document each token came from
+    row = {"input_ids": list(range(1024)), "labels": list(range(1024)),
+           "position_ids": [p for n in lengths for p in range(n)]}
+    for index in range(500):
+        out = pose(48, chunks=3)(row, epoch=0, index=index)
+        kept_source = source[np.asarray(out["input_ids"])]
+        positions = torch.tensor([out["position_ids"]])
+        seen = tokens_of(None, positions, torch.zeros(1, 1, len(out["input_ids"]), 1)).doc[0].numpy()
+        for doc in np.unique(seen):
+            assert len(set(kept_source[seen == doc])) == 1, (index, out["position_ids"])
+
+
+def test_contiguous_is_the_default_and_changes_nothing():
+    recipe = load_recipe("recipes/tiny_cpu.toml")
+    assert recipe.layout.name == "contiguous" and recipe.resolved.sample_length == recipe.resolved.seq_len
+    layout = registry.get("layout", "contiguous").fn(window=256, seed=0)
+    sample = document(512)
+    assert layout(sample, epoch=3, index=5) is sample
+
+
+def test_pose_reads_samples_at_the_target_and_trains_in_the_window():
+    recipe = load_recipe("recipes/tiny_cpu.toml", ["layout.name=\"pose\"", "data.max_seq_length=128"])
+    assert (recipe.resolved.seq_len, recipe.resolved.sample_length, recipe.resolved.group_size) == (128, 512, 32)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.max_seq_length=0"], r"data.max_seq_length = 0 \(= position.target_length, 512\).*set data.max_seq_length"),
+    (["data.max_seq_length=512"], r"window shorter than the target.*512"),
+    (["data.max_seq_length=128", "layout.chunks=1"], r"layout.chunks = 1 must be between 2"),
+    (["data.max_seq_length=128", "data.name=\"sft\""], r"data.name = 'sft'.*contiguous"),
+])
+def test_a_pose_recipe_that_cannot_work_is_refused_by_key(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("recipes/tiny_cpu.toml", ["layout.name=\"pose\"", *overrides])
+
+
+def test_a_misspelt_layout_names_the_one_meant():
+    with pytest.raises(RecipeError, match=r"layout.name = 'posse' is not a known layout backend. Did you mean 'pose'"):
+        load_recipe("recipes/tiny_cpu.toml", ["layout.name=\"posse\""])
+
+
+def test_chunks_with_the_contiguous_layout_is_reported(caplog):
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        load_recipe("recipes/tiny_cpu.toml", ["layout.chunks=3"])
+    assert "layout.chunks = 3 has no effect with layout.name = 'contiguous'" in caplog.text
+
+
+def test_a_pose_run_resumes_bit_for_bit(tmp_path):
+    pose_run = ["layout.name=\"pose\"", "data.max_seq_length=128", "train.max_steps=4", "train.save_every=2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{straight}\"", *pose_run]))
+    train(load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{stopped}\"", *pose_run]), after_step=sigterm_at(2))
+    train(load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{stopped}\"", *pose_run, "train.resume=\"auto\""]))
+    assert losses(stopped) == losses(straight)
+    final_a, final_b = adapter(straight / "final"), adapter(stopped / "final")
+    for name in final_a:
+        torch.testing.assert_close(final_a[name], final_b[name], rtol=0, atol=0)
