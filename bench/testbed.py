@@ -92,7 +92,7 @@ def run_stats(metrics: Path) -> dict:
     steps = read_step_records(metrics)
     return {"tokens_per_s": tb.median([s["tokens_per_s"] for s in steps[1:]] or [steps[0]["tokens_per_s"]]),
             "peak_memory_gib": max(s["peak_memory_gib"] for s in steps), "steps": steps[-1]["step"],
-            "loss": [(s["step"], s["loss"]) for s in steps]}
+            "tokens_seen": sum(s.get("tokens", 0) for s in steps), "loss": [(s["step"], s["loss"]) for s in steps]}
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -167,6 +167,7 @@ def targets(records: list[dict], training: dict, native: int, factor: int = 4) -
 
     speed = ratio(*(training.get(n, {}).get("tokens_per_s") for n in ("longqlora", "qlora-full")))
     return {
+        **pose_targets(records, training, native, top),
         **transfer("longqlora", "qlora-full"),
         **transfer("longqlora-pi", "qlora-full-pi"),
         "longqlora_speed_vs_qlora_full": check(speed, lambda v: v >= 1.5),
@@ -175,6 +176,27 @@ def targets(records: list[dict], training: dict, native: int, factor: int = 4) -
         "rank64_vs_rank8_top": check(ratio(ppl(records, "longqlora-pi", top), ppl(records, "longqlora-r8", top)),
                                     lambda v: v <= 1),
     }
+
+
+def pose_targets(records: list[dict], training: dict, native: int, top: int) -> dict:
+    """Issue 31's: PoSE read at the top length within 5% of the base at its window and within 3% of
+    LongQLoRA trained at the top length, in at most 1/3 of its wall time; every trained row within 1%
+    of the base at the native window (short context kept)."""
+    def ratio(a, b):
+        return a / b if a is not None and b is not None else None
+
+    def check(value, ok):
+        return {"value": value, "met": None if value is None else ok(value)}
+
+    base = ppl(records, "base", native)
+    wall = {name: training.get(name, {}).get("wall_s") for name in ("pose", "longqlora")}
+    found = {"pose_top_vs_base_1x": check(ratio(ppl(records, "pose", top), base), lambda v: v <= 1.05),
+             "pose_top_vs_longqlora_top": check(ratio(ppl(records, "pose", top), ppl(records, "longqlora", top)),
+                                                lambda v: v <= 1.03),
+             "pose_wall_vs_longqlora": check(ratio(wall["pose"], wall["longqlora"]), lambda v: v <= 1 / 3)}
+    for name in training:
+        found[f"{name}_1x_vs_base_1x"] = check(ratio(ppl(records, name, native), base), lambda v: v <= 1.01)
+    return found
 
 
 # --------------------------------------------------------------------------- output

@@ -23,6 +23,7 @@ from typing import Sequence
 from harness.testbed import ROOT, Corpus, TestbedError, native_window, validation_overrides, zero_shot_dir
 
 EXTEND_RECIPE = ROOT / "recipes" / "testbed_longqlora.toml"
+TESTBED_TARGET = 1024  # position.target_length of EXTEND_RECIPE
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Row:
     position: str = "none"  # an untrained row's zero-shot rope: none | linear | dynamic | yarn
     attention: str = "full"  # attention at inference: full | s2
     fraction: float = 1.0  # the checkpoint at this share of the run's steps
+    window: float = 0  # PoSE rows: the training window, in tokens (>= 1) or as a share of the target (< 1)
 
     @property
     def run_name(self) -> str:
@@ -50,6 +52,7 @@ FULL = 'attention.name="full"'
 PI = 'position.name="linear"'  # the paper's Position Interpolation (the recipe's default is YaRN)
 BASE_32BIT = 'quantization.name="none"'
 FULL_FINETUNING = (BASE_32BIT, 'adapter.name="none"', FULL, "train.lr=3e-4")  # a full model takes a smaller rate
+POSE = ('layout.name="pose"', FULL)  # the paper's PoSE: full attention inside a short window
 
 GRID = (
     Row("base", "testbed, no PI"),
@@ -69,6 +72,10 @@ GRID = (
     Row("longqlora-half", "LongQLoRA (PI), 1/2 of the steps", run="longqlora-pi", fraction=0.5),
     # Why PI + S2 breaks under full attention past its group here: groups twice as long (512).
     Row("longqlora-groups-half", "LongQLoRA (PI), S2 groups of 1/2", train=(PI, "attention.group_ratio=0.5")),
+    # Train short, read long: PoSE windows of target-length samples (harness.backends.layout).
+    Row("pose", "PoSE + YaRN QLoRA r64, 256-token window", train=POSE, window=256),
+    Row("pose-quarter", "PoSE + YaRN QLoRA r64, window of 1/4 of the target", train=POSE, window=0.25),
+    Row("pose-pi", "PoSE + PI QLoRA r64 (the paper's pairing), 256-token window", train=(*POSE, PI), window=256),
 )
 
 
@@ -97,10 +104,17 @@ def extension_overrides(testbed: Path, corpus: Corpus, run_dir: Path, *, steps: 
     tokens per step for every row. A LoRA run resumes (train.resume = auto); full fine-tuning
     cannot resume in the harness yet, so an unfinished one starts over."""
     length = [f"position.target_length={target_length}", f"data.max_seq_length={target_length}"] if target_length else []
+    if row.window:
+        length.append(f"data.max_seq_length={training_window(row, target_length or TESTBED_TARGET)}")
     resume = ["train.resume=\"never\"", "train.overwrite=true"] if row.full_finetuning else ["train.resume=\"auto\""]
     return [f'model.name_or_path="{testbed}"', f'data.path="{corpus.train}"', *validation_overrides(corpus),
             f'train.output_dir="{run_dir}"', f"train.max_steps={steps}",
             f"train.save_every={0 if row.full_finetuning else save_every}", *resume, *length, *(row.train or ())]
+
+
+def training_window(row: Row, target_length: int) -> int:
+    """A PoSE row's data.max_seq_length at `target_length`."""
+    return int(row.window) if row.window >= 1 else int(row.window * target_length)
 
 
 def save_every(rows: Sequence[Row], run: str, steps: int) -> int:

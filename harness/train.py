@@ -544,7 +544,7 @@ class Loop:
         world_tokens = tokens * self.engine.data_world_size
         return {
             "step": self.step, "loss": self.engine.all_mean(loss), "lr": self.lr,
-            "grad_norm": self.grad_norm, "tokens_per_s": world_tokens / max(seconds, 1e-9),
+            "grad_norm": self.grad_norm, "tokens": world_tokens, "tokens_per_s": world_tokens / max(seconds, 1e-9),
             "peak_memory_gib": peak_memory_gib(), "seconds": seconds,
         }
 

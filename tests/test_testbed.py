@@ -102,7 +102,8 @@ def test_grid_rows_are_consistent():
         assert 0 < row.fraction <= 1 and row.attention in ("full", "s2")
     assert [row.name for row in ex.trained_rows(ex.GRID)] == ["longqlora", "qlora-full", "longqlora-pi",
                                                               "qlora-full-pi", "longqlora-ntk", "lora-full", "full-ft",
-                                                              "longqlora-r8", "longqlora-groups-half"]
+                                                              "longqlora-r8", "longqlora-groups-half", "pose",
+                                                              "pose-quarter", "pose-pi"]
     assert [row.name for row in ex.trained_rows([ex.row_named("longqlora-half")])] == ["longqlora-pi"]
 
 
@@ -121,13 +122,18 @@ def test_every_trained_row_resolves_with_equal_steps_and_tokens(saved_testbed, t
                                            save_every=10)
         recipe = load_recipe(ex.EXTEND_RECIPE, overrides)
         resolved[row.name] = recipe
-        assert recipe.resolved.rope_factor == 4 and recipe.resolved.seq_len == 1024
+        window = 256 if row.window else 1024  # PoSE rows: 256 tokens, or 1/4 of the 1024 target
+        assert recipe.resolved.rope_factor == 4 and recipe.resolved.seq_len == window
+        assert recipe.resolved.sample_length == 1024 and (recipe.layout.name == "pose") == bool(row.window)
         groups = 512 if row.name == "longqlora-groups-half" else 256
         assert recipe.resolved.group_size == (groups if recipe.attention.name == "s2" else 0)
-    assert len({(r.train.max_steps, r.resolved.tokens_per_step, r.data.path) for r in resolved.values()}) == 1
+    # the same steps and samples per step; PoSE's samples are window-long (tokens_per_step), as in the paper
+    assert len({(r.train.max_steps, r.resolved.effective_batch_size, r.data.path) for r in resolved.values()}) == 1
+    assert len({r.resolved.tokens_per_step for r in resolved.values() if r.layout.name == "contiguous"}) == 1
     assert resolved["longqlora"].quantization.name == "nf4" and resolved["longqlora"].adapter.r == 64
     assert resolved["longqlora"].position.name == "yarn" and resolved["longqlora-pi"].position.name == "linear"
-    assert {name for name, r in resolved.items() if r.position.name == "yarn"} == {"longqlora", "qlora-full"}
+    assert {name for name, r in resolved.items() if r.position.name == "yarn"} == {"longqlora", "qlora-full", "pose",
+                                                                                  "pose-quarter"}
     assert resolved["lora-full"].quantization.name == "none" and resolved["lora-full"].attention.name == "full"
     assert resolved["longqlora-r8"].adapter.r == 8
     full = resolved["full-ft"]
@@ -190,6 +196,19 @@ def test_targets_from_records():
     assert found["s2_at_inference_vs_full_top"]["met"] is False  # 12.0 < 20.0: S2 at inference reads 1024 better
     assert found["rank64_vs_rank8_top"]["met"] is False  # 20.0 > 19.0
     assert targets([], {}, native=256)["longqlora_top_vs_base_1x"] == {"value": None, "met": None}
+
+
+def test_pose_targets_from_records():
+    from bench.testbed import targets
+
+    found = targets(records({("base", 256): 10.0, ("pose", 256): 10.05, ("pose", 4096): 10.4, ("longqlora", 4096): 10.2,
+                             ("longqlora", 256): 10.2}),
+                    {"pose": {"wall_s": 100.0}, "longqlora": {"wall_s": 400.0}}, native=256, factor=16)
+    assert found["pose_top_vs_base_1x"] == {"value": pytest.approx(1.04), "met": True}
+    assert found["pose_top_vs_longqlora_top"] == {"value": pytest.approx(10.4 / 10.2), "met": True}
+    assert found["pose_wall_vs_longqlora"] == {"value": 0.25, "met": True}
+    assert found["pose_1x_vs_base_1x"] == {"value": pytest.approx(1.005), "met": True}
+    assert found["longqlora_1x_vs_base_1x"] == {"value": pytest.approx(1.02), "met": False}  # short context lost
 
 
 def test_finished_evaluations_are_reused_until_settings_change(tmp_path, monkeypatch):

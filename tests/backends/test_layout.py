@@ -2,6 +2,7 @@
 seeded draws, the recipe's checks, and a PoSE run that resumes bit for bit."""
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -124,3 +125,32 @@ def test_a_pose_run_resumes_bit_for_bit(tmp_path):
     final_a, final_b = adapter(straight / "final"), adapter(stopped / "final")
     for name in final_a:
         torch.testing.assert_close(final_a[name], final_b[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("position, attention", [("linear", "full"), ("dynamic", "s2"), ("yarn", "full"),
+                                                 ("llama3", "s2")])
+def test_pose_trains_with_every_position_method_and_attention(tmp_path, position, attention):
+    recipe = load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{tmp_path}\"", "layout.name=\"pose\"",
+                                                   "data.max_seq_length=128", f"position.name=\"{position}\"",
+                                                   f"attention.name=\"{attention}\"", "train.max_steps=2",
+                                                   "train.eval_holdout=0"])
+    train(recipe)
+    assert all(np.isfinite(losses(tmp_path))) and (tmp_path / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_the_watch_reads_whole_target_length_samples_at_contiguous_positions(tmp_path, monkeypatch):
+    from harness.evaluation.in_training import LongContextEval
+
+    scored = []
+    original_run = LongContextEval.run
+
+    def run(self, module, samples):
+        scored.extend(samples)
+        return original_run(self, module, samples)
+
+    monkeypatch.setattr(LongContextEval, "run", run)
+    train(load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{tmp_path}\"", "layout.name=\"pose\"",
+                                                "data.max_seq_length=128", "train.max_steps=2"]))
+    assert scored and all(sample["position_ids"] == list(range(512)) for sample in scored)
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_ppl" in line]
+    assert evals and all(record["eval_length"] == 512 for record in evals)
