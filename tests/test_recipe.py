@@ -28,10 +28,12 @@ def test_every_recipe_resolves_through_dry_run(recipe):
 
 # recipe -> (rope factor, training length, S2 group): ceil(target / original window) and a quarter of the
 # length, worked out by hand from each file (qwen2.5 trains 48k of its 128k target; the pretraining
-# recipe extends nothing and runs full attention).
+# recipe extends nothing and runs full attention; the PoSE recipe trains an 8k window of its 64k target
+# with full attention).
 RESOLVED = {
     "llama2_13b_12k": (3.0, 12288, 3072), "llama2_13b_8k": (2.0, 8192, 2048), "llama2_7b_8k": (2.0, 8192, 2048),
-    "llama3_8b_32k": (4.0, 32768, 8192), "mistral_7b_v0_3_64k": (2.0, 65536, 16384),
+    "llama3_8b_32k": (4.0, 32768, 8192), "llama3_8b_64k_pose": (8.0, 8192, 0),
+    "mistral_7b_v0_3_64k": (2.0, 65536, 16384),
     "qwen2_5_7b_128k_yarn": (4.0, 49152, 12288), "smollm2_135m_16k": (2.0, 16384, 4096),
     "testbed_longqlora": (4.0, 1024, 256), "testbed_pretrain": (0.0, 256, 0), "tiny_cpu": (2.0, 512, 128),
     "vicuna_13b_8k_sft": (2.0, 8192, 2048),
@@ -62,8 +64,8 @@ def test_paper_recipes_keep_pi_and_modern_recipes_use_yarn(monkeypatch):
     assert {name for name, value in position.items() if value == "linear"} == {
         "llama2_7b_8k", "llama2_13b_8k", "llama2_13b_12k", "vicuna_13b_8k_sft"}
     assert {name for name, value in position.items() if value == "yarn"} == {
-        "llama3_8b_32k", "mistral_7b_v0_3_64k", "qwen2_5_7b_128k_yarn", "smollm2_135m_16k", "testbed_longqlora",
-        "tiny_cpu"}  # the README's first flow: the default pairing, no warning about itself
+        "llama3_8b_32k", "llama3_8b_64k_pose", "mistral_7b_v0_3_64k", "qwen2_5_7b_128k_yarn", "smollm2_135m_16k",
+        "testbed_longqlora", "tiny_cpu"}  # the README's first flow: the default pairing, no warning about itself
 
 
 def test_pi_with_s2_prints_one_line_naming_the_measurement_and_the_alternative():

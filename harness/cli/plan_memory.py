@@ -11,9 +11,11 @@ Overrides are `section.key=value` as for training. The card is one of harness.me
 or --gib N; --gpus N plans one of N cards of a launch (ZeRO partitions over them, and
 engine.sequence_parallel_size shards each sequence over them). The model's shape comes from its
 config.json (local, HF cache, init_config, the built-in table, or --config). Prints the
-breakdown (the held-out evaluation's peak beside the step's), the verdict, the longest sequence
-that fits and what to change when it does not (sequence parallelism among the changes when --gpus
-allows it), and one line when the evaluation does not fit where training does; nothing is loaded.
+breakdown (the held-out evaluation's peak beside the step's: under PoSE the step at the window, the
+evaluation at the target), the verdict, the longest sequence that fits, the longest target reached
+trained at the target and with PoSE, what to change when it does not fit (sequence parallelism among
+the changes when --gpus allows it), and one line when the evaluation does not fit where training
+does; nothing is loaded.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     card = parser.add_mutually_exclusive_group()
     card.add_argument("--gpu", help=f"the card: {', '.join(CARDS)}")
     card.add_argument("--gib", help="a card with this many GiB instead of a named one")
-    parser.add_argument("--seq-len", type=positive_int, help="plan this sequence length instead of the recipe's")
+    parser.add_argument("--seq-len", type=positive_int,
+                        help="plan this training length instead of the recipe's (under PoSE: the window)")
     parser.add_argument("--gpus", type=positive_int, default=1,
                         help="cards in the launch (deepspeed --num_gpus N); the plan is one card's")
     parser.add_argument("--config", help="config.json of the model, when its shape is not otherwise known")

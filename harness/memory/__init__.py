@@ -12,7 +12,8 @@ No weights are loaded: the shape comes from a config.json (a local directory, th
     rules       each backend's memory rule (register_memory_rule), the built-in backends' included
     byte_model  the bytes of each part of a training step and of the held-out evaluation between
                 steps (plan_setup -> MemoryPlan, its .evaluation an EvalPlan)
-    advice      the longest sequence that fits, suggestions, the rendered table
+    advice      the longest sequence that fits, the longest target with and without PoSE (reach),
+                suggestions, the rendered table
     measure     what the byte model is validated against: torch's CPU allocator over training steps
                 and over an evaluation
 """
@@ -22,27 +23,29 @@ import os
 
 from harness.recipe import Recipe
 
-from .advice import eval_verdict, longest_fitting, render, suggestions
-from .byte_model import (EvalPlan, MemoryPlan, attention_scores_bytes, layer_saved_per_token, lora_params, plan_setup,
-                         weight_bytes)
+from .advice import eval_verdict, longest_fitting, pose_window, reach, render, suggestions
+from .byte_model import (EvalPlan, MemoryPlan, Reach, attention_scores_bytes, layer_saved_per_token, lora_params,
+                         plan_setup, weight_bytes)
 from .rules import register_memory_rule
 from .runtime import BYTES, Setup, resolve_setup
 from .shapes import (ALL_LINEAR, CARDS, KNOWN_SHAPES, LLAMA2_SHAPES, Card, ModelShape, PlanError, card_named,
                      custom_card, model_shape)
 
 __all__ = ["ALL_LINEAR", "BYTES", "CARDS", "KNOWN_SHAPES", "LLAMA2_SHAPES", "Card", "EvalPlan", "MemoryPlan",
-           "ModelShape", "PlanError", "Setup", "attention_scores_bytes", "eval_verdict", "layer_saved_per_token",
-           "longest_fitting", "lora_params", "model_shape", "plan", "register_memory_rule", "render",
-           "resolve_setup", "weight_bytes"]
+           "ModelShape", "PlanError", "Reach", "Setup", "attention_scores_bytes", "eval_verdict",
+           "layer_saved_per_token", "longest_fitting", "lora_params", "model_shape", "plan", "pose_window", "reach",
+           "register_memory_rule", "render", "resolve_setup", "weight_bytes"]
 
 
 def plan(recipe: Recipe, *, gpu_gib: float | None = None, seq_len: int | None = None, device: str = "cuda",
          card: str | None = None, config: str | os.PathLike | None = None, cards: int = 1) -> MemoryPlan:
     """Predict the peak memory of one training step of `recipe`, and of its held-out evaluation
-    (result.evaluation: full attention at the length, no gradients; None when nothing is held out).
+    (result.evaluation: full attention at the length read per sample, the target under PoSE, no gradients;
+    None when nothing is held out).
 
-    gpu_gib or card (a CARDS name) gives the capacity: then `fits`, `max_seq_len` and
-    `suggestions` are filled. seq_len overrides the recipe's sequence length; device "cpu"
+    gpu_gib or card (a CARDS name) gives the capacity: then `fits`, `max_seq_len` (the longest training
+    sequence), `reach` (the longest target with and without PoSE) and `suggestions` are filled. seq_len
+    overrides the recipe's training length (under PoSE the window); device "cpu"
     plans a CPU run (fp32, no CUDA context); config is a config.json
     for models whose shape is not otherwise known. cards: the ranks of the launch (one card's memory is
     planned; ZeRO partitions and engine.sequence_parallel_size work over them).
@@ -59,6 +62,7 @@ def plan(recipe: Recipe, *, gpu_gib: float | None = None, seq_len: int | None = 
         if result.evaluation is not None:
             result.evaluation.fits = result.evaluation.peak_bytes <= target.total_bytes
         result.max_seq_len = longest_fitting(recipe, shape, device, target, cards)
+        result.reach = reach(recipe, shape, device, target, cards, seq_len)
         if not result.fits:
             result.suggestions = suggestions(recipe, shape, device, target, result, cards)
     return result

@@ -1,7 +1,8 @@
-"""Advice on a plan: the longest sequence that fits, the changes that make a recipe fit, and the
-breakdown as a table.
+"""Advice on a plan: the longest sequence that fits, the longest target with and without PoSE, the
+changes that make a recipe fit, and the breakdown as a table.
 
     longest_fitting(recipe, shape, "cuda", card)       # tokens, a multiple of SEARCH_STEP
+    reach(recipe, shape, "cuda", card)                 # Reach: the longest target trained at it / with PoSE
     suggestions(recipe, shape, "cuda", card, result)   # ["chunk the loss (...): 21.40 GiB", ...]
     render(result, console)                            # rich table (training and evaluation peaks) + verdict
     eval_verdict(result)                               # the line when the evaluation does not fit, or None
@@ -11,11 +12,13 @@ Sizes are shown in GiB (2**30 bytes), MiB and KiB.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
+from typing import Callable
 
 from harness.recipe import Recipe
 
-from .byte_model import GIB, MemoryPlan, Part, plan_setup
+from .byte_model import GIB, MemoryPlan, Part, Reach, plan_evaluation, plan_setup
 from .runtime import resolve_setup
 from .shapes import MIB, Card, ModelShape
 
@@ -30,19 +33,58 @@ def _replan(recipe: Recipe, shape: ModelShape, device: str, card: Card, seq_len:
 
 
 def longest_fitting(recipe: Recipe, shape: ModelShape, device: str, card: Card, cards: int = 1) -> int:
-    """The longest multiple of 1024 tokens that fits (0 if not even 1024); memory grows with L."""
-    def fits(k: int) -> bool:
-        return _replan(recipe, shape, device, card, k * SEARCH_STEP, cards).peak_bytes <= card.total_bytes
+    """The longest training sequence, a multiple of 1024 tokens, whose step fits (0 if not even 1024)."""
+    return _longest(lambda length: _replan(recipe, shape, device, card, length, cards).peak_bytes <= card.total_bytes)
 
-    if not fits(1):
+
+def _longest(fits: Callable[[int], bool]) -> int:
+    """The longest multiple of SEARCH_STEP tokens up to SEARCH_LIMIT for which fits(tokens) holds, 0 if not
+    even SEARCH_STEP: doubling, then bisection, so fits must hold up to a length and not past it (memory
+    grows with L)."""
+    if not fits(SEARCH_STEP):
         return 0
-    low, high = 1, 2
-    while high * SEARCH_STEP <= SEARCH_LIMIT and fits(high):
+    low, high = 1, 2  # in steps
+    while high * SEARCH_STEP <= SEARCH_LIMIT and fits(high * SEARCH_STEP):
         low, high = high, high * 2
     while high - low > 1:  # fits(low), not fits(high)
         middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
+        low, high = (middle, high) if fits(middle * SEARCH_STEP) else (low, middle)
     return low * SEARCH_STEP
+
+
+# --------------------------------------------------------------------------- the longest target, with PoSE
+
+def reach(recipe: Recipe, shape: ModelShape, device: str, card: Card, cards: int = 1,
+          seq_len: int | None = None) -> Reach:
+    """The longest target `card` reaches trained at the target (contiguous), and trained with PoSE at
+    pose_window's window (seq_len: the planned training length, the recipe's when None). Under PoSE training
+    computes the window whatever the target, so the limit is the no-grad full-attention forward at the
+    target that the evaluation runs (and serving needs); trained at the target, that forward must fit too."""
+    window, source = pose_window(recipe, seq_len or recipe.resolved.seq_len)
+    fit = functools.partial(_train_and_forward_fit, recipe, shape, device, card, cards)
+    return Reach(contiguous=_longest(lambda target: fit(target, target)),
+                 pose=_longest(lambda target: fit(window, target)), window=window, window_source=source,
+                 window_peak=_replan(recipe, shape, device, card, window, cards).peak_bytes)
+
+
+def pose_window(recipe: Recipe, length: int) -> tuple[int, str]:
+    """(the PoSE training window, why it): a PoSE recipe's own (length, its planned training length); else
+    the model's original context when shorter than `length` (PoSE's setting: train in the window the base
+    was pretrained at), else a quarter of `length`."""
+    if recipe.layout.name != "contiguous":
+        return length, "the recipe's training window"
+    original = recipe.resolved.original_context
+    if 0 < original < length:
+        return original, "the original context"
+    return max(length // 4, 1), "a quarter of the planned length"
+
+
+def _train_and_forward_fit(recipe: Recipe, shape: ModelShape, device: str, card: Card, cards: int, train_len: int,
+                           target: int) -> bool:
+    """Whether a training step at train_len and the no-grad full-attention forward of a 1 x target sample
+    beside what training keeps between steps (byte_model.plan_evaluation) both fit the card."""
+    setup = resolve_setup(recipe, shape, device=device, card=card, seq_len=train_len, cards=cards, eval_len=target)
+    return max(plan_setup(setup, recipe).peak_bytes, plan_evaluation(setup).peak_bytes) <= card.total_bytes
 
 
 def _with(recipe: Recipe, table: str, **values) -> Recipe:
@@ -137,7 +179,8 @@ def render(result: MemoryPlan, console) -> None:
     title = (f"{Path(result.recipe).name or 'recipe'}: {s.layers} layers, d={s.hidden}, V={s.vocab}; "
              f"B={result.batch}, L={result.seq_len}{_parallel_title(result)}, peak in the {result.peak_phase} phase")
     if evaluation is not None:
-        title += f"; evaluation (1 x L, full attention, no grad) peaks in the {evaluation.peak_phase} phase"
+        length = "L" if evaluation.seq_len == result.seq_len else evaluation.seq_len  # PoSE: the target
+        title += f"; evaluation (1 x {length}, full attention, no grad) peaks in the {evaluation.peak_phase} phase"
     table = Table(title=title, show_footer=True)
     table.add_column("component", footer="peak")
     table.add_column("at peak", justify="right", footer=_gib(result.peak_bytes))
@@ -157,6 +200,8 @@ def render(result: MemoryPlan, console) -> None:
     console.print(f"Verdict: {verdict} on {result.card} ({_gib(result.capacity_bytes)}): "
                   f"predicted peak {_gib(result.peak_bytes)}{_eval_peak(result)}. Longest sequence that fits: "
                   f"{result.max_seq_len or 'none'} tokens (multiples of {SEARCH_STEP}).", soft_wrap=True)
+    if result.reach is not None:
+        console.print(reach_line(result), soft_wrap=True)
     warning = eval_verdict(result)
     if warning:
         console.print(f"[yellow]{warning}[/]", soft_wrap=True)
@@ -185,7 +230,19 @@ def _eval_peak(result: MemoryPlan) -> str:
     if evaluation is None:
         return ""
     verdict = "fits" if evaluation.fits else "does not fit"
-    return f", the held-out evaluation's {_gib(evaluation.peak_bytes)} ({verdict})"
+    at = f" at {evaluation.seq_len} tokens" if evaluation.seq_len != result.seq_len else ""  # PoSE: the target
+    return f", the held-out evaluation's {_gib(evaluation.peak_bytes)}{at} ({verdict})"
+
+
+def reach_line(result: MemoryPlan) -> str:
+    """The longest target trained at it and with PoSE, the window PoSE trains and its step's peak, as one line."""
+    r = result.reach
+    fits = r.window_peak <= result.capacity_bytes
+    then = "; the forward at the target is then the limit" if fits and r.pose else "" if fits else " and does not fit"
+    return (f"Longest target on {result.card} (multiples of {SEARCH_STEP}, the full-attention forward at the target "
+            f"included): {r.contiguous or 'none'} tokens trained at the target, {r.pose or 'none'} with PoSE "
+            f"(layout.name = \"pose\") training a window of {r.window} tokens ({r.window_source}), whose step peaks at "
+            f"{_gib(r.window_peak)}{then}.")
 
 
 def eval_verdict(result: MemoryPlan) -> str | None:
@@ -198,7 +255,7 @@ def eval_verdict(result: MemoryPlan) -> str | None:
     then = ("on several ranks an evaluation that runs out of GPU memory stops the run" if result.cards > 1 else
             "the first evaluation that runs out of GPU memory is skipped with a warning, the rest of the run "
             "evaluates nothing (the long-context watch reads nothing) and training goes on")
-    return (f"The held-out evaluation does not fit: full attention at {result.seq_len} tokens without gradients "
+    return (f"The held-out evaluation does not fit: full attention at {evaluation.seq_len} tokens without gradients "
             f"peaks at {_gib(evaluation.peak_bytes)} ({evaluation.peak_phase} phase) where the step peaks at "
             f"{_gib(result.peak_bytes)}; {then}. Turn the watch off with train.eval_holdout=0 and data.eval_path "
             f"unset, or evaluate afterwards with tools/eval_ppl.py.")

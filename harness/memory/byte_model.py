@@ -24,7 +24,9 @@ bench/plan_validation.py).
 The long-context watch's evaluation (harness.evaluation.in_training, between two steps) is planned
 beside the step (MemoryPlan.evaluation): what persists between steps (weights, LoRA, optimizer
 states, the CUDA context; gradients are freed by zero_grad) plus one no-grad forward of one
-held-out sample, 1 x L, with full attention at L, peaking in one of three phases:
+held-out sample, 1 x L, with full attention at L, peaking in one of three phases (L: the length
+the recipe reads per sample, resolved.sample_length: the training length, or the target under
+PoSE, where training computes a shorter window of each sample):
 
     eval attention  one layer's attention: q, k, v, the kernel's output, and the larger of the
                     kernel's (1, H, L, L) scores (materialising kernels) and o_proj's forward
@@ -313,15 +315,34 @@ class _Phased:
 @dataclass
 class EvalPlan(_Phased):
     """The held-out evaluation between two steps: what persists of training, one no-grad forward of a
-    1 x L sample with full attention at L, and whether that fits the card (None: no card)."""
+    1 x L sample with full attention at L (seq_len; the target under PoSE), and whether that fits the card
+    (None: no card)."""
 
+    seq_len: int
     parts: list[Part]
     peak_phase: str
     fits: bool | None = None
 
     def to_dict(self) -> dict:
-        return {"peak_phase": self.peak_phase, "peak_bytes": self.peak_bytes, "dynamic_bytes": self.dynamic_bytes,
-                "fits": self.fits, "breakdown": self.breakdown()}
+        return {"seq_len": self.seq_len, "peak_phase": self.peak_phase, "peak_bytes": self.peak_bytes,
+                "dynamic_bytes": self.dynamic_bytes, "fits": self.fits, "breakdown": self.breakdown()}
+
+
+@dataclass(frozen=True)
+class Reach:
+    """The longest target (tokens, a multiple of 1024; 0: none) one card reaches, trained at the target against
+    trained with PoSE at a `window`-token window. Either way the no-grad full-attention forward at the target
+    (the evaluation's, beside what training keeps) must fit too; under PoSE it is the limit, training's memory
+    being the window's (`window_peak`)."""
+
+    contiguous: int  # training at the target and the forward at the target fit
+    pose: int  # training at the window and the forward at the target fit
+    window: int
+    window_source: str  # why this window: the recipe's own, the original context, a quarter of the length
+    window_peak: int  # bytes: the training step's peak at the window
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -343,6 +364,7 @@ class MemoryPlan(_Phased):
     sequence_parallel: int = 1
     tiled_mlp: bool = False
     evaluation: EvalPlan | None = None  # None: the recipe holds nothing out, no evaluation runs
+    reach: Reach | None = None  # with a card: the longest target with and without PoSE
 
     @property
     def allocated_bytes(self) -> int:
@@ -369,6 +391,7 @@ class MemoryPlan(_Phased):
             "sequence_parallel_size": self.sequence_parallel, "tiled_mlp": self.tiled_mlp,
             "breakdown": self.breakdown(),
             "evaluation": self.evaluation.to_dict() if self.evaluation else None,
+            "reach": self.reach.to_dict() if self.reach else None,
         }
 
 
@@ -617,12 +640,14 @@ BATCH_IDS_PER_TOKEN = 4 * 8  # the collated int64 input_ids, labels, attention_m
 def plan_evaluation(setup: Setup) -> EvalPlan:
     """The evaluation between two steps: what persists of training (weights, LoRA, optimizer states and
     master weights, the CUDA context or the CPU pool; not the gradients, which zero_grad frees, nor the
-    step's temporaries) and one no-grad forward of a 1 x L held-out sample with full attention."""
+    step's temporaries) and one no-grad forward of a 1 x L held-out sample with full attention, L =
+    setup.eval_len (the target under PoSE, whose training window is setup.seq_len)."""
     trainable = trainable_params(setup)
     persistent = _model_parts(setup) + _optimizer_parts(setup, trainable) + _overhead_parts(setup)
     parts = [dataclasses.replace(p, phases=EVAL_PHASES, dynamic=False) for p in persistent if p.phases == PHASES]
-    parts += _eval_forward_parts(dataclasses.replace(setup, batch=1, grad_accum=1, group=0))
-    return EvalPlan(parts, _peak_phase(parts, EVAL_PHASES))
+    length = setup.eval_len or setup.seq_len
+    parts += _eval_forward_parts(dataclasses.replace(setup, batch=1, grad_accum=1, group=0, seq_len=length))
+    return EvalPlan(length, parts, _peak_phase(parts, EVAL_PHASES))
 
 
 def _eval_forward_parts(setup: Setup) -> list[Part]:

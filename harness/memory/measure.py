@@ -2,7 +2,7 @@
 
     loop = training_loop(load_recipe("recipes/tiny_cpu.toml", ["train.grad_accum=1"]))
     allocator_peak(loop)            # bytes the steps add at their peak, over the built model
-    eval_allocator_peak(loop)       # bytes the long-context watch's evaluation adds at its peak
+    eval_allocator_peak(loop)       # bytes the long-context watch's evaluation adds at its peak (at the target)
     static_bytes(loop.built.model)  # parameters + bitsandbytes quantization state
 
 The steps are the training loop's own (harness.train.build_session, Loop.train_step) on random
@@ -69,8 +69,9 @@ def allocator_peak(loop: Loop, steps: int = 2) -> int:
 def eval_allocator_peak(loop: Loop) -> int:
     """Peak of live torch CPU-allocator bytes over one evaluation of the long-context watch, relative
     to its start: every reading the loop's evaluator takes of one random held-out sample of the
-    target length (full attention at the target is the largest)."""
-    length = loop.recipe.resolved.seq_len
+    length the recipe reads per sample (resolved.sample_length: the target, also under PoSE, whose
+    training window is shorter; full attention at the target is the largest reading)."""
+    length = loop.recipe.resolved.sample_length
     ids = random_batch(loop.built.model.config.vocab_size, 1, length, torch.Generator().manual_seed(0))["input_ids"]
     sample = {"input_ids": ids[0].tolist(), "labels": ids[0].tolist(), "position_ids": list(range(length))}
     return _peak_of(lambda: loop.evaluator.run(loop.engine.module, [sample]))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness import policy
-from harness.recipe import Recipe
+from harness.recipe import Recipe, sample_length
 
 from .rules import Adaptation, QuantizationRule, Zero, rule_for
 from .shapes import MIB, Card, ModelShape, PlanError
@@ -68,6 +68,7 @@ class Setup:
     sequence_parallel: int = 1  # engine.sequence_parallel_size: ranks sharing each sequence
     tiled_mlp: bool = False  # train.tiled_mlp
     cpu_pool: int = 0  # CPU: bytes the tensor pool may keep (train.cpu_cache_mb, which holds MiB; harness.cpu_memory)
+    eval_len: int = 0  # tokens of the held-out evaluation's 1 x L sample: the target under PoSE; 0 = seq_len
 
 
 def planned_device(device: str, card: Card | None) -> policy.Device:
@@ -77,8 +78,12 @@ def planned_device(device: str, card: Card | None) -> policy.Device:
 
 
 def resolve_setup(recipe: Recipe, shape: ModelShape, *, device: str, card: Card | None, seq_len: int | None,
-                  cards: int = 1) -> Setup:
-    """The choices a run of `recipe` makes on the planned device, asked of harness.policy and the backends' rules."""
+                  cards: int = 1, eval_len: int | None = None) -> Setup:
+    """The choices a run of `recipe` makes on the planned device, asked of harness.policy and the backends' rules.
+
+    seq_len: the training length (the recipe's resolved.seq_len when None: the window under PoSE). eval_len: the
+    held-out evaluation's length; None: what the recipe reads per sample at that training length
+    (harness.recipe.sample_length: the training length, or position.target_length under PoSE)."""
     cuda = device == "cuda"
     target = planned_device(device, card)
     seq = seq_len or recipe.resolved.seq_len
@@ -109,6 +114,7 @@ def resolve_setup(recipe: Recipe, shape: ModelShape, *, device: str, card: Card 
         trainable_norms=adaptation.trainable_norms,
         cards=cards, sequence_parallel=_sequence_parallel(recipe, shape, cards), tiled_mlp=recipe.train.tiled_mlp,
         cpu_pool=recipe.train.cpu_cache_mb * MIB if not cuda and recipe.train.release_cpu_memory else 0,
+        eval_len=eval_len or sample_length(recipe.layout.name, seq, recipe.position.target_length),
     )
 
 
