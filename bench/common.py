@@ -98,9 +98,11 @@ def llama2_config(name: str) -> dict:
 
 
 def llama2_overrides(weights: Path, target_length: int) -> tuple[str, ...]:
-    """Recipe overrides that swap SmolLM2 for a LLaMA2-shaped checkpoint, PI 4k -> target_length."""
+    """Recipe overrides that swap SmolLM2 for a LLaMA2-shaped checkpoint, PI 4k -> target_length
+    (no extension where target_length is within the 4k window: llama-tiny's smoke runs at a few
+    hundred tokens)."""
     return (f'model.name_or_path="{weights}"', 'model.tokenizer="builtin:bytes"',
-            f"model.original_context={LLAMA2_CONTEXT}", f"position.target_length={target_length}")
+            f"model.original_context={LLAMA2_CONTEXT}", f"position.target_length={max(target_length, LLAMA2_CONTEXT)}")
 
 
 def random_llama2_dir(name: str) -> Path:

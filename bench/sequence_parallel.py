@@ -4,6 +4,7 @@
     python bench/sequence_parallel.py --parts plan           # the planner table only (seconds)
     python bench/sequence_parallel.py --parts sp --sp-length 16384
     python bench/sequence_parallel.py --parts tiled --tiled-lengths 16384 32768
+    python bench/sequence_parallel.py --parts tiled --model llama-tiny --tiled-lengths 512 --results-dir /tmp/sp
 
 Parts:
 
@@ -15,10 +16,14 @@ Parts:
            rank, libraries and model included); tokens/s is the loop's own (metrics.jsonl, steps 2-3).
            On a 2-core CPU the two ranks share the cores: SP halves what each rank holds, not the time.
            Dropout is off, so the two loss curves are the same function's (float rounding apart).
-    tiled  One forward + backward of SmolLM2-135M (recipes/smollm2_135m_16k.toml, PI to L) at each
-           --tiled-lengths, with and without train.tiled_mlp, each in its own process: the step's peak
-           RSS above the built model (VmHWM reset after the build), tokens/s, and the CPU planner's
-           prediction of the same difference. Rows of other lengths in the results file are kept.
+    tiled  One forward + backward of SmolLM2-135M (recipes/smollm2_135m_16k.toml, PI to L; --model
+           llama-tiny: bench.common's small LLaMA2 shape, for smoke runs) at each --tiled-lengths, with
+           and without train.tiled_mlp, each in its own process: the step's peak RSS above the built
+           model (VmHWM reset after the build), tokens/s, and the CPU planner's prediction of the same
+           difference. Rows of other lengths in the results file are kept. The step is bench/memory.py's:
+           the session harness.train builds (build_session, engine.prepare) and Loop.train_step without
+           engine.step() (bench.memory.forward_backward: forward under engine.autocast() + backward, no
+           optimizer step, whose states do not depend on tiling).
     plan   harness.memory.plan for LLaMA2-7B (recipes/llama2_7b_8k.toml) and 13B (llama2_13b_12k.toml),
            LongQLoRA with ZeRO-2 optimizer offload, at 32k-512k on 1, 2, 4, 8 cards of 24, 32 and 80 GB
            (rtx4090-24gb, v100-32gb, a100-80gb), sequence_parallel_size = the number of cards, with and
@@ -26,7 +31,7 @@ Parts:
            sequence that fits each (multiples of 1024 tokens, up to 16M).
 
 Results: bench/results/sequence_parallel.json (sp and tiled, with a machine record) and
-bench/results/sequence_parallel_plan.json (the planner table), and tables on stdout.
+bench/results/sequence_parallel_plan.json (the planner table), under --results-dir, and tables on stdout.
 """
 from __future__ import annotations
 
@@ -43,8 +48,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (GB, RESULTS_DIR, SMOLLM2, child_env, current_rss, emit, machine, peak_rss,  # noqa: E402
-                          reset_peak_rss, run_child)
+from bench.common import (GB, LLAMA2_SHAPES, RESULTS_DIR, SMOLLM2, child_env, current_rss, emit, machine,  # noqa: E402
+                          peak_rss, reset_peak_rss, run_child, shown)
 from harness.metrics import read_step_records  # noqa: E402
 
 BOOK = ROOT / "recipes" / "data" / "books" / "jack_sheppard.txt"
@@ -129,38 +134,35 @@ def sp_part(args) -> list[dict]:
 
 # --------------------------------------------------------------------------- tiled: SmolLM2, one step
 
-def tiled_recipe(length: int, tiled: bool):
+def tiled_recipe(length: int, tiled: bool, model: str = "smollm2-135m"):
+    from bench.train_step import model_overrides
     from harness.recipe import load_recipe
 
-    return load_recipe(ROOT / SMOLLM2, [f"data.max_seq_length={length}", f"position.target_length={length}",
-                                        f"train.tiled_mlp={'true' if tiled else 'false'}"])
+    return load_recipe(ROOT / SMOLLM2, [*model_overrides(model, length), f"data.max_seq_length={length}",
+                                        f"train.tiled_mlp={'true' if tiled else 'false'}", "train.micro_batch_size=1",
+                                        "train.grad_accum=1"])
 
 
-def tiled_child(length: int, tiled: bool) -> dict:
-    """Child process: build SmolLM2 as training does (build_model tiles the MLPs when the recipe
-    says so), one forward + backward."""
+def tiled_child(length: int, tiled: bool, model: str = "smollm2-135m") -> dict:
+    """Child process: the session as training builds it (build_model tiles the MLPs when the recipe
+    says so; engine.prepare), one forward + backward of the training loop's step."""
     import torch
 
-    from harness.cpu_memory import apply_recipe_policy
-    from harness.loss import CausalLMLoss
-    from harness.model import build_model
+    from bench.memory import forward_backward
+    from harness.memory.measure import random_batch
+    from harness.train import Loop, build_session
 
-    recipe = tiled_recipe(length, tiled)
-    apply_recipe_policy(recipe.train)  # as harness.train does
-    built = build_model(recipe, training=True)
-    module = CausalLMLoss(built.model, chunked=True).train()
-    ids = torch.randint(3, built.model.get_output_embeddings().out_features, (1, length),
-                        generator=torch.Generator().manual_seed(0))
+    loop = Loop(build_session(tiled_recipe(length, tiled, model), with_data=False, steps=1))
+    batch = random_batch(loop.built.model.get_output_embeddings().out_features, 1, length,
+                         torch.Generator().manual_seed(0), loop.engine.device)
     before = current_rss()
     if not reset_peak_rss():
         raise RuntimeError("cannot reset VmHWM (/proc/self/clear_refs is not writable)")
     started = time.perf_counter()
-    loss = module(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids),
-                  position_ids=torch.arange(length)[None])
-    loss.backward()
+    loss = forward_backward(loop, batch)
     seconds = time.perf_counter() - started
     return {"status": "ok", "before_bytes": before, "peak_bytes": peak_rss(), "step_s": seconds,
-            "tokens_per_s": length / seconds, "loss": loss.item()}
+            "tokens_per_s": length / seconds, "loss": loss}
 
 
 def tiled_part(args) -> list[dict]:
@@ -169,11 +171,12 @@ def tiled_part(args) -> list[dict]:
     rows = []
     for length in args.tiled_lengths:
         for tiled in (False, True):
-            command = [sys.executable, __file__, "--child-tiled", str(length), "1" if tiled else "0"]
+            command = [sys.executable, __file__, "--child-tiled", str(length), "1" if tiled else "0",
+                       "--model", args.model]
             row = {"length": length, "tiled_mlp": tiled,
                    **run_child(command, env=child_env(glibc_defaults=True), budget_bytes=args.budget_gb * GB,
                                timeout_s=args.timeout_min * 60)}
-            row["planned_dynamic_bytes"] = plan(tiled_recipe(length, tiled), device="cpu").dynamic_bytes
+            row["planned_dynamic_bytes"] = plan(tiled_recipe(length, tiled, args.model), device="cpu").dynamic_bytes
             rows.append(row)
             print(f"L={length:>6} tiled={tiled!s:<5} {_tiled_summary(row)}", flush=True)
     for length in args.tiled_lengths:
@@ -242,28 +245,32 @@ def _tokens(count: int) -> str:
 
 # --------------------------------------------------------------------------- main
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=("sp", "tiled", "plan"), default=["sp", "tiled", "plan"])
     parser.add_argument("--sp-length", type=int, default=16384)
     parser.add_argument("--tiled-lengths", type=int, nargs="+", default=[16384, 32768])
+    parser.add_argument("--model", choices=("smollm2-135m", *LLAMA2_SHAPES), default="smollm2-135m",
+                        help="tiled: the recipe's SmolLM2-135M, or random weights of a LLaMA2 shape (llama-tiny: "
+                             "a smoke run)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON files go")
     parser.add_argument("--budget-gb", type=float, default=24.0, help="kill a tiled child above this RSS")
     parser.add_argument("--timeout-min", type=float, default=90.0)
     parser.add_argument("--child-tiled", nargs=2, metavar=("LENGTH", "TILED"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child_tiled:
-        emit(tiled_child(int(args.child_tiled[0]), args.child_tiled[1] == "1"))
+        emit(tiled_child(int(args.child_tiled[0]), args.child_tiled[1] == "1", args.model))
         return 0
     if "plan" in args.parts:
         table = plan_part()
-        _write(RESULTS_DIR / "sequence_parallel_plan.json", {"lengths": PLAN_LENGTHS, "rows": table})
+        _write(args.results_dir / "sequence_parallel_plan.json", {"lengths": PLAN_LENGTHS, "rows": table})
     measured = {}
     if "sp" in args.parts:
         measured["sp"] = sp_part(args)
     if "tiled" in args.parts:
         measured["tiled"] = tiled_part(args)
     if measured:
-        path = RESULTS_DIR / "sequence_parallel.json"
+        path = args.results_dir / "sequence_parallel.json"
         previous = json.loads(path.read_text()) if path.is_file() else {}
         if "tiled" in measured:  # lengths measured now replace theirs; the others stay
             kept = [row for row in previous.get("tiled", []) if row["length"] not in args.tiled_lengths]
@@ -275,7 +282,7 @@ def main() -> int:
 def _write(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {shown(path)}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python bench/train_step.py                                 # SmolLM2-135M, CPU: 1k, 4k, 16k
     python bench/train_step.py --lengths 512 1024 --steps 1
     python bench/train_step.py --model llama2-7b --gpu-cap-gib 32   # GPU only: 8k tokens
+    python bench/train_step.py --model llama-tiny --lengths 512 --steps 1   # a smoke run, seconds on a CPU
 
 A step is what harness.train's loop runs for one micro-batch with grad_accum 1: forward through
 CausalLMLoss, backward, then engine.step() (clip, AdamW, scheduler), with the model, engine and
@@ -34,7 +35,8 @@ machine record (load average included; a warning above 1.5).
 
 --model llama2-7b / llama2-13b swaps in random bf16 weights of that shape (4k window, PI to
 the longest length; bench.common.random_llama2_dir) for GPU runs; random weights cost the same
-time and memory as real ones.
+time and memory as real ones. --model llama-tiny is bench.common's 2-layer LLaMA2-shaped model:
+the GPU runs' code on a CPU in seconds (bench/gpu_checks.sh --rehearse, tests/test_bench_smoke.py).
 """
 from __future__ import annotations
 
@@ -67,8 +69,9 @@ ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_fl
                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_flash_attention_backward",
                  "aten::_efficient_attention_forward", "aten::_efficient_attention_backward")
 FP32_FALLBACK = 'model.dtype="fp32"'
-MODELS = ("smollm2-135m", "llama2-7b", "llama2-13b")  # LLaMA2: random bf16 weights (bench.common)
-DEFAULT_LENGTHS = {"smollm2-135m": [1024, 4096, 16384], "llama2-7b": [8192], "llama2-13b": [8192]}
+MODELS = ("smollm2-135m", "llama2-7b", "llama2-13b", "llama-tiny")  # LLaMA2: random bf16 weights (bench.common)
+GPU_ONLY_MODELS = ("llama2-7b", "llama2-13b")
+DEFAULT_LENGTHS = {"smollm2-135m": [1024, 4096, 16384], "llama2-7b": [8192], "llama2-13b": [8192], "llama-tiny": [512]}
 
 
 # --------------------------------------------------------------------------- child: timed steps
@@ -289,7 +292,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model", choices=MODELS, default="smollm2-135m")
     parser.add_argument("--setups", nargs="+", choices=SETUPS,
                         help=f"default: {' '.join(GPU_SETUPS)} on a GPU, {' '.join(CPU_SETUPS)} on a CPU")
-    parser.add_argument("--lengths", type=int, nargs="+", help="default: 1k 2k 4k (SmolLM2), 8k (LLaMA2-7B)")
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        help="default: 1k 4k 16k (SmolLM2), 8k (LLaMA2), 512 (llama-tiny)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
     parser.add_argument("--budget-gb", type=float, default=20.0, help="host memory budget of one run (GB)")
     parser.add_argument("--timeout-min", type=float, default=15.0, help="time limit of one run (minutes)")
@@ -307,10 +311,11 @@ def main(argv=None) -> None:
     record = machine()
     warn_load("at the start")
     args.cuda = "CPU" not in record["device"]
-    args.setups = args.setups or list(GPU_SETUPS if args.cuda else CPU_SETUPS)
+    args.setups = args.setups or [setup for setup in (GPU_SETUPS if args.cuda else CPU_SETUPS)
+                                  if setup != "peft-plain" or args.model == "smollm2-135m"]
     if "peft-plain" in args.setups and args.model != "smollm2-135m":
         parser.error("--setups peft-plain: the plain peft peer is SmolLM2-135M's (bench.memory.build_peft_plain)")
-    if args.model != "smollm2-135m" and not args.cuda:
+    if args.model in GPU_ONLY_MODELS and not args.cuda:
         parser.error(f"--model {args.model} is a GPU benchmark (a step on this CPU would take hours)")
     args.lengths = sorted(args.lengths or DEFAULT_LENGTHS[args.model])
     rows = benchmark(args)
