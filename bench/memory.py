@@ -90,7 +90,8 @@ def recipe_for(config: str, length: int, model: str = DEFAULT_MODEL):
 
 def build_harness(config: str, length: int, model: str = DEFAULT_MODEL):
     """(step, model): step(batch) -> the loss of one forward + backward, as harness.train's loop runs it."""
-    from harness.train import Loop, build_session
+    from harness.loop import Loop
+    from harness.session import build_session
 
     loop = Loop(build_session(recipe_for(config, length, model), with_data=False, steps=1))
     return (lambda batch: forward_backward(loop, batch)), loop.built.model
@@ -148,7 +149,7 @@ def measure(config: str, length: int, gpu_cap_gib: float | None, model_name: str
     """Child process: build, then one forward + backward; memory before and at the peak."""
     import torch
 
-    from harness.memory.measure import random_batch
+    from harness.loop_memory import random_batch
 
     cuda = torch.cuda.is_available()
     if cuda and gpu_cap_gib:

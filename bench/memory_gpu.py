@@ -50,7 +50,7 @@ def measure_model(model_name: str, lengths: list[int], steps: int, cap_gib: floa
     import torch
 
     from bench.train_step import build, cap_gpu_memory, model_overrides, timed_steps, train_step
-    from harness.memory.measure import random_batch
+    from harness.loop_memory import random_batch
 
     overrides = [*model_overrides(model_name, max(lengths)), f"data.max_seq_length={max(lengths)}"]
     cap_gpu_memory(cap_gib)  # after the random weights exist: drawing them takes the bf16 model

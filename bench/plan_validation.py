@@ -88,7 +88,7 @@ def overrides_for(config: tuple, length: int) -> list[str]:
 
 def build(recipe_path: str, overrides: list[str]):
     """The training loop of the recipe (+ overrides, one micro-batch per step), set up as training sets it up."""
-    from harness.memory.measure import training_loop
+    from harness.loop_memory import training_loop
     from harness.recipe import load_recipe
 
     return training_loop(load_recipe(recipe_path, [*overrides, "train.grad_accum=1"]))
@@ -97,7 +97,8 @@ def build(recipe_path: str, overrides: list[str]):
 def measure(recipe_path: str, overrides: list[str], mode: str) -> dict:
     import torch
 
-    from harness.memory.measure import allocator_peak, static_bytes, train_steps
+    from harness.loop_memory import allocator_peak, train_steps
+    from harness.memory.measure import static_bytes
 
     os.chdir(ROOT)
     torch.manual_seed(0)

@@ -149,8 +149,9 @@ def tiled_child(length: int, tiled: bool, model: str = "smollm2-135m") -> dict:
     import torch
 
     from bench.memory import forward_backward
-    from harness.memory.measure import random_batch
-    from harness.train import Loop, build_session
+    from harness.loop import Loop
+    from harness.loop_memory import random_batch
+    from harness.session import build_session
 
     loop = Loop(build_session(tiled_recipe(length, tiled, model), with_data=False, steps=1))
     batch = random_batch(loop.built.model.get_output_embeddings().out_features, 1, length,

@@ -78,8 +78,9 @@ DEFAULT_LENGTHS = {"smollm2-135m": [1024, 4096, 16384], "llama2-7b": [8192], "ll
 
 def build(overrides: list[str]):
     """(recipe, loop, model): a session set up as harness.train.train sets it up, batch 1, grad_accum 1."""
+    from harness.loop import Loop
     from harness.recipe import load_recipe
-    from harness.train import Loop, build_session
+    from harness.session import build_session
 
     recipe = load_recipe(ROOT / SMOLLM2, [*overrides, "train.grad_accum=1", "train.micro_batch_size=1"])
     session = build_session(recipe, with_data=False, steps=100)
@@ -96,7 +97,7 @@ def measure(model_name: str, setup: str, extra: list[str], length: int, steps: i
     """Child process: one warm-up step, then `steps` timed ones, then one profiled where asked."""
     import torch
 
-    from harness.memory.measure import random_batch
+    from harness.loop_memory import random_batch
 
     cap_gpu_memory(gpu_cap_gib)
     if SETUPS[setup] is None:

@@ -214,7 +214,7 @@ def test_memory_step_is_the_loops_less_the_optimizer_step():
     """bench.memory.forward_backward: the loop's forward and backward (gradients), no AdamW step."""
     from bench.memory import forward_backward
     from bench.train_step import build, model_overrides
-    from harness.memory.measure import random_batch
+    from harness.loop_memory import random_batch
 
     _, loop, model = build([*model_overrides("llama-tiny", 256), "data.max_seq_length=256"])
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}

@@ -17,7 +17,8 @@ import torch
 
 from harness import checkpoint, policy
 from harness.recipe import load_recipe
-from harness.train import build_session, train
+from harness.session import build_session
+from harness.train import train
 
 pytestmark = pytest.mark.usefixtures("session_cache")
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from harness.memory import CARDS, PlanError, attention_scores_bytes, model_shape, plan, resolve_setup
-from harness.memory.measure import allocator_peak, training_loop
+from harness.loop_memory import allocator_peak, training_loop
 from harness.recipe import load_recipe
 from tests.conftest import ROOT, in_repo
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from harness.cli.plan_memory import main as plan_memory
+from harness.loop_memory import eval_allocator_peak, training_loop
 from harness.memory import eval_verdict, plan
 from harness.memory.byte_model import CUDA_OVERHEAD_BYTES
-from harness.memory.measure import eval_allocator_peak, training_loop
 from harness.recipe import load_recipe
 
 pytestmark = pytest.mark.usefixtures("session_cache")

@@ -12,8 +12,8 @@ import math
 import pytest
 
 from harness.cli.plan_memory import main as plan_memory
+from harness.loop_memory import allocator_peak, eval_allocator_peak, training_loop
 from harness.memory import eval_verdict, plan, pose_window
-from harness.memory.measure import allocator_peak, eval_allocator_peak, training_loop
 from harness.recipe import load_recipe
 
 pytestmark = pytest.mark.usefixtures("session_cache")

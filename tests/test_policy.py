@@ -9,7 +9,7 @@ from harness.backends import attention, s2
 from harness.memory import BYTES, CARDS, Card, model_shape, resolve_setup
 from harness.model import weights_dtype_of
 from harness.recipe import load_recipe
-from harness.train import hyper_of, make_engine, optimizer_name
+from harness.session import hyper_of, make_engine, optimizer_name
 from tests.conftest import ROOT
 
 V100 = CARDS["v100-32gb"].device

@@ -69,7 +69,7 @@ def cosine(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize("micro_batch_size,grad_accum,chunked", [(1, 4, True), (2, 2, False), (4, 1, True)])
 def test_a_step_weighs_every_target_token_the_same(session_cache, micro_batch_size, grad_accum, chunked):
-    from harness.memory.measure import training_loop
+    from harness.loop_memory import training_loop
 
     recipe = tiny_recipe(f"train.micro_batch_size={micro_batch_size}", f"train.grad_accum={grad_accum}",
                          f"train.chunked_loss={str(chunked).lower()}", "adapter.dropout=0.0",

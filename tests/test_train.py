@@ -282,7 +282,7 @@ def test_progress_prints_plain_lines_where_the_output_is_no_terminal():
 
     from rich.console import Console
 
-    from harness.train import Progress
+    from harness.progress import Progress
 
     out = io.StringIO()
     record = {"loss": 2.5, "lr": 1e-3, "tokens_per_s": 1234.0, "peak_memory_gib": 1.5}

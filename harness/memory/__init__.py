@@ -10,12 +10,15 @@ No weights are loaded: the shape comes from a config.json (a local directory, th
     shapes      cards and model shapes (LLAMA2_SHAPES, KNOWN_SHAPES, CARDS)
     runtime     the choices a run makes on the planned device (resolve_setup -> Setup)
     rules       each backend's memory rule (register_memory_rule), the built-in backends' included
-    byte_model  the bytes of each part of a training step and of the held-out evaluation between
-                steps (plan_setup -> MemoryPlan, its .evaluation an EvalPlan)
+    terms       the bytes of each tensor of a training step (weights, LoRA, saved activations, scores, loss)
+    plans       what a plan is: its parts, their phases, the peak (MemoryPlan, EvalPlan, Reach)
+    byte_model  the terms added up into the parts of a training step and of the held-out evaluation
+                between steps (plan_setup -> MemoryPlan, its .evaluation an EvalPlan)
     advice      the longest sequence that fits, the longest target with and without PoSE (reach),
                 suggestions, the rendered table
-    measure     what the byte model is validated against: torch's CPU allocator over training steps
-                and over an evaluation
+    measure     what the byte model is validated against: static bytes and torch's CPU allocator peak
+                over any work (the training loop's steps and evaluation: harness.loop_memory; the
+                planner never imports the training stack)
 """
 from __future__ import annotations
 
@@ -24,12 +27,13 @@ import os
 from harness.recipe import Recipe
 
 from .advice import eval_verdict, longest_fitting, pose_window, reach, render, suggestions
-from .byte_model import (EvalPlan, MemoryPlan, Reach, attention_scores_bytes, layer_saved_per_token, lora_params,
-                         plan_setup, weight_bytes)
+from .byte_model import plan_setup
+from .plans import EvalPlan, MemoryPlan, Reach
 from .rules import register_memory_rule
 from .runtime import BYTES, Setup, resolve_setup
 from .shapes import (ALL_LINEAR, CARDS, KNOWN_SHAPES, LLAMA2_SHAPES, Card, ModelShape, PlanError, card_named,
                      custom_card, model_shape)
+from .terms import attention_scores_bytes, layer_saved_per_token, lora_params, weight_bytes
 
 __all__ = ["ALL_LINEAR", "BYTES", "CARDS", "KNOWN_SHAPES", "LLAMA2_SHAPES", "Card", "EvalPlan", "MemoryPlan",
            "ModelShape", "PlanError", "Reach", "Setup", "attention_scores_bytes", "eval_verdict",

@@ -18,7 +18,8 @@ from typing import Callable
 
 from harness.recipe import Recipe
 
-from .byte_model import GIB, MemoryPlan, Part, Reach, plan_evaluation, plan_setup
+from .byte_model import GIB, plan_evaluation, plan_setup
+from .plans import MemoryPlan, Part, Reach
 from .runtime import resolve_setup
 from .shapes import MIB, Card, ModelShape
 

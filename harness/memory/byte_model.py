@@ -3,10 +3,13 @@
     result = plan_setup(resolve_setup(recipe, shape, device="cuda", card=card, seq_len=None), recipe)
     result.peak_bytes, result.peak_phase, result.parts
 
-Every byte count below follows the code that runs (transformers' LLaMA layer, peft's LoRA
+Every byte count (here and in harness.memory.terms) follows the code that runs (transformers' LLaMA layer, peft's LoRA
 Linear4bit forward, bitsandbytes' MatMul4Bit, harness.backends.s2, harness.loss, the engines);
 the comments say which tensor each term is. Shapes: B micro-batch, L sequence, d hidden, I
 intermediate, H / H_kv query / KV heads of D dims, r LoRA rank, V vocabulary, N layers, G S2 group.
+
+The terms (bytes of each tensor) are harness.memory.terms', the result types (Part, MemoryPlan,
+EvalPlan, Reach) harness.memory.plans'; this module adds the terms up into the parts of a plan.
 
 The peak is taken over four phases of a training step, each the sum of the parts live then:
 
@@ -18,8 +21,8 @@ The peak is taken over four phases of a training step, each the sum of the parts
     step       the optimizer step: gradients, states and the optimizer's temporaries
 
 Static parts (weights, LoRA, optimizer states, engine buffers, the CUDA context) are live in
-all four. Validated on the CPU against torch's allocator (harness.memory.measure,
-bench/plan_validation.py).
+all four. Validated on the CPU against torch's allocator over the training loop's own steps
+(harness.loop_memory, harness.memory.measure, bench/plan_validation.py).
 
 The long-context watch's evaluation (harness.evaluation.in_training, between two steps) is planned
 beside the step (MemoryPlan.evaluation): what persists between steps (weights, LoRA, optimizer
@@ -47,15 +50,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from dataclasses import dataclass, field
 
-from harness.loss import chunk_tokens_for
-from harness.policy import PIECE_SHARE
 from harness.recipe import Recipe
 
+from .plans import EVAL_PHASES, PHASES, EvalPlan, MemoryPlan, Part
 from .runtime import Setup, local_tokens
-from .shapes import ALL_LINEAR, MIB, ModelShape
+from .shapes import MIB
+from .terms import (attention_saved_per_token, attention_scores_bytes, dequantize_bytes, head_outputs_16_bit,
+                    kv_heads_held, layer_saved_per_token, layer_transient_per_token, linear_saves, lora_params,
+                    loss_bytes, loss_positions, norms_train, repeated_kv_bytes, trainable_params, weight_bytes)
 
 GIB = 2**30
 # CUDA context + cuBLAS/cuDNN workspaces + caching-allocator slack, which torch's allocator
@@ -63,336 +66,6 @@ GIB = 2**30
 CUDA_OVERHEAD_BYTES = int(0.75 * GIB)
 POOL_KEPT_AT_PEAK = 0.35  # RSS the CPU tensor pool adds at a training step's peak, per byte of train.cpu_cache_mb:
 # bench/train_step.py measured +0.07 GB (1k) and +0.10 GB (4k) over the same step without the pool, for 256 MiB
-PHASES = ("attention", "mlp", "loss", "step")
-EVAL_PHASES = ("eval attention", "eval mlp", "eval loss")
-
-# --------------------------------------------------------------------------- static memory
-
-def weight_bytes(setup: Setup) -> tuple[int, int]:
-    """(quantized linear layers, unquantized parts: embeddings, norms, lm_head)."""
-    shape, dtypes = setup.shape, setup.dtypes
-    stored = setup.quantization.stored_bytes  # one linear weight as its quantization backend stores it
-    linear = sum(stored(i * o, setup.double_quant, dtypes.base_weights) for i, o in shape.linears().values())
-    linear *= shape.layers
-    return linear, _unquantized_params(shape) * dtypes.base_weights
-
-
-def _unquantized_params(shape: ModelShape) -> int:
-    embeddings = shape.vocab * shape.hidden * (1 if shape.tied else 2)  # embed_tokens + lm_head
-    return embeddings + (2 * shape.layers + 1) * shape.hidden  # two norms per layer + the final norm
-
-
-def lora_params(shape: ModelShape, targets: tuple[str, ...], rank: int) -> int:
-    """r * (in + out) per adapted linear layer (lora_A: r x in, lora_B: out x r)."""
-    return shape.layers * sum(rank * (i + o) for name, (i, o) in shape.linears().items() if name in targets)
-
-
-def trainable_params(setup: Setup) -> int:
-    """LoRA plus peft's trainable copies (modules_to_save); everything for full fine-tuning."""
-    shape = setup.shape
-    if setup.rank == 0:
-        linear = shape.layers * sum(i * o for i, o in shape.linears().values())
-        return linear + _unquantized_params(shape)
-    extra = shape.vocab * shape.hidden if setup.trainable_embeddings else 0
-    extra += (2 * shape.layers + 1) * shape.hidden if setup.trainable_norms else 0
-    return lora_params(shape, setup.targets, setup.rank) + extra
-
-
-# --------------------------------------------------------------------------- activations
-
-def layer_saved_per_token(setup: Setup) -> dict[str, int]:
-    """Bytes per token that one decoder layer saves for its backward, beyond its input.
-
-    With non-reentrant checkpointing this is what the recomputed layer holds during its
-    backward; without checkpointing every layer holds it. Split where the backward frees it:
-    the MLP block's tensors are gone before the attention's backward runs.
-    """
-    s, t = setup.shape, setup.dtypes
-    q_dim, kv_dim = s.heads * s.head_dim, _kv_heads_held(setup) * s.head_dim
-    linears = _linear_saves(setup)
-    # RMSNorm saves its fp32 input (hidden.to(float32)) and rsqrt (B, L, 1): for the input norm
-    # that is the layer input itself when the stream is fp32 (no new memory), else a copy; a
-    # trained norm weight also saves the normalised input it multiplies.
-    normalised = s.hidden * t.stream if _norms_train(setup) else 0
-    input_norm = (s.hidden * 4 if t.stream != 4 else 0) + 4 + normalised
-    post_norm = s.hidden * 4 + 4 + normalised  # the residual sum h, or its fp32 copy
-    return {
-        "attention block": input_norm + sum(linears.get(n, 0) for n in ("q_proj", "k_proj", "v_proj", "qkv_proj"))
-        + (q_dim + 2 * kv_dim) * t.attention,  # q, k after RoPE and v, saved by the kernel
-        "mlp block": post_norm + sum(linears.get(n, 0) for n in ("o_proj", "gate_proj", "up_proj", "gate_up_proj",
-                                                                 "down_proj"))
-        + 3 * s.intermediate * t.linear,  # gate out (SiLU input), act(gate) and up (a fused gate_up: its 2I output + act)
-        "attention output": _attention_saved_per_token(setup),
-    }
-
-
-def _kv_heads_held(setup: Setup) -> int:
-    """KV heads per local token that attention holds: H_kv, or N under SP with H_kv < N (each rank keeps
-    one KV head of the whole sequence: N x its share of the tokens)."""
-    return max(setup.shape.kv_heads, setup.sequence_parallel) if setup.sequence_parallel > 1 else setup.shape.kv_heads
-
-
-def _norms_train(setup: Setup) -> bool:
-    return setup.rank == 0 or setup.trainable_norms
-
-
-# Linear layers that read the same input tensor (the norm outputs, the attention output, the product).
-_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj", "qkv_proj"), ("o_proj",), ("gate_proj", "up_proj", "gate_up_proj"),
-                  ("down_proj",))
-
-
-def _linear_saves(setup: Setup) -> dict[str, int]:
-    """Bytes per token saved by the trained linear layers, by layer name.
-
-    peft LoRA on a 4-bit linear: result = base(x) + lora_B(lora_A(dropout(x))) * scale.
-    MatMul4Bit saves no activation (only the packed weight), so the LoRA branch is all: the
-    dropout mask, the dropped input (saved by lora_A) and lora_A's (B, L, r) output (saved by
-    lora_B), each a new tensor per adapted layer. Without dropout (peft's nn.Identity) and
-    without autocast casts, lora_A saves x itself, like the trained linears of full
-    fine-tuning: once per shared input.
-    """
-    s, t = setup.shape, setup.dtypes
-    inputs = {name: i for name, (i, _) in s.linears().items()}
-    trained = [name for name in (setup.targets if setup.rank else ALL_LINEAR) if name in inputs]  # this family's
-    if setup.rank and (setup.dropout > 0 or setup.autocast):
-        mask = t.mask if setup.dropout > 0 else 0
-        return {name: round(inputs[name] * (mask + t.lora_input)) + setup.rank * t.lora_input for name in trained}
-    firsts = [next((name for name in group if name in trained), None) for group in _SHARED_INPUTS]
-    saves = {name: inputs[name] * t.linear for name in firsts if name}
-    for name in trained if setup.rank else ():
-        saves[name] = saves.get(name, 0) + setup.rank * t.lora_input  # lora_A's output
-    return saves
-
-
-def _attention_saved_per_token(setup: Setup) -> int:
-    """Fused kernels (SDPA flash / memory-efficient, flash-attn, torch's CPU flash) save
-    their output (B, L, H*D) and the fp32 logsumexp (B, H, L); S2's piecewise SDPA keeps its one
-    output and, on the CPU, the logsumexp (on a GPU it recomputes it in backward); the
-    score-materialising kernels are counted by `attention_scores_bytes`."""
-    s = setup.shape
-    logsumexp = s.heads * 4 if setup.kernel == "fused" and not (setup.group and setup.device == "cuda") else 0
-    return s.heads * s.head_dim * setup.dtypes.attention + logsumexp
-
-
-def attention_scores_bytes(setup: Setup) -> tuple[int, int]:
-    """(saved, transient) bytes of the (.., L, K) score tensors of one layer, 0 for fused kernels.
-
-    Saved: the fp32 softmax output, plus its cast to the compute dtype when that is not fp32.
-    Backward transient: the gradients of probabilities and scores (2 x fp32) of the heads
-    being differentiated: all of them for full attention, one half of them for S2, whose two
-    halves run one after the other.
-        eager-full  transformers' eager attention: K = L, and GQA's repeat_kv copies of k, v
-        eager-s2    harness S2 "eager" kernel: dense (L, L) masked scores per half, K = L,
-                    plus two (B, L, L) bool masks: S2 saves nothing here over full attention
-        math        SDPA's math fallback, K = L; for S2 (piecewise SDPA) nothing is saved and the
-                    backward holds the scores, probabilities and their gradients of one piece
-    """
-    if setup.kernel == "fused":
-        return 0, 0
-    s, b, seq = setup.shape, setup.batch, setup.seq_len
-    if setup.kernel == "math" and setup.group:
-        heads = s.heads // setup.sequence_parallel  # a rank's heads, over the whole sequence
-        piece_queries = max(b * heads * seq // PIECE_SHARE, b * max(1, heads // _kv_heads_held(setup)) * setup.group)
-        return 0, 3 * 4 * piece_queries * setup.group
-    scores = b * (s.heads // setup.sequence_parallel) * seq * seq
-    per_score = 4 + (setup.dtypes.attention if setup.dtypes.attention != 4 else 0)
-    saved = scores * per_score
-    if setup.kernel == "eager-s2":
-        saved += 2 * b * seq * seq  # the ~allowed masks saved by masked_fill, one per half
-    if setup.kernel.startswith("eager"):
-        saved += _repeated_kv_bytes(setup)
-    share = _unshifted_share(s) if setup.kernel == "eager-s2" else 1.0
-    return saved, int(2 * 4 * scores * share)
-
-
-def _repeated_kv_bytes(setup: Setup) -> int:
-    """GQA's copies of k and v repeated to one per query head (repeat_kv, SDPA math's enable_gqa): (B, H, L, D)
-    each, beyond the H_kv heads of k and v themselves."""
-    s = setup.shape
-    return 2 * setup.batch * setup.seq_len * (s.heads - s.kv_heads) * s.head_dim * setup.dtypes.attention
-
-
-def _unshifted_share(shape: ModelShape) -> float:
-    """The larger of S2's two head parts, as a share of the heads: ceil(H_kv / 2) of the KV
-    heads (ceil(H / 2) query heads for MQA), as harness.backends.s2._head_halves splits them."""
-    if shape.kv_heads == 1:
-        return math.ceil(shape.heads / 2) / shape.heads
-    return math.ceil(shape.kv_heads / 2) / shape.kv_heads
-
-
-def layer_transient_per_token(setup: Setup) -> int:
-    """Backward transients of the recomputed layer at its peak (the MLP's backward), bytes per
-    token, in the projections' dtype. Fitted to allocator peaks of whole CPU training steps over
-    d = 64..576, I = 2d..6d (bench/plan_validation.py): one (B, L, I) gradient and 3.5 (B, L, d)
-    tensors with LoRA dropout; without it the product act(gate) * up is saved instead of freed
-    after the recompute and its two gradients (LoRA and base) meet: 2 (B, L, I) + d / 2."""
-    s = setup.shape
-    if setup.rank and setup.dropout > 0:
-        elements = (2 * s.intermediate + 7 * s.hidden) // 2
-    else:
-        elements = (4 * s.intermediate + s.hidden) // 2
-    return elements * setup.dtypes.linear
-
-
-def dequantize_bytes(setup: Setup) -> int:
-    """MatMul4Bit.backward dequantizes one whole weight (out x in) in the compute dtype."""
-    if not setup.quantization.quantized:
-        return 0
-    return max(i * o for i, o in setup.shape.linears().values()) * setup.compute
-
-
-def loss_bytes(setup: Setup) -> int:
-    """Output head + cross-entropy workspace at its peak, bytes.
-
-    The chunked loss through a frozen head (harness.loss._chunk_nll_sum_and_gradient): one fp32
-    buffer per logit that becomes the logits' gradient in place, plus the head's 16-bit output
-    where there is one (4 or 6 bytes). Otherwise the backward of one chunk (or of all logits):
-    the saved fp32 log_softmax, the gradient of the NLL and of the log_softmax (3 x 4 bytes);
-    the head's 16-bit output is freed by then.
-    """
-    if setup.chunked and head_is_frozen(setup):
-        return loss_positions(setup) * setup.shape.vocab * (6 if _head_outputs_16_bit(setup) else 4)
-    return loss_positions(setup) * setup.shape.vocab * 12
-
-
-def _head_outputs_16_bit(setup: Setup) -> bool:
-    """The output head's logits come out in 16 bits: under autocast, or from 16-bit weights."""
-    return setup.autocast or setup.dtypes.base_weights == 2
-
-
-def head_is_frozen(setup: Setup) -> bool:
-    """LoRA without trained embeddings, and no ZeRO-3 partition of the head (harness.loss._frozen_and_whole)."""
-    zero3 = setup.deepspeed is not None and setup.deepspeed.stage == 3
-    return setup.rank > 0 and not setup.trainable_embeddings and not zero3
-
-
-def loss_positions(setup: Setup) -> int:
-    """Positions whose logits exist at once: one chunk (harness.loss.chunk_tokens_for, ~128 MiB
-    of fp32 logits) when chunked, else all B * (L - 1)."""
-    positions = setup.batch * (setup.seq_len - 1) if setup.sequence_parallel == 1 else local_tokens(setup)
-    return min(chunk_tokens_for(setup.shape.vocab), positions) if setup.chunked else positions
-
-
-# --------------------------------------------------------------------------- the plan
-
-@dataclass(frozen=True)
-class Part:
-    """One line of the breakdown: bytes on the device, the phases it is live in, host RAM."""
-
-    name: str
-    bytes: int
-    phases: tuple[str, ...] = PHASES
-    cpu_bytes: int = 0
-    note: str = ""
-    dynamic: bool = False  # allocated by the work planned (the training step, or the evaluation), not before it
-
-
-class _Phased:
-    """Parts that peak together in `peak_phase` (a plan's or its evaluation's)."""
-
-    parts: list[Part]
-    peak_phase: str
-
-    def at_peak(self, part: Part) -> int:
-        return part.bytes if self.peak_phase in part.phases else 0
-
-    @property
-    def peak_bytes(self) -> int:
-        """Predicted peak device memory, CUDA overhead included."""
-        return sum(self.at_peak(part) for part in self.parts)
-
-    @property
-    def dynamic_bytes(self) -> int:
-        """What the work adds at its peak to what was there before it (what the CPU validation measures):
-        a step's activations, loss, gradients, optimizer states and temporaries; an evaluation's forward."""
-        return sum(self.at_peak(part) for part in self.parts if part.dynamic)
-
-    def breakdown(self) -> list[dict]:
-        return [{"name": p.name, "bytes": p.bytes, "at_peak": self.at_peak(p), "phases": list(p.phases),
-                 "cpu_bytes": p.cpu_bytes, "note": p.note} for p in self.parts]
-
-
-@dataclass
-class EvalPlan(_Phased):
-    """The held-out evaluation between two steps: what persists of training, one no-grad forward of a
-    1 x L sample with full attention at L (seq_len; the target under PoSE), and whether that fits the card
-    (None: no card)."""
-
-    seq_len: int
-    parts: list[Part]
-    peak_phase: str
-    fits: bool | None = None
-
-    def to_dict(self) -> dict:
-        return {"seq_len": self.seq_len, "peak_phase": self.peak_phase, "peak_bytes": self.peak_bytes,
-                "dynamic_bytes": self.dynamic_bytes, "fits": self.fits, "breakdown": self.breakdown()}
-
-
-@dataclass(frozen=True)
-class Reach:
-    """The longest target (tokens, a multiple of 1024; 0: none) one card reaches, trained at the target against
-    trained with PoSE at a `window`-token window. Either way the no-grad full-attention forward at the target
-    (the evaluation's, beside what training keeps) must fit too; under PoSE it is the limit, training's memory
-    being the window's (`window_peak`)."""
-
-    contiguous: int  # training at the target and the forward at the target fit
-    pose: int  # training at the window and the forward at the target fit
-    window: int
-    window_source: str  # why this window: the recipe's own, the original context, a quarter of the length
-    window_peak: int  # bytes: the training step's peak at the window
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class MemoryPlan(_Phased):
-    recipe: str
-    device: str
-    card: str | None
-    capacity_bytes: int | None
-    shape: ModelShape
-    batch: int
-    seq_len: int
-    trainable_params: int
-    parts: list[Part]
-    peak_phase: str
-    fits: bool | None = None
-    max_seq_len: int | None = None
-    suggestions: list[str] = field(default_factory=list)
-    cards: int = 1
-    sequence_parallel: int = 1
-    tiled_mlp: bool = False
-    evaluation: EvalPlan | None = None  # None: the recipe holds nothing out, no evaluation runs
-    reach: Reach | None = None  # with a card: the longest target with and without PoSE
-
-    @property
-    def allocated_bytes(self) -> int:
-        """The peak as torch.cuda.max_memory_allocated would see it: without the CUDA
-        overhead and without paged (unified-memory) optimizer states."""
-        hidden = ("CUDA context + allocator", "optimizer states (paged)")
-        return sum(self.at_peak(part) for part in self.parts if part.name not in hidden)
-
-    @property
-    def cpu_bytes(self) -> int:
-        return sum(part.cpu_bytes for part in self.parts)
-
-    def part_bytes(self, name: str) -> int:
-        return sum(p.bytes for p in self.parts if p.name == name)
-
-    def to_dict(self) -> dict:
-        return {
-            "recipe": self.recipe, "device": self.device, "card": self.card, "capacity_bytes": self.capacity_bytes,
-            "model": dataclasses.asdict(self.shape), "micro_batch": self.batch, "seq_len": self.seq_len,
-            "trainable_params": self.trainable_params,
-            "peak_phase": self.peak_phase, "peak_bytes": self.peak_bytes, "allocated_bytes": self.allocated_bytes,
-            "dynamic_bytes": self.dynamic_bytes, "cpu_bytes": self.cpu_bytes, "fits": self.fits,
-            "max_seq_len": self.max_seq_len, "suggestions": self.suggestions, "cards": self.cards,
-            "sequence_parallel_size": self.sequence_parallel, "tiled_mlp": self.tiled_mlp,
-            "breakdown": self.breakdown(),
-            "evaluation": self.evaluation.to_dict() if self.evaluation else None,
-            "reach": self.reach.to_dict() if self.reach else None,
-        }
 
 
 def plan_setup(setup: Setup, recipe: Recipe) -> MemoryPlan:
@@ -414,7 +87,7 @@ def _peak_phase(parts: list[Part], phases: tuple[str, ...]) -> str:
 
 
 def _watch_runs(recipe: Recipe) -> bool:
-    """Whether training evaluates held-out samples (harness.train: data.eval_path, data.eval_fraction, else
+    """Whether training evaluates held-out samples (harness.session: data.eval_path, data.eval_fraction, else
     train.eval_holdout training samples, which the planner assumes the data has)."""
     data = recipe.data
     return bool(data.eval_path or data.eval_fraction > 0 or recipe.train.eval_holdout)
@@ -512,7 +185,7 @@ def _activation_parts(setup: Setup) -> list[Part]:
     # final norm: fp32 input (+ normalised input when trained); its output and that output's gradient;
     # the (B * (L - 1), d) copy the chunked loss reshapes when B > 1
     copy = setup.chunked and setup.batch > 1
-    final = tokens * s.hidden * (4 + 2 * t.stream + t.stream * _norms_train(setup) + t.stream * copy)
+    final = tokens * s.hidden * (4 + 2 * t.stream + t.stream * norms_train(setup) + t.stream * copy)
     layer_gradients, head_gradient = _gradients_in_backward(setup)
     parts = [
         _held_part(setup, sum(saved.values()) + scores_saved),
@@ -556,7 +229,7 @@ def _mlp_block_part(setup: Setup, saved: int, top: str, phases: tuple[str, ...])
         return Part(f"{top}: MLP block", saved, phases=phases, dynamic=True,
                     note="LoRA o/gate/up/down, norm, 3 x (B, L, I)")
     s, t, tokens, tile = setup.shape, setup.dtypes, local_tokens(setup), _mlp_tile_tokens(setup)
-    mlp_only = sum(_linear_saves(setup).get(n, 0) for n in ("gate_proj", "up_proj", "gate_up_proj", "down_proj"))
+    mlp_only = sum(linear_saves(setup).get(n, 0) for n in ("gate_proj", "up_proj", "gate_up_proj", "down_proj"))
     mlp_only += 3 * s.intermediate * t.linear
     held = (saved // tokens - mlp_only) * tokens + tokens * s.hidden * t.linear  # the rest of the block + x
     return Part(f"{top}: MLP block (tiled)", held + tile * mlp_only, phases=phases, dynamic=True,
@@ -579,7 +252,7 @@ def _all_to_all_part(setup: Setup) -> Part:
     replicated heads when H_kv < N) on the way in, of the output on the way out, and of their gradients
     in backward: about two copies of one layer's q, k, v and output at a time."""
     s, t, tokens = setup.shape, setup.dtypes, local_tokens(setup)
-    per_token = (2 * s.heads + 2 * _kv_heads_held(setup)) * s.head_dim * t.attention  # q, out, k, v
+    per_token = (2 * s.heads + 2 * kv_heads_held(setup)) * s.head_dim * t.attention  # q, out, k, v
     return Part("Ulysses all-to-all buffers", 2 * tokens * per_token, phases=("attention",), dynamic=True,
                 note=f"sequence_parallel_size = {setup.sequence_parallel}: send + receive copies")
 
@@ -655,9 +328,9 @@ def _eval_forward_parts(setup: Setup) -> list[Part]:
     `setup` is the evaluation's: B = 1, full attention (group 0) through the kernel training runs (an
     S2 backend's full attention is its own kernel over one group: "eager-s2" stays S2's eager kernel)."""
     s, t, tokens = setup.shape, setup.dtypes, local_tokens(setup)
-    q_dim, kv_dim = s.heads * s.head_dim, _kv_heads_held(setup) * s.head_dim
+    q_dim, kv_dim = s.heads * s.head_dim, kv_heads_held(setup) * s.head_dim
     # q, k after RoPE and v, the kernel's output (+ logsumexp); then its scores or o_proj, whichever is larger
-    attention = tokens * ((q_dim + 2 * kv_dim) * t.attention + _attention_saved_per_token(setup)) + max(
+    attention = tokens * ((q_dim + 2 * kv_dim) * t.attention + attention_saved_per_token(setup)) + max(
         eval_scores_bytes(setup), tokens * _projection_peak(setup, "o_proj"))
     layers = ("eval attention", "eval mlp")
     parts = [
@@ -690,7 +363,7 @@ def eval_scores_bytes(setup: Setup) -> int:
     # causal mask bytes per (query, key): transformers' eager (1, 1, L, L) additive mask in the stream dtype;
     # S2's eager kernel, its allowed and ~allowed (1, L, L) bools; SDPA's math, an (L, L) bool and its fp32 copy
     mask = seq * seq * {"eager-full": setup.dtypes.stream, "eager-s2": 2, "math": 5}[setup.kernel]
-    return 8 * (setup.shape.heads // setup.sequence_parallel) * seq * seq + mask + _repeated_kv_bytes(setup)
+    return 8 * (setup.shape.heads // setup.sequence_parallel) * seq * seq + mask + repeated_kv_bytes(setup)
 
 
 def _projection_peak(setup: Setup, name: str) -> int:
@@ -721,7 +394,7 @@ def _eval_logits_bytes(setup: Setup) -> int:
     """The head and cross-entropy without gradients (harness.loss._chunk_nll_sum, or the model's logits
     unchunked): fp32 logits and F.cross_entropy's log_softmax, 8 bytes a logit; unchunked, a 16-bit head's
     whole output stays beside its fp32 copy (+2)."""
-    per_logit = 8 + (2 if _head_outputs_16_bit(setup) and not setup.chunked else 0)
+    per_logit = 8 + (2 if head_outputs_16_bit(setup) and not setup.chunked else 0)
     return loss_positions(setup) * setup.shape.vocab * per_logit
 
 

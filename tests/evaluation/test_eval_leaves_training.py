@@ -70,7 +70,7 @@ def test_resume_with_evaluation_on_is_bit_exact(tmp_path, repacking_cpu):
 
 def test_an_evaluation_leaves_no_layer_repacked(repacking_cpu):
     """The layers after an evaluation: none in the inference layout, and gradients flow through them."""
-    from harness.memory.measure import training_loop
+    from harness.loop_memory import training_loop
 
     loop = training_loop(load_recipe("recipes/tiny_cpu.toml", ["data.max_seq_length=256"]))
     item = {"input_ids": list(range(3, 259)), "labels": list(range(3, 259)), "position_ids": list(range(256))}
