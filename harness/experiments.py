@@ -37,7 +37,7 @@ class Row:
     position: str = "none"  # an untrained row's zero-shot rope: none | linear | dynamic | yarn
     attention: str = "full"  # attention at inference: full | s2
     fraction: float = 1.0  # the checkpoint at this share of the run's steps
-    window: float = 0  # PoSE rows: the training window, in tokens (>= 1) or as a share of the target (< 1)
+    window: float = 0  # a short training window (data.max_seq_length), in tokens (>= 1) or as a share of the target (< 1)
 
     @property
     def run_name(self) -> str:
@@ -76,6 +76,8 @@ GRID = (
     Row("pose", "PoSE + YaRN QLoRA r64, 256-token window", train=POSE, window=256),
     Row("pose-quarter", "PoSE + YaRN QLoRA r64, window of 1/4 of the target", train=POSE, window=0.25),
     Row("pose-pi", "PoSE + PI QLoRA r64 (the paper's pairing), 256-token window", train=(*POSE, PI), window=256),
+    # PoSE's control: the same windows and rope, positions 0..255 only (no skips).
+    Row("short", "YaRN QLoRA r64 trained at 256 only, no skips", train=(FULL,), window=256),
 )
 
 
@@ -113,7 +115,7 @@ def extension_overrides(testbed: Path, corpus: Corpus, run_dir: Path, *, steps: 
 
 
 def training_window(row: Row, target_length: int) -> int:
-    """A PoSE row's data.max_seq_length at `target_length`."""
+    """A short-window row's data.max_seq_length at `target_length`."""
     return int(row.window) if row.window >= 1 else int(row.window * target_length)
 
 

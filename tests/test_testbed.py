@@ -103,7 +103,7 @@ def test_grid_rows_are_consistent():
     assert [row.name for row in ex.trained_rows(ex.GRID)] == ["longqlora", "qlora-full", "longqlora-pi",
                                                               "qlora-full-pi", "longqlora-ntk", "lora-full", "full-ft",
                                                               "longqlora-r8", "longqlora-groups-half", "pose",
-                                                              "pose-quarter", "pose-pi"]
+                                                              "pose-quarter", "pose-pi", "short"]
     assert [row.name for row in ex.trained_rows([ex.row_named("longqlora-half")])] == ["longqlora-pi"]
 
 
@@ -122,18 +122,20 @@ def test_every_trained_row_resolves_with_equal_steps_and_tokens(saved_testbed, t
                                            save_every=10)
         recipe = load_recipe(ex.EXTEND_RECIPE, overrides)
         resolved[row.name] = recipe
-        window = 256 if row.window else 1024  # PoSE rows: 256 tokens, or 1/4 of the 1024 target
+        window = 256 if row.window else 1024  # short-window rows: 256 tokens, or 1/4 of the 1024 target
         assert recipe.resolved.rope_factor == 4 and recipe.resolved.seq_len == window
-        assert recipe.resolved.sample_length == 1024 and (recipe.layout.name == "pose") == bool(row.window)
+        pose = recipe.layout.name == "pose"
+        assert recipe.resolved.sample_length == (1024 if pose or not row.window else 256)
         groups = 512 if row.name == "longqlora-groups-half" else 256
         assert recipe.resolved.group_size == (groups if recipe.attention.name == "s2" else 0)
     # the same steps and samples per step; PoSE's samples are window-long (tokens_per_step), as in the paper
     assert len({(r.train.max_steps, r.resolved.effective_batch_size, r.data.path) for r in resolved.values()}) == 1
-    assert len({r.resolved.tokens_per_step for r in resolved.values() if r.layout.name == "contiguous"}) == 1
+    assert len({r.resolved.tokens_per_step for name, r in resolved.items() if not ex.row_named(name).window}) == 1
     assert resolved["longqlora"].quantization.name == "nf4" and resolved["longqlora"].adapter.r == 64
     assert resolved["longqlora"].position.name == "yarn" and resolved["longqlora-pi"].position.name == "linear"
     assert {name for name, r in resolved.items() if r.position.name == "yarn"} == {"longqlora", "qlora-full", "pose",
-                                                                                  "pose-quarter"}
+                                                                                  "pose-quarter", "short"}
+    assert {name for name, r in resolved.items() if r.layout.name == "pose"} == {"pose", "pose-quarter", "pose-pi"}
     assert resolved["lora-full"].quantization.name == "none" and resolved["lora-full"].attention.name == "full"
     assert resolved["longqlora-r8"].adapter.r == 8
     full = resolved["full-ft"]
@@ -289,6 +291,23 @@ def test_the_default_longqlora_holds_under_full_attention_at_2x(tmp_path):
     assert ppl("base", 512) > 1.04 * ppl("base", 256)  # the testbed degrades past its window
     assert ppl("longqlora", 512) <= 1.03 * ppl("base", 256)  # 2x its window at about its own perplexity...
     assert ppl("longqlora", 512) <= 0.97 * ppl("base", 512)  # ...and clearly better than the base there
+
+
+@pytest.mark.slow
+def test_pose_at_4x_holds_under_full_attention(tmp_path):
+    """Train short, read long: the demo's testbed (300 pretraining steps) extended 4x by PoSE + YaRN QLoRA,
+    trained only in 256-token windows of 1024-token samples (80 steps of 2 windows), read with full
+    attention at 1024 on the held-out book. Measured in the grid (bench/results/pose_x4.json, the same
+    settings): the base 7.84 at 256, PoSE 8.06 at 1024 (+2.7%), zero-shot YaRN 8.42 there."""
+    import bench.testbed as bench
+
+    args = bench.parse_args(["--rows", "base,yarn,pose", "--factor", "4", "--steps", "80", "--shares", "1,4",
+                             "--protocols", "strided", "--eval-tokens", "20000", "--output", str(tmp_path),
+                             "--pretrain=train.max_steps=300", "--train=train.eval_every=0"])
+    _, found, _ = bench.run_grid(args)
+    ppl = lambda name, n: bench.ppl(found, name, n)  # noqa: E731
+    assert ppl("pose", 1024) <= 1.05 * ppl("base", 256)  # 4x the window within 5% of the base at its own
+    assert ppl("pose", 1024) <= 0.98 * ppl("yarn", 1024)  # and better than the same rope untrained
 
 
 def test_runs_are_named_by_their_settings_and_a_finished_one_is_reused(tmp_path):
