@@ -147,16 +147,18 @@ def ppl(records: list[dict], name: str, length: int, protocol: str = "strided") 
     return None
 
 
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b is not None else None
+
+
+def check(value: float | None, ok) -> dict:
+    """A target's record: its value and whether it is met (None: a row it needs was not run)."""
+    return {"value": value, "met": None if value is None else ok(value)}
+
+
 def targets(records: list[dict], training: dict, native: int, factor: int = 4) -> dict:
     """The issue's targets, each with its numbers and whether it is met (None: a row is missing)."""
     top = factor * native
-
-    def ratio(a, b):
-        return a / b if a is not None and b is not None else None
-
-    def check(value, ok):
-        return {"value": value, "met": None if value is None else ok(value)}
-
     def transfer(name: str, reference: str) -> dict:
         """An S2-trained row read with full attention at the top length: against the base at its
         own window (within 5%) and the same extension trained with full attention (within 3%)."""
@@ -182,12 +184,6 @@ def pose_targets(records: list[dict], training: dict, native: int, top: int) -> 
     """Issue 31's: PoSE read at the top length within 5% of the base at its window and within 3% of
     LongQLoRA trained at the top length, in at most 1/3 of its wall time; every trained row within 1%
     of the base at the native window (short context kept)."""
-    def ratio(a, b):
-        return a / b if a is not None and b is not None else None
-
-    def check(value, ok):
-        return {"value": value, "met": None if value is None else ok(value)}
-
     base = ppl(records, "base", native)
     wall = {name: training.get(name, {}).get("wall_s") for name in ("pose", "longqlora")}
     found = {"pose_top_vs_base_1x": check(ratio(ppl(records, "pose", top), base), lambda v: v <= 1.05),
