@@ -81,7 +81,7 @@ def overrides_for(config: tuple, length: int) -> list[str]:
     what it keeps are freed blocks, not the live tensors validated here."""
     _, _, extra, _ = config
     return [*extra, f"data.max_seq_length={length}", f"position.target_length={max(length, 8192)}",
-            "train.grad_accum=1", "train.cpu_cache_mb=0"]
+            "train.grad_accum=1", "train.cpu_cache_mib=0"]
 
 
 # --------------------------------------------------------------------------- child process

@@ -14,7 +14,7 @@ checkpointing, chunked loss) unless said:
     a  bf16-lora-full    quantization.name="none", model.dtype="bf16", attention.name="full"
     b  qlora-full        NF4 double-quant, attention.name="full"
     c  longqlora         NF4 double-quant + S2 (the recipe as it is)
-    d  longqlora-no-pool c with train.cpu_cache_mb=0: freed memory straight back to the OS (harness.cpu_memory)
+    d  longqlora-no-pool c with train.cpu_cache_mib=0: freed memory straight back to the OS (harness.cpu_memory)
     e  peft-plain        no harness code (bench.memory.build_peft_plain): transformers + peft QLoRA as a
                          user writes it (NF4 double quant, fp32 compute, sdpa, checkpointing, LoRA r64
                          all-linear, dropout 0.05, full logits), torch AdamW, glibc's malloc defaults
@@ -58,7 +58,7 @@ SETUPS = {  # name -> recipe overrides (None: not the harness), in the order of 
     "bf16-lora-full": ('quantization.name="none"', 'model.dtype="bf16"', 'attention.name="full"'),
     "qlora-full": ('attention.name="full"',),
     "longqlora": (),
-    "longqlora-no-pool": ("train.cpu_cache_mb=0",),
+    "longqlora-no-pool": ("train.cpu_cache_mib=0",),
     "peft-plain": None,
 }
 BASELINES = ("bf16-lora-full", "peft-plain")  # the first one measured is the ratios' baseline

@@ -7,7 +7,7 @@ NF4 + LoRA + S2, one 2k-token step). A fixed 64 KiB threshold (`train.release_cp
 serves every block of 64 KiB or more by mmap, which munmap returns on free; but then every
 activation is a fresh mapping, and its page faults and zeroing cost 40% of the step.
 
-`train.cpu_cache_mb` puts a pool in front of torch's CPU allocator (csrc/cpu_cache.cpp): a
+`train.cpu_cache_mib` puts a pool in front of torch's CPU allocator (csrc/cpu_cache.cpp): a
 freed block of 64 KiB or more is kept for the next request of its size (64 KiB bins), and the
 oldest kept blocks are handed back once more than the capacity is kept. A step asks for the
 same few sizes layer after layer, so a few hundred MiB serve most requests. The pool is a
@@ -44,13 +44,13 @@ class PoolStats:
 
 
 def apply_recipe_policy(train) -> str | None:
-    """The policy of a recipe's [train] table (release_cpu_memory, cpu_cache_mb) for a CPU run:
+    """The policy of a recipe's [train] table (release_cpu_memory, cpu_cache_mib) for a CPU run:
     set before the model loads; returns what it set, None where CUDA computes."""
     import torch
 
     if torch.cuda.is_available():
         return None
-    return apply_policy(train.release_cpu_memory, train.cpu_cache_mb)
+    return apply_policy(train.release_cpu_memory, train.cpu_cache_mib)
 
 
 def apply_policy(release: bool, cache_mb: int) -> str:

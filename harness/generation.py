@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from harness.errors import HarnessError
+from harness.recipe import original_window
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 TextFn = Callable[[str], None]  # receives each piece of streamed text, in order
@@ -74,6 +75,8 @@ def context_window(config) -> Window:
 
     Every scaled rope sets max_position_embeddings to the target, except dynamic NTK, which
     keeps the pretraining window there (transformers reads it as such): its window is that x factor.
+    Any other stretch: the original window as the config records it (harness.recipe.original_window),
+    or, where the stretch records none (linear, PI), the target / factor.
     """
     rope = dict(getattr(config, "rope_parameters", None) or {})
     kind, factor = rope.get("rope_type", "default"), float(rope.get("factor") or 1.0)
@@ -82,7 +85,8 @@ def context_window(config) -> Window:
     if kind == "dynamic":
         original = config.max_position_embeddings
         return Window(int(original * factor), original, f"{kind} x{factor:g}")
-    original = int(rope.get("original_max_position_embeddings") or round(config.max_position_embeddings / factor))
+    recorded = rope.get("original_max_position_embeddings")
+    original = original_window(config) if recorded else round(config.max_position_embeddings / factor)
     return Window(config.max_position_embeddings, original, f"{kind} x{factor:g}")
 
 

@@ -1,6 +1,7 @@
 """The loop of one run: one optimizer step after another, as train() runs it and benchmarks time it.
 
-    loop = Loop(build_session(recipe))   # harness.session
+    loop = Loop(build_session(recipe))   # harness.session; resuming: build_session(recipe,
+                                         # resume_from=checkpoint_dir) loads the adapter weights
     loop.resume(checkpoint_dir)          # optional: optimizer, scheduler, RNG, data position
     loop.run()                           # to train.max_steps (or the epochs), a signal, or a refusal
 
@@ -204,7 +205,10 @@ class Loop(Evaluations, Saving):
         }
 
     def resume(self, directory: Path) -> None:
-        """Everything but the adapter weights, which train() loads before the engine prepares the model."""
+        """Everything of the checkpoint in `directory` but the adapter weights: the engine's state (optimizer,
+        scheduler), RNG, data position, held-out watch and step. The adapter weights are loaded earlier, by
+        harness.session.build_session(resume_from=directory) (checkpoint.load_adapter_weights), before the
+        engine shards or wraps the model."""
         state = checkpoint.read_trainer_state(directory, self.engine.rank)
         self._check_data_unchanged(state.get("data_fingerprints", {}), directory)
         self.engine.load_state(directory)

@@ -11,13 +11,14 @@ backward for a trained one (three GEMMs).
 The loss is the summed NLL over target tokens (labels != -100) divided by `num_targets`: by
 default the batch's own target count (its mean, as in transformers); the training loop passes
 the step's average count per micro-batch instead, so that every target token of an optimizer
-step weighs the same whatever micro-batch or rank it falls in (harness.train.Loop.train_step).
+step weighs the same whatever micro-batch or rank it falls in (harness.loop.Loop.train_step).
 Under sequence parallelism (`sequence=` a harness.backends.sequence_parallel.SequenceShards)
 every rank of the group gets the full micro-batch, runs the model on its shard of each
 sequence against the pre-shifted labels of that shard, and returns the same whole-sequence
 loss: the group's summed NLL over the same divisor.
-The chunk length follows the vocabulary so one chunk's fp32 logits stay near 128 MiB:
-1024 positions for LLaMA's 32k vocabulary, 682 for SmolLM2's 49k.
+The chunk length follows the vocabulary so one chunk's fp32 logits stay at most 128 MiB
+(`chunk_tokens_for`: 2**27 B // (4 B x V)): 1048 positions for LLaMA's 32k vocabulary, 682 for
+SmolLM2's 49k.
 """
 from __future__ import annotations
 

@@ -18,6 +18,9 @@ a V100 makes exactly the choices a run on a V100 makes. Dtypes are names: "bf16"
                         least 2 and at most L
     rope factor         position.factor, else ceil(target length / original window) (the paper)
     world size          WORLD_SIZE as the launcher set it (torchrun, accelerate, deepspeed), else 1
+    data replicas       the world size / engine.sequence_parallel_size: each sequence-parallel group
+                        of N ranks trains on one micro-batch (data_world_size; what effective batch
+                        and tokens per step count, at load and in training alike)
     attention kernel    "auto": flash-attn on CUDA cards of compute capability 8.0 (Ampere) or
                         newer, in 16-bit, when installed; SDPA otherwise (eager for soft-capped
                         attention, which SDPA cannot compute). flash-attn has no kernels below
@@ -46,6 +49,7 @@ FLASH_CAPABILITY = (8, 0)  # flash-attn 2 and SDPA's flash kernel need Ampere or
 HALF = ("bf16", "fp16")
 KERNELS = ("auto", "sdpa", "flash", "eager")  # attention.kernel
 OPTIMIZERS = ("auto", "adamw", "paged_adamw_32bit", "deepspeed_cpu_adam")  # train.optimizer
+S2_GROUP_RATIO = 0.25  # attention.group_ratio's default: S2's group as a share of the sequence (the paper's)
 
 
 class PolicyError(HarnessError, ValueError):
@@ -131,7 +135,7 @@ def optimizer(name: str, device: Device, *, offloaded: bool) -> str:
     return name
 
 
-def s2_group_size(seq_len: int, group_ratio: float = 0.25, group_size: int = 0) -> int:
+def s2_group_size(seq_len: int, group_ratio: float = S2_GROUP_RATIO, group_size: int = 0) -> int:
     """S2's group size G for a sequence of `seq_len` tokens (attention.group_size / group_ratio).
 
     A fixed group_size must be even and >= 2. A batch shorter than it (short documents in
@@ -149,7 +153,7 @@ def check_s2_group(group_ratio: float, group_size: int) -> None:
         raise PolicyError(f"attention.group_size = {group_size} must be even and >= 2 (shifted heads move by half "
                           f"a group), or 0 to use attention.group_ratio")
     if not 0 < group_ratio <= 1:
-        raise PolicyError(f"attention.group_ratio = {group_ratio} must be in (0, 1]; the paper uses 0.25")
+        raise PolicyError(f"attention.group_ratio = {group_ratio} must be in (0, 1]; the paper uses {S2_GROUP_RATIO:g}")
 
 
 def interpolation_factor(target_length: int, original: int, factor: float = 0.0) -> float:
@@ -165,6 +169,14 @@ def interpolation_factor(target_length: int, original: int, factor: float = 0.0)
 def launched_world_size() -> int:
     """The processes a launcher started (WORLD_SIZE from torchrun, accelerate launch, deepspeed); 1 without one."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def data_world_size(world_size: int, sequence_parallel_size: int = 1) -> int:
+    """The data-parallel replicas of `world_size` ranks: under sequence parallelism each group of
+    sequence_parallel_size ranks trains on one micro-batch (the engines' data_world_size; recipe.resolve
+    at load, from the launched world). At least 1: a launch that the size does not divide is refused
+    when the engine starts (harness.backends.sequence_parallel.check_world)."""
+    return max(1, world_size // max(1, sequence_parallel_size))
 
 
 # How much of the query one SDPA piece holds. Small pieces bound the backward's transients (a few

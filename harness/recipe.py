@@ -6,13 +6,17 @@ Every table maps to one dataclass below. Unknown keys are rejected with their fu
 path and a did-you-mean; values are checked against the field types; `validate` runs the
 validators of harness.registry (the cross-field checks of harness.recipe_checks, backend names
 included, then each backend's own). `resolve` computes the derived values (the PI factor,
-the S2 group size, the effective batch size) into `recipe.resolved`, and `save_recipe`
-writes the whole resolved recipe back as TOML beside every checkpoint.
+the S2 group size, the effective batch size) into `recipe.resolved` from what the file and the
+launch give; `with_launch_facts` derives them again with the facts only a run learns (the engine's
+data-parallel replicas, the base's window, the weights dtype, the base's fingerprint); `save_recipe`
+writes the whole resolved recipe back as TOML beside every checkpoint. A renamed key
+(RENAMED_KEYS) still loads under its old name, with a warning in a recipe file.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import sys
 import typing
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness import policy
 from harness.errors import HarnessError
 
 if sys.version_info >= (3, 11):
@@ -29,15 +34,10 @@ else:  # pragma: no cover
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 LEGACY_ROPE_KEYS = {"rope_theta", "rope_scaling"}  # accepted by transformers' configs, stored in rope_parameters
-
-
-# What the testbed grid measured of the paper's pairing (docs/experiments.md, "Does S2 training transfer
-# to full attention?").
-PI_S2_DOES_NOT_TRANSFER = (
-    "position.name = \"linear\" with attention.name = \"s2\" (the paper's pairing): on the testbed grid, adapters "
-    "trained this way broke under full attention past their S2 group, the way users serve them; position.name = "
-    "\"yarn\" with S2 held. docs/experiments.md, \"Does S2 training transfer to full attention?\""
-)
+# old key -> its new name: a recipe file with the old one loads, warned once; a saved recipe of an old run
+# loads silently; both at once are refused
+RENAMED_KEYS = {"train.cpu_cache_mb": "train.cpu_cache_mib"}
+_WARNED_RENAMES: set[str] = set()
 
 
 class RecipeError(HarnessError, ValueError):
@@ -80,7 +80,7 @@ class QuantizationConfig:
 class AttentionConfig:
     name: str = "s2"  # s2 (shift short attention in training) | full
     kernel: str = "auto"  # auto | sdpa | flash | eager
-    group_ratio: float = 0.25  # S2 group size as a share of the sequence
+    group_ratio: float = policy.S2_GROUP_RATIO  # S2 group size as a share of the sequence
     group_size: int = 0  # > 0: a fixed group size that overrides group_ratio
     at_inference: bool = False  # keep S2 in model.eval() (the paper's ablation)
 
@@ -142,7 +142,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     chunked_loss: bool = True  # head + cross-entropy in chunks: no full fp32 logits
     release_cpu_memory: bool = True  # CPU: freed tensors go back to the OS (harness.cpu_memory)
-    cpu_cache_mb: int = 256  # CPU: freed tensors kept for reuse, up to this many MiB (0 = none); needs release_cpu_memory
+    cpu_cache_mib: int = 256  # CPU: freed tensors kept for reuse, up to this many MiB (0 = none); needs release_cpu_memory
     offload_activations: bool = False  # GPU: keep checkpointed activations in pinned CPU memory
     fp32_frozen_weights: bool = False  # QLoRA: peft's fp32 cast of embeddings, norms, head (fp32 residual stream)
     tiled_mlp: bool = False  # MLP in sequence tiles, recomputed in backward (harness.tiled): long sequences
@@ -171,7 +171,8 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class Resolved:
-    """Derived values, computed by `resolve` and saved with every checkpoint."""
+    """Derived values, computed by `resolve` (at load) and `with_launch_facts` (in a run), saved with every
+    checkpoint."""
 
     original_context: int = 0  # 0 = read from the model config at load time
     rope_factor: float = 0.0
@@ -179,8 +180,8 @@ class Resolved:
     sample_length: int = 0  # tokens read per sample: seq_len, or the target under a skipping layout (pose)
     group_size: int = 0  # S2 group size at seq_len (0 for full attention)
     weights_dtype: str = ""  # what the frozen unquantized weights trained in (harness.policy); "" = not recorded
-    world_size: int = 1
-    effective_batch_size: int = 0  # sequences per optimizer step
+    world_size: int = 1  # data-parallel replicas: the ranks / engine.sequence_parallel_size (engine.data_world_size)
+    effective_batch_size: int = 0  # sequences per optimizer step: micro_batch_size x grad_accum x world_size
     tokens_per_step: int = 0
     best_eval_step: int = 0  # the step of the lowest held-out perplexity at seq_len, full attention (0: none yet)
     best_eval_ppl: float = 0.0  # that perplexity
@@ -252,12 +253,13 @@ def _expand_home(recipe: Recipe) -> Recipe:
 
 
 def read_saved_recipe(path: str | os.PathLike) -> Recipe:
-    """A recipe saved beside a checkpoint, as it was resolved; files it names need not exist here."""
+    """A recipe saved beside a checkpoint, as it was resolved; files it names need not exist here. An
+    old run's keys load under their new names (RENAMED_KEYS), without a warning: the file is a record."""
     try:
         tables = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise RecipeError(f"{path}: cannot read the saved recipe: {error}") from None
-    return recipe_from_dict(tables, source=str(path))
+    return recipe_from_dict(tables, source=str(path), warn_renamed=False)
 
 
 def apply_override(tables: dict, override: str) -> None:
@@ -278,9 +280,31 @@ def apply_override(tables: dict, override: str) -> None:
     table[leaf] = value
 
 
-def recipe_from_dict(tables: dict[str, Any], *, source: str = "") -> Recipe:
+def recipe_from_dict(tables: dict[str, Any], *, source: str = "", warn_renamed: bool = True) -> Recipe:
     where = f"{source}: " if source else ""
+    tables = _renamed(tables, where, warn=warn_renamed)
     return _build(Recipe, {k: v for k, v in tables.items()}, prefix="", where=where, source=source)
+
+
+def _renamed(tables: dict[str, Any], where: str, *, warn: bool) -> dict[str, Any]:
+    """The raw tables with every old key of RENAMED_KEYS under its new name; the first recipe of this
+    process that uses one is warned, naming the new key. Both names at once: RecipeError naming both."""
+    for old, new in RENAMED_KEYS.items():
+        section, old_key = old.split(".")
+        new_key = new.split(".")[1]
+        table = tables.get(section)
+        if not isinstance(table, dict) or old_key not in table:
+            continue
+        if new_key in table:
+            raise RecipeError(f"{where}{old} and {new} are both set: {old} is the old name of {new}. Keep {new} "
+                              f"only")
+        table = {(new_key if key == old_key else key): value for key, value in table.items()}
+        tables = {**tables, section: table}
+        if warn and old not in _WARNED_RENAMES:
+            _WARNED_RENAMES.add(old)
+            logging.getLogger("harness").warning("%s%s is deprecated: rename it %s (the same setting)", where, old,
+                                                 new)
+    return tables
 
 
 def _build(cls, values: dict[str, Any], *, prefix: str, where: str, source: str = ""):
@@ -352,14 +376,31 @@ def find_relative(name: str, recipe_source: str, *, key: str, where: str = "") -
 
 # --------------------------------------------------------------------------- resolution
 
-def resolve(recipe: Recipe, *, world_size: int | None = None, original_context: int | None = None,
-            weights_dtype: str = "", base_fingerprint: str = "") -> Recipe:
-    """Fill `recipe.resolved`: rope factor, sequence length, S2 group size, batch sizes, and
-    (from training) the dtype the frozen weights were loaded in."""
-    from harness import policy
+def resolve(recipe: Recipe) -> Recipe:
+    """Fill `recipe.resolved` with what the file and the launch give (load_recipe, --dry-run): rope factor,
+    sequence length, S2 group size and batch sizes, with the launch's data-parallel replicas (WORLD_SIZE /
+    engine.sequence_parallel_size: what training counts, engine.data_world_size) and the original window
+    of model.original_context, else of a local config (0 when only the base's download would tell)."""
+    replicas = policy.data_world_size(policy.launched_world_size(), recipe.engine.sequence_parallel_size)
+    return with_launch_facts(recipe, world_size=replicas)
 
-    world_size = world_size or policy.launched_world_size()
-    original = original_context or recipe.model.original_context or _local_original_context(recipe.model)
+
+def with_launch_facts(recipe: Recipe, *, world_size: int, original_context: int = 0, weights_dtype: str = "",
+                      base_fingerprint: str = "") -> Recipe:
+    """`recipe.resolved` derived again with facts of this launch that the file does not give: harness.train
+    adds the engine's world size to find where to start, harness.session.build_session every fact, once
+    the base is found. The facts, and what they fill:
+
+        world_size        resolved.world_size, the data-parallel replicas (engine.data_world_size), and so
+                          resolved.effective_batch_size and tokens_per_step
+        original_context  resolved.original_context (the base's config; 0: model.original_context, else
+                          a local config, as at load), and so rope_factor, seq_len, sample_length,
+                          group_size and tokens_per_step
+        weights_dtype     resolved.weights_dtype (what the frozen weights load in here; "": kept)
+        base_fingerprint  resolved.base_fingerprint (the base's weight files; "": kept)
+
+    The best evaluation's step and perplexity are kept."""
+    original = original_context or recipe.model.original_context or original_window(local_config(recipe.model))
     position = recipe.position
     seq_len = recipe.data.max_seq_length or position.target_length or original
     factor = position.factor
@@ -402,13 +443,22 @@ def local_config(model: ModelConfig) -> dict:
     return {}
 
 
-def _local_original_context(model: ModelConfig) -> int:
-    """The window from an inline or local config without downloading; 0 when unknown."""
-    config = local_config(model)
-    if not config:
-        return 0
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}  # a native rope's own window first
-    return int(rope.get("original_max_position_embeddings") or config.get("max_position_embeddings", 0))
+def original_window(config) -> int:
+    """The window a model was pretrained with, as its config records it before any position backend
+    stretches it: a transformers config, or the dict of a config.json / [model.init_config]. A native
+    scaled rope's original_max_position_embeddings (LLaMA 3.1's), read from the rope table of the layers
+    that see the whole sequence where each layer type has its own (Gemma 3), or beside it (Phi-3's
+    config.json: transformers moves it into the table), else max_position_embeddings; 0 when the config
+    gives neither. The one reading of it: resolve at load (a local config, local_config),
+    harness.backends.position before it stretches the rope, harness.generation after."""
+    get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
+    rope = dict(get("rope_parameters") or get("rope_scaling") or {})
+    layer_types = get("layer_types") or ()
+    if any(key in layer_types for key in rope):  # one table per layer type: the first that is not sliding
+        rope = next((dict(table) for key, table in rope.items()
+                     if key in layer_types and table is not None and not key.startswith("sliding")), {})
+    return int(rope.get("original_max_position_embeddings") or get("original_max_position_embeddings")
+               or get("max_position_embeddings") or 0)
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:

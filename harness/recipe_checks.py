@@ -7,7 +7,8 @@ orders the validators as its built-in modules are listed), then the backends' ow
 parallelism's).
 This module builds on the recipe's schema, so the recipe reaches it only through the registry.
 Each allowed name is asked of its owner (harness.policy's kernels and optimizers,
-harness.metrics' trackers); nothing here imports a backend.
+harness.metrics' trackers); nothing here imports a backend: the names a backend alone takes are its
+own validator's (data.mode and data.format: harness.data.backends, with check_choice).
 """
 from __future__ import annotations
 
@@ -17,11 +18,18 @@ import math
 from pathlib import Path
 
 from harness import metrics, policy, registry
-from harness.recipe import (
-    DTYPES, LEGACY_ROPE_KEYS, PI_S2_DOES_NOT_TRANSFER, Recipe, RecipeError, find_relative, local_config, type_hint,
-)
+from harness.recipe import DTYPES, LEGACY_ROPE_KEYS, Recipe, RecipeError, find_relative, local_config, type_hint
 
 MAX_SANE_LR = 0.1  # above it, train.lr is warned about
+
+# What the testbed grid measured of the paper's pairing (docs/experiments.md, "Does S2 training transfer
+# to full attention?"): warned about at load (validate), and named by the long-context watch when it fires
+# (harness.evaluation.in_training).
+PI_S2_DOES_NOT_TRANSFER = (
+    "position.name = \"linear\" with attention.name = \"s2\" (the paper's pairing): on the testbed grid, adapters "
+    "trained this way broke under full attention past their S2 group, the way users serve them; position.name = "
+    "\"yarn\" with S2 held. docs/experiments.md, \"Does S2 training transfer to full attention?\""
+)
 
 
 @registry.register_validator
@@ -47,7 +55,8 @@ def validate(recipe: Recipe) -> None:
             logging.getLogger("harness").warning("%s%s", where, message)
 
 
-def _choice(where: str, key: str, value, choices) -> None:
+def check_choice(where: str, key: str, value, choices) -> None:
+    """RecipeError unless `value` is one of `choices`, with the closest one as a suggestion."""
     if value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -55,19 +64,17 @@ def _choice(where: str, key: str, value, choices) -> None:
 
 
 def _check_choices(recipe: Recipe, where: str) -> None:
-    _choice(where, "model.dtype", recipe.model.dtype, DTYPES)
-    _choice(where, "quantization.compute_dtype", recipe.quantization.compute_dtype, DTYPES)
-    _choice(where, "quantization.storage_dtype", recipe.quantization.storage_dtype, ("uint8",) + DTYPES)
-    _choice(where, "attention.kernel", recipe.attention.kernel, policy.KERNELS)
-    _choice(where, "adapter.bias", recipe.adapter.bias, ("none", "all", "lora_only"))
-    _choice(where, "data.mode", recipe.data.mode, ("truncate", "pack"))
-    _choice(where, "data.format", recipe.data.format, ("auto", "vicuna", "sharegpt", "messages"))
-    _choice(where, "train.scheduler", recipe.train.scheduler, ("constant_with_warmup", "cosine", "linear"))
-    _choice(where, "train.optimizer", recipe.train.optimizer, policy.OPTIMIZERS)
-    _choice(where, "train.precision", recipe.train.precision, DTYPES)
-    _choice(where, "train.resume", recipe.train.resume, ("never", "auto"))
+    check_choice(where, "model.dtype", recipe.model.dtype, DTYPES)
+    check_choice(where, "quantization.compute_dtype", recipe.quantization.compute_dtype, DTYPES)
+    check_choice(where, "quantization.storage_dtype", recipe.quantization.storage_dtype, ("uint8",) + DTYPES)
+    check_choice(where, "attention.kernel", recipe.attention.kernel, policy.KERNELS)
+    check_choice(where, "adapter.bias", recipe.adapter.bias, ("none", "all", "lora_only"))
+    check_choice(where, "train.scheduler", recipe.train.scheduler, ("constant_with_warmup", "cosine", "linear"))
+    check_choice(where, "train.optimizer", recipe.train.optimizer, policy.OPTIMIZERS)
+    check_choice(where, "train.precision", recipe.train.precision, DTYPES)
+    check_choice(where, "train.resume", recipe.train.resume, ("never", "auto"))
     for index, tracker in enumerate(recipe.train.report_to):
-        _choice(where, f"train.report_to[{index}]", tracker, tuple(metrics.TRACKERS))
+        check_choice(where, f"train.report_to[{index}]", tracker, tuple(metrics.TRACKERS))
 
 
 def _positive(where: str, key: str, value, *, allow_zero: bool = False) -> None:
@@ -107,7 +114,7 @@ def _check_lengths(recipe: Recipe, where: str) -> None:
     if train.eval_stop and not train.eval_rises:
         raise RecipeError(f"{where}train.eval_stop = true needs train.eval_rises > 0 (how many rises in a row stop "
                           f"the run), e.g. train.eval_rises = 2")
-    _positive(where, "train.cpu_cache_mb", train.cpu_cache_mb, allow_zero=True)
+    _positive(where, "train.cpu_cache_mib", train.cpu_cache_mib, allow_zero=True)
     _positive(where, "engine.sequence_parallel_size", recipe.engine.sequence_parallel_size)
     if train.max_steps <= 0 and train.epochs <= 0:
         raise RecipeError(f"{where}train.max_steps = {train.max_steps} and train.epochs = {train.epochs}: set one of them > 0")

@@ -30,7 +30,7 @@ SAFE_CHANGES = frozenset({
 # Keys that change only how much memory a step takes (and its speed), not what it computes: allowed,
 # and named on one line of their own.
 MEMORY_ONLY_CHANGES = frozenset({
-    "train.gradient_checkpointing", "train.chunked_loss", "train.cpu_cache_mb", "attention.kernel",
+    "train.gradient_checkpointing", "train.chunked_loss", "train.cpu_cache_mib", "attention.kernel",
     "train.offload_activations",
 })
 COMPARED_RESOLVED = ("resolved.seq_len", "resolved.effective_batch_size")

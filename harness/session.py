@@ -4,9 +4,9 @@
     Loop(session).run()                 # harness.loop: train() does this
     Loop(session).train_step(batches)   # what benchmarks time, with their own batches (with_data=False)
 
-build_session reads top to bottom: config and tokenizer first (rank 0 first), the recipe resolved with
-every fact of the launch, the data backend and its held-out split before any weights load, the model
-(harness.model), the engine's prepare. Below it, the factories a run makes its parts with: the
+build_session reads top to bottom: config and tokenizer first (rank 0 first), the recipe with every fact
+of the launch (recipe.with_launch_facts), the data backend and its held-out split before any weights
+load, the model (harness.model), the engine's prepare. Below it, the factories a run makes its parts with: the
 engine, the layout, the optimizer (as harness.policy names it), the scheduler, the step count.
 """
 from __future__ import annotations
@@ -21,13 +21,13 @@ import torch
 from rich.console import Console
 
 from harness import checkpoint, policy, registry
-from harness.backends.engine import Engine, Hyper
+from harness.backends.engine import Engine, StepConfig
 from harness.cpu_memory import apply_recipe_policy
 from harness.errors import HarnessError
 from harness.fingerprint import weights_fingerprint
 from harness.loss import CausalLMLoss
 from harness.model import BuiltModel, build_model, load_base, weights_dtype_of
-from harness.recipe import Recipe, find_relative, resolve
+from harness.recipe import Recipe, find_relative, with_launch_facts
 
 if TYPE_CHECKING:
     from harness.data import DataSplits
@@ -41,7 +41,7 @@ class TrainError(HarnessError, RuntimeError):
 class Session:
     """A run set up as train() sets it up, ready to step. Benchmarks build one too (with_data=False
     and their own batches), so that they time what training runs."""
-    recipe: Recipe  # resolved with every fact of this launch: world size, original context, weights dtype
+    recipe: Recipe  # with every fact of this launch (with_launch_facts): replicas, original context, weights dtype
     engine: Engine  # set up; the model prepared (wrapped or sharded), optimizer and scheduler made
     built: BuiltModel
     data: DataSplits | None  # None: the caller brings its own batches
@@ -61,8 +61,8 @@ def build_session(recipe: Recipe, *, engine: Engine | None = None, console: Cons
     # Config and tokenizer first: the data is checked before any weights load. Rank 0 builds a cached
     # base (random, GGUF) alone: under torch.distributed transformers writes config.json on rank 0 only.
     base = _rank_zero_first(engine, lambda: load_base(recipe))
-    recipe = resolve(recipe, world_size=engine.data_world_size, original_context=base.original_context,
-                     weights_dtype=weights_dtype_of(recipe), base_fingerprint=weights_fingerprint(base.path))
+    recipe = with_launch_facts(recipe, world_size=engine.data_world_size, original_context=base.original_context,
+                               weights_dtype=weights_dtype_of(recipe), base_fingerprint=weights_fingerprint(base.path))
     data = _rank_zero_first(engine, lambda: _build_data(recipe, base.tokenizer)) if with_data else None
     if data is not None and engine.rank == 0:
         from harness.data.report import print_length_stats
@@ -73,10 +73,10 @@ def build_session(recipe: Recipe, *, engine: Engine | None = None, console: Cons
     if resume_from is not None:  # before the engine shards or wraps the parameters (FSDP: DTensors)
         checkpoint.load_adapter_weights(built.model, resume_from)
     total = total_steps(recipe, len(data.train), engine) if data is not None else steps or recipe.train.max_steps
-    hyper = hyper_of(recipe, engine)
+    step_config = step_config_of(recipe, engine)
     engine.prepare(CausalLMLoss(built.model, chunked=recipe.train.chunked_loss, sequence=engine.sequence),
-                   lambda params: make_optimizer(recipe, engine, hyper, params),
-                   lambda optimizer: make_scheduler(recipe, optimizer, total), hyper)
+                   lambda params: make_optimizer(recipe, engine, step_config, params),
+                   lambda optimizer: make_scheduler(recipe, optimizer, total), step_config)
     return Session(recipe, engine, built, data, total, console)
 
 
@@ -160,16 +160,16 @@ def seed_everything(seed: int) -> None:
 
 # --------------------------------------------------------------------------- optimizer
 
-def hyper_of(recipe: Recipe, engine: Engine) -> Hyper:
-    """The engine's settings: batch shape, clipping and the precision harness.policy picks for its device."""
+def step_config_of(recipe: Recipe, engine: Engine) -> StepConfig:
+    """What the engine needs of a step: batch shape, clipping and the precision harness.policy picks for its device."""
     train = recipe.train
     precision = policy.precision(train.precision, recipe.quantization.compute_dtype, policy.Device.of(engine.device))
-    return Hyper(train.micro_batch_size, train.grad_accum, train.max_grad_norm, precision)
+    return StepConfig(train.micro_batch_size, train.grad_accum, train.max_grad_norm, precision)
 
 
-def make_optimizer(recipe: Recipe, engine: Engine, hyper: Hyper, params):
+def make_optimizer(recipe: Recipe, engine: Engine, step_config: StepConfig, params):
     """train.optimizer, as harness.policy.optimizer chooses it for this device and engine."""
-    name = optimizer_name(recipe, engine, hyper)
+    name = optimizer_name(recipe, engine, step_config)
     kwargs = dict(lr=recipe.train.lr, weight_decay=recipe.train.weight_decay, betas=(0.9, 0.999))
     if name == "deepspeed_cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -182,10 +182,10 @@ def make_optimizer(recipe: Recipe, engine: Engine, hyper: Hyper, params):
     return torch.optim.AdamW(params, **kwargs)
 
 
-def optimizer_name(recipe: Recipe, engine: Engine, hyper: Hyper) -> str:
+def optimizer_name(recipe: Recipe, engine: Engine, step_config: StepConfig) -> str:
     """The optimizer a run makes on the engine's device: "adamw", "paged_adamw_32bit" or "deepspeed_cpu_adam"."""
     return policy.optimizer(recipe.train.optimizer, policy.Device.of(engine.device),
-                            offloaded=engine.offloads_optimizer(hyper))
+                            offloaded=engine.offloads_optimizer(step_config))
 
 
 def make_scheduler(recipe: Recipe, optimizer, steps: int):

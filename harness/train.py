@@ -35,7 +35,7 @@ from harness.cpu_memory import apply_recipe_policy
 from harness.errors import HarnessError, first_line
 from harness.loop import Loop
 from harness.metrics import check_trackers
-from harness.recipe import Recipe, resolve
+from harness.recipe import Recipe, with_launch_facts
 from harness.resume import starting_point
 from harness.session import TrainError, build_session, report_to, start_engine
 
@@ -55,8 +55,9 @@ def train(recipe: Recipe, *, after_step: Callable[[int], None] | None = None) ->
         output_dir = Path(recipe.train.output_dir)
         check_trackers(report_to(recipe))
         with _locked(output_dir, engine):
-            resume_from = starting_point(output_dir, resolve(recipe, world_size=engine.data_world_size), engine,
-                                         console)
+            # the engine's data-parallel replicas: the effective batch a checkpoint's recipe is compared with
+            launched = with_launch_facts(recipe, world_size=engine.data_world_size)
+            resume_from = starting_point(output_dir, launched, engine, console)
             session = build_session(recipe, engine=engine, console=console, resume_from=resume_from)
             loop = Loop(session, after_step=after_step)
             if resume_from is not None:

@@ -121,7 +121,7 @@ LAYER_ORDER = (
 
 ENGINES = ("harness.backends.accelerate_engine", "harness.backends.deepspeed_engine", "harness.backends.engine",
            "harness.backends.fsdp")
-KERNELS = ("harness.backends.s2", "harness.backends.attention_kernels")
+KERNELS = ("harness.backends.s2", "harness.backends.token_masks", "harness.backends.sliding_window")
 # module prefix -> the modules (and their submodules) it must not import, and why: what the layer order
 # does not say on its own
 RULES = {

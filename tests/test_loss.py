@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.loss import CausalLMLoss, chunk_tokens_for, chunked_cross_entropy, full_cross_entropy
+from harness.loss import CausalLMLoss, chunked_cross_entropy, full_cross_entropy
 
 
 @pytest.mark.parametrize("head_trains", [True, False])  # checkpointed chunks | gradient taken in the forward
@@ -67,10 +67,26 @@ def test_wrapper_matches_the_model_loss(tiny_model):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_chunk_length_keeps_one_chunk_near_128_mib():
-    assert chunk_tokens_for(32000) == 1048  # LLaMA 2
-    assert chunk_tokens_for(49152) == 682  # SmolLM2
-    assert chunk_tokens_for(128256) * 128256 * 4 <= 2**27
+@pytest.mark.parametrize("vocab, rows", [(32000, 1048), (49152, 682), (128256, 261)])  # LLaMA 2, SmolLM2, LLaMA 3
+def test_one_chunk_of_fp32_logits_stays_within_128_mib(vocab, rows):
+    """The logits CausalLMLoss's head really makes, chunk by chunk (their .nbytes, read by a forward hook),
+    on an fp32 model with the vocabulary and a frozen head as under LoRA: each at most 128 MiB, and one
+    position more would pass it; `rows` are the chunk lengths harness/loss.py's docstring states."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).requires_grad_(False)
+    model.model.norm.requires_grad_(True)  # the hidden states carry a gradient, as they do under LoRA
+    made = []
+    model.lm_head.register_forward_hook(lambda module, args, out: made.append((out.shape, out.dtype, out.nbytes)))
+    ids = torch.randint(0, vocab, (1, 2101))  # 2100 positions: two chunks or more for every vocabulary here
+    CausalLMLoss(model)(input_ids=ids, labels=ids)
+    largest = max(nbytes for _, _, nbytes in made)
+    assert len(made) > 1 and all(dtype == torch.float32 for _, dtype, _ in made)
+    assert largest <= 2**27 < largest + 4 * vocab  # 128 MiB, and not one fp32 row of logits short of it
+    assert made[0][0] == (rows, vocab) and largest == rows * vocab * 4
 
 
 def test_chunked_loss_soft_caps_the_logits_as_the_model_does():

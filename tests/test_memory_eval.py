@@ -118,7 +118,7 @@ def test_json_carries_the_evaluation(capsys):
 def test_prediction_matches_a_measured_cpu_evaluation(overrides, phase):
     """The evaluation's own bytes vs torch's CPU allocator peak over the loop's evaluator (every reading
     of one held-out sample: full attention at the target, windows of the original context, S2)."""
-    r = recipe("tiny_cpu", 1024, "train.grad_accum=1", "train.cpu_cache_mb=0", *overrides)
+    r = recipe("tiny_cpu", 1024, "train.grad_accum=1", "train.cpu_cache_mib=0", *overrides)
     loop = training_loop(r)
     measured = eval_allocator_peak(loop)
     evaluation = plan(loop.recipe, device="cpu").evaluation

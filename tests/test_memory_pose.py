@@ -56,7 +56,7 @@ def test_prediction_matches_a_measured_cpu_step_at_the_window_and_evaluation_at_
     original 256, S2)."""
     recipe = load_recipe("recipes/tiny_cpu.toml", ['layout.name="pose"', "data.max_seq_length=512",
                                                    "position.target_length=2048", "train.grad_accum=1",
-                                                   "train.cpu_cache_mb=0"])
+                                                   "train.cpu_cache_mib=0"])
     loop = training_loop(recipe)
     step, evaluation = allocator_peak(loop), eval_allocator_peak(loop)
     planned = plan(loop.recipe, device="cpu")

@@ -9,7 +9,7 @@ from harness.backends import attention, s2
 from harness.memory import BYTES, CARDS, Card, model_shape, resolve_setup
 from harness.model import weights_dtype_of
 from harness.recipe import load_recipe
-from harness.session import hyper_of, make_engine, optimizer_name
+from harness.session import make_engine, optimizer_name, step_config_of
 from tests.conftest import ROOT
 
 V100 = CARDS["v100-32gb"].device
@@ -50,21 +50,21 @@ def autocast_of(engine) -> torch.dtype | None:
 @pytest.mark.parametrize("recipe_name", recipes())
 def test_the_planner_makes_the_choices_a_run_on_the_card_makes(card, recipe_name, on_card, monkeypatch):
     """Precision, autocast, optimizer offload and optimizer, compute and frozen-weight dtypes: the plan's
-    against what a run's engine, hyper_of, optimizer_name and the backends take on that card (the S2
+    against what a run's engine, step_config_of, optimizer_name and the backends take on that card (the S2
     group sizes are literal values in tests/test_recipe.py and tests/test_memory.py)."""
     monkeypatch.chdir(ROOT)
     recipe = load_recipe(ROOT / "recipes" / recipe_name)
     engine = engine_of(recipe, on_card(CARDS[card]))
-    hyper = engine.hyper = hyper_of(recipe, engine)
+    step_config = engine.hyper = step_config_of(recipe, engine)
     setup = resolve_setup(recipe, model_shape(recipe), device="cuda", card=CARDS[card], seq_len=None)
-    assert setup.precision == hyper.precision
+    assert setup.precision == step_config.precision
     autocast = autocast_of(engine)
     assert setup.autocast == (autocast is not None)
     if autocast is not None:
         assert setup.dtypes.attention == autocast.itemsize  # sdpa / matmul save their autocast copies
-    offloaded = engine.offloads_optimizer(hyper)
+    offloaded = engine.offloads_optimizer(step_config)
     assert (setup.deepspeed is not None and setup.deepspeed.offload_optimizer) == offloaded
-    assert setup.optimizer == optimizer_name(recipe, engine, hyper)  # what harness.train.make_optimizer makes
+    assert setup.optimizer == optimizer_name(recipe, engine, step_config)  # what harness.train.make_optimizer makes
     if recipe.quantization.name == "nf4":
         quantization = registry.get("quantization", "nf4")
         config = quantization.fn(**registry.table_kwargs(quantization, recipe.quantization))

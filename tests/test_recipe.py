@@ -77,11 +77,25 @@ def test_pi_with_s2_prints_one_line_naming_the_measurement_and_the_alternative()
         assert "the paper's pairing" not in dry_run(*quiet).stderr, quiet
 
 
-def test_llama2_13b_12k_resolves_factor_3():
+def test_llama2_13b_12k_stretches_its_4k_rope_over_12k_positions():
+    """The paper's 13B run: PI from LLaMA-2's 4096 positions to 12288, checked where it acts: the linear
+    backend edits LLaMA-2-13B's config as build_model has it do, and transformers computes the rope from
+    that config itself. PI's definition (Chen et al. 2023): position p reads as p x 4096 / 12288, so every
+    frequency is the original's x 4096 / 12288."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from harness.backends.position import linear_position
+
     recipe = load_recipe(ROOT / "recipes/llama2_13b_12k.toml")
-    assert recipe.resolved.rope_factor == 3.0
-    assert recipe.resolved.seq_len == 12288 and recipe.resolved.group_size == 3072
-    assert recipe.resolved.effective_batch_size == 16
+    config = LlamaConfig(hidden_size=5120, num_attention_heads=40, max_position_embeddings=4096)  # LLaMA-2-13B
+    original = LlamaRotaryEmbedding(config).inv_freq.double()
+    applied = linear_position(config, target_length=recipe.position.target_length, factor=recipe.position.factor,
+                              original_context=recipe.model.original_context)
+    stretched = LlamaRotaryEmbedding(config).inv_freq.double()
+    assert applied == recipe.resolved.rope_factor  # what the run reports is what the model runs
+    torch.testing.assert_close(stretched, original * 4096 / 12288, rtol=1e-6, atol=0)
 
 
 def test_overrides_are_typed_and_change_resolution(monkeypatch):
@@ -122,6 +136,12 @@ BAD = {
     "init_config type": (["model.init_config.hidden_size=\"abc\""],
                          "model.init_config.hidden_size = 'abc' has type str, expected int"),
     "init_config key": (["model.init_config.hiden_size=64"], "Did you mean model.init_config.hidden_size?"),
+    "data mode": (["data.mode=\"pak\""], "data.mode = 'pak' is not one of 'truncate', 'pack'. Did you mean 'pack'?"),
+    "sft format": (["data.format=\"sharegtp\""], "data.format = 'sharegtp' is not one of 'auto', 'vicuna', "
+                                                   "'sharegpt', 'messages'. Did you mean 'sharegpt'?"),
+    "old and new name": (["train.cpu_cache_mb=64", "train.cpu_cache_mib=32"],
+                         "train.cpu_cache_mb and train.cpu_cache_mib are both set: train.cpu_cache_mb is the old "
+                         "name of train.cpu_cache_mib. Keep train.cpu_cache_mib only"),
 }
 
 
@@ -157,3 +177,30 @@ def test_invalid_toml_names_the_file(tmp_path):
     bad.write_text("[train\nlr = 1")
     with pytest.raises(RecipeError, match="bad.toml: not valid TOML"):
         load_recipe(bad)
+
+
+def test_the_old_cpu_cache_key_loads_and_warns_once_naming_the_new_one(monkeypatch, caplog):
+    from harness import recipe as recipe_module
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(recipe_module, "_WARNED_RENAMES", set())
+    loaded = [load_recipe("recipes/tiny_cpu.toml", ["train.cpu_cache_mb=64"]) for _ in range(2)]
+    assert [recipe.train.cpu_cache_mib for recipe in loaded] == [64, 64]
+    warnings = [record.getMessage() for record in caplog.records if "train.cpu_cache_mb" in record.getMessage()]
+    assert warnings == ["recipes/tiny_cpu.toml: train.cpu_cache_mb is deprecated: rename it train.cpu_cache_mib "
+                        "(the same setting)"]
+
+
+def test_a_saved_recipe_of_an_old_run_loads_its_old_cpu_cache_key_silently(tmp_path, monkeypatch, caplog):
+    """recipe.toml of a run from before train.cpu_cache_mib: read as the same recipe, no warning (it is a record)."""
+    from harness import recipe as recipe_module
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(recipe_module, "_WARNED_RENAMES", set())
+    recipe = load_recipe("recipes/tiny_cpu.toml", ["train.cpu_cache_mib=64"])
+    save_recipe(recipe, tmp_path / "recipe.toml")
+    old = tmp_path / "old.toml"
+    old.write_text((tmp_path / "recipe.toml").read_text().replace("cpu_cache_mib = 64", "cpu_cache_mb = 64"))
+    assert "cpu_cache_mb = 64" in old.read_text()
+    assert read_saved_recipe(old) == recipe
+    assert "cpu_cache" not in caplog.text

@@ -19,7 +19,7 @@ from harness.train import train
 from tests.conftest import in_repo
 
 STEPS = ["train.max_steps=6", "train.save_every=2", "data.max_seq_length=256", "train.keep_checkpoints=0"]
-MEMORY_ONLY = ["train.gradient_checkpointing=false", "train.chunked_loss=false", "train.cpu_cache_mb=0",
+MEMORY_ONLY = ["train.gradient_checkpointing=false", "train.chunked_loss=false", "train.cpu_cache_mib=0",
                "attention.kernel=\"eager\"", "train.offload_activations=true"]
 
 pytestmark = pytest.mark.usefixtures("session_cache")
@@ -60,7 +60,7 @@ def test_memory_only_changes_are_allowed_and_named_on_one_line(stopped, capsys):
     assert text.count("Resuming with changed memory settings") == 1 and final_step(stopped) == 6
     assert not any(f"changed setting: {change.split('=')[0]}" in text for change in MEMORY_ONLY)  # named once
     for change in ("train.gradient_checkpointing True -> False", "train.chunked_loss True -> False",
-                   "train.cpu_cache_mb 256 -> 0", "attention.kernel 'auto' -> 'eager'",
+                   "train.cpu_cache_mib 256 -> 0", "attention.kernel 'auto' -> 'eager'",
                    "train.offload_activations False -> True", "they change only the memory"):
         assert change in text, text
 

@@ -16,7 +16,7 @@ import torch
 
 from harness import rundir
 from harness.backends import fsdp
-from harness.backends.engine import (EngineError, Hyper, check_group, forming_group, is_quantized,
+from harness.backends.engine import (EngineError, StepConfig, check_group, forming_group, is_quantized,
                                      keep_groups_until_exit, trainable)
 from harness.registry import register
 
@@ -60,12 +60,13 @@ class AccelerateEngine:
         if self.fsdp is not None and self.world_size == 1:
             print(fsdp.ONE_PROCESS_WARNING, file=sys.stderr)
 
-    def offloads_optimizer(self, hyper: Hyper) -> bool:
+    def offloads_optimizer(self, step_config: StepConfig) -> bool:
         return False
 
-    def prepare(self, module, make_optimizer: Callable, make_scheduler: Callable, hyper: Hyper):
-        self.hyper = hyper
-        self.scaler = torch.amp.GradScaler("cuda") if hyper.precision == "fp16" and torch.cuda.is_available() else None
+    def prepare(self, module, make_optimizer: Callable, make_scheduler: Callable, step_config: StepConfig):
+        self.hyper = step_config
+        fp16_on_cuda = step_config.precision == "fp16" and torch.cuda.is_available()
+        self.scaler = torch.amp.GradScaler("cuda") if fp16_on_cuda else None
         module = module.to(self.device) if not is_quantized(module) else module
         if self.fsdp is not None:
             fsdp.shard(module, self.fsdp, self.device, self.world_size)  # before the optimizer: DTensor parameters

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import policy
-from harness.backends.attention_kernels import sliding_window_attention
+from harness.backends.sliding_window import sliding_window_attention
 from harness.backends.s2 import causal_attention, shift_short_attention
 from harness.errors import HarnessError
 from harness.registry import BackendError, register
@@ -45,7 +45,7 @@ class AttentionError(HarnessError, ValueError):
 
 @dataclass(frozen=True)
 class S2Settings:
-    group_ratio: float = 0.25
+    group_ratio: float = policy.S2_GROUP_RATIO
     group_size: int = 0  # >0: fixed G, overrides ratio
     kernel: str = "auto"  # "auto": harness.policy, per call, for the tensors' device and dtype
     at_inference: bool = False  # use S2 also when module.training is False
@@ -91,7 +91,7 @@ def full_attention(model, *, kernel: str = "auto") -> str:
 
 
 @register("attention", "s2", description="Shift short attention in training, full attention in eval (LongLoRA)")
-def s2_attention(model, *, kernel: str = "auto", group_ratio: float = 0.25, group_size: int = 0,
+def s2_attention(model, *, kernel: str = "auto", group_ratio: float = policy.S2_GROUP_RATIO, group_size: int = 0,
                  at_inference: bool = False) -> str:
     if kernel != "auto":
         model_kernel(kernel, model)  # an explicit kernel that cannot run here fails now, not mid-step

@@ -23,7 +23,7 @@ import torch
 
 from harness import policy, rundir
 from harness.backends import sequence_parallel
-from harness.backends.engine import (EngineError, Hyper, check_group, forming_group, is_quantized,
+from harness.backends.engine import (EngineError, StepConfig, check_group, forming_group, is_quantized,
                                      keep_groups_until_exit, trainable)
 from harness.registry import register
 
@@ -37,6 +37,13 @@ def deepspeed_engine(*, deepspeed_config: str, sequence_parallel_size: int = 1):
 def offloads_optimizer(config: dict) -> bool:
     """Whether a DeepSpeed config steps the optimizer on the CPU (ZeRO-Offload). The planner asks this too."""
     return config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
+
+
+def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
+    """The dtype this engine autocasts the forward to: None, at every precision and on every device:
+    DeepSpeed casts the module to its fp16/bf16 itself (the config's "fp16" / "bf16" sections). The
+    planner asks this too."""
+    return None
 
 
 class DeepSpeedEngine:
@@ -91,18 +98,19 @@ class DeepSpeedEngine:
         self.mpu = mpu
         self.sequence = sequence_parallel.SequenceShards(mpu.get_sequence_parallel_group(),
                                                          mpu.get_sequence_parallel_rank(), size)
-        self.data_rank, self.data_world_size = self.rank // size, self.world_size // size  # groups: consecutive ranks
+        self.data_rank = self.rank // size  # groups: consecutive ranks
+        self.data_world_size = policy.data_world_size(self.world_size, size)
 
-    def config(self, hyper: Hyper) -> dict:
+    def config(self, step_config: StepConfig) -> dict:
         """The JSON config with its "auto" values filled from the recipe."""
         try:
             config = json.loads(Path(self.config_path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise EngineError(f"engine.deepspeed_config = {self.config_path!r}: cannot read it: {error}") from None
         fill = {
-            "train_micro_batch_size_per_gpu": hyper.micro_batch_size,
-            "gradient_accumulation_steps": hyper.grad_accum,
-            "gradient_clipping": hyper.max_grad_norm,
+            "train_micro_batch_size_per_gpu": step_config.micro_batch_size,
+            "gradient_accumulation_steps": step_config.grad_accum,
+            "gradient_clipping": step_config.max_grad_norm,
         }
         for key, value in fill.items():
             if config.get(key, "auto") == "auto":
@@ -112,7 +120,7 @@ class DeepSpeedEngine:
         for dtype in ("bf16", "fp16"):
             section = config.setdefault(dtype, {})
             if section.get("enabled", "auto") == "auto":
-                section["enabled"] = hyper.precision == dtype
+                section["enabled"] = step_config.precision == dtype
         return config
 
     def _fill_sequence_parallel(self, config: dict) -> None:
@@ -139,27 +147,28 @@ class DeepSpeedEngine:
                               f"in others); set \"reduce_scatter\": true or use ZeRO-2")
         return self.sequence_parallel_size
 
-    def offloads_optimizer(self, hyper: Hyper) -> bool:
-        return offloads_optimizer(self.config(hyper))
+    def offloads_optimizer(self, step_config: StepConfig) -> bool:
+        return offloads_optimizer(self.config(step_config))
 
-    def prepare(self, module, make_optimizer: Callable, make_scheduler: Callable, hyper: Hyper):
+    def prepare(self, module, make_optimizer: Callable, make_scheduler: Callable, step_config: StepConfig):
         import deepspeed
 
-        self.hyper = hyper
+        self.hyper = step_config
         module = module.to(self.device) if not is_quantized(module) else module
         if self.sequence is not None:
-            sequence_parallel.enable(module.model, self.sequence, hyper.micro_batch_size)
-            self.sequence.gradient_scale = self._sequence_gradient_scale(self.config(hyper))
+            sequence_parallel.enable(module.model, self.sequence, step_config.micro_batch_size)
+            self.sequence.gradient_scale = self._sequence_gradient_scale(self.config(step_config))
         optimizer = make_optimizer(trainable(module))
         scheduler = make_scheduler(optimizer)
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config(hyper),
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config(step_config),
             model_parameters=trainable(module), mpu=self.mpu,
         )
         return self.module
 
     def autocast(self):
-        return contextlib.nullcontext()  # DeepSpeed casts the module to its fp16/bf16 itself
+        dtype = autocast_dtype(self.hyper.precision, self.device.type)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     def backward(self, loss: torch.Tensor, *, sync: bool) -> None:
         self.module.backward(loss)  # divides by gradient_accumulation_steps itself

@@ -4,8 +4,8 @@ Every engine implements `Engine`, and the training loop speaks only this interfa
 asks which engine it has):
 
     engine.setup()                         process group + device; checks the world size
-    engine.offloads_optimizer(hyper)       whether the optimizer steps on the CPU (ZeRO offload)
-    module = engine.prepare(module, make_optimizer, make_scheduler, hyper)
+    engine.offloads_optimizer(step_config) whether the optimizer steps on the CPU (ZeRO offload)
+    module = engine.prepare(module, make_optimizer, make_scheduler, step_config)
     engine.backward(loss, sync=bool)       one micro-batch (sync=False: no gradient all-reduce)
     grad_norm = engine.step()              clip, optimizer and scheduler step, zero grads
     engine.save_state(dir) / load_state(dir)   optimizer + scheduler (+ DeepSpeed's own files)
@@ -51,7 +51,10 @@ class EngineError(HarnessError, RuntimeError):
 
 
 @dataclass(frozen=True)
-class Hyper:
+class StepConfig:
+    """What an engine needs of one optimizer step: the micro-batch size, the micro-batches per step, the
+    gradient clipping and the precision (harness.session.step_config_of). The learning rate and its
+    schedule are the optimizer's and the scheduler's, made by the harness, not the engine."""
     micro_batch_size: int
     grad_accum: int
     max_grad_norm: float
@@ -66,10 +69,11 @@ class Engine(Protocol):
     sequence: object | None  # SequenceShards under sequence parallelism, else None
     device: torch.device
     module: torch.nn.Module  # the prepared (wrapped) module, after prepare()
+    hyper: StepConfig  # the step configuration prepare() was given
 
     def setup(self) -> None: ...
-    def offloads_optimizer(self, hyper: Hyper) -> bool: ...
-    def prepare(self, module, make_optimizer: Callable, make_scheduler: Callable, hyper: Hyper): ...
+    def offloads_optimizer(self, step_config: StepConfig) -> bool: ...
+    def prepare(self, module, make_optimizer: Callable, make_scheduler: Callable, step_config: StepConfig): ...
     def autocast(self) -> ContextManager: ...
     def backward(self, loss: torch.Tensor, *, sync: bool) -> None: ...
     def step(self) -> float: ...

@@ -28,6 +28,7 @@ import torch
 
 from harness import policy
 from harness.errors import HarnessError
+from harness.recipe import original_window
 from harness.registry import register
 
 
@@ -40,9 +41,9 @@ LONGROPE_ONLY = ("phi3",)  # model types whose config class accepts no other sca
 
 
 def original_context_of(config, original_context: int = 0) -> int:
-    """The pretraining window: given, or read from the config before it is changed."""
-    rope = next(iter(_rope_tables(config).values()), {})
-    return int(original_context or rope.get("original_max_position_embeddings") or config.max_position_embeddings)
+    """The pretraining window: given (model.original_context), or as the config records it before it is
+    changed (harness.recipe.original_window)."""
+    return int(original_context or original_window(config))
 
 
 def _window_and_factor(config, target_length: int, factor: float, original_context: int) -> tuple[int, float]:
@@ -96,7 +97,7 @@ def _as_longrope(config) -> None:
     if params["rope_type"] == "dynamic":
         raise PositionError(f"position.name = \"dynamic\" cannot run {config.model_type}: its config accepts only "
                             f"longrope, which has no length-dependent theta. Use position.name = \"yarn\" or \"linear\"")
-    original = int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
+    original = original_window(config)  # max_position_embeddings is not yet the target here
     config.original_max_position_embeddings = original  # longrope reads the pretraining window from here
     stretched, attention_factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](config)
     dim = 2 * stretched.numel()

@@ -39,10 +39,11 @@ gradients into one dq, dk, dv, so its peak memory stays at full attention's (_Pi
 "auto" asks harness.policy.attention_kernel: "flash" for fp16/bf16 CUDA tensors on Ampere or newer
 when flash-attn is installed, else "sdpa".
 
-The padding and document rules (`tokens_of`, `zero_padding`) and sliding-window attention are
-harness.backends.attention_kernels'; how much query one SDPA piece holds is harness.policy's
-(`piece_budget`). Every function here is a pure tensor function; the transformers glue (the attention
-interface, S2 in training and full attention in eval) is harness.backends.attention.
+The padding and document rules (`tokens_of`, `zero_padding`) are harness.backends.token_masks',
+sliding-window attention is harness.backends.sliding_window's; how much query one SDPA piece holds
+is harness.policy's (`piece_budget`). Every function here is a pure tensor function; the
+transformers glue (the attention interface, S2 in training and full attention in eval) is
+harness.backends.attention.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import policy
-from harness.backends.attention_kernels import Tokens, tokens_of, zero_padding
+from harness.backends.token_masks import Tokens, tokens_of, zero_padding
 
 
 class HeadWindow(NamedTuple):

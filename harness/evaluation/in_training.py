@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from harness.backends.quantization import training_layout_kept
-from harness.recipe import PI_S2_DOES_NOT_TRANSFER
+from harness.recipe_checks import PI_S2_DOES_NOT_TRANSFER
 
 
 @contextlib.contextmanager

@@ -64,7 +64,7 @@ GIB = 2**30
 # CUDA context + cuBLAS/cuDNN workspaces + caching-allocator slack, which torch's allocator
 # counters never see: ~0.5 GiB of context on recent drivers plus ~0.25 GiB of slack.
 CUDA_OVERHEAD_BYTES = int(0.75 * GIB)
-POOL_KEPT_AT_PEAK = 0.35  # RSS the CPU tensor pool adds at a training step's peak, per byte of train.cpu_cache_mb:
+POOL_KEPT_AT_PEAK = 0.35  # RSS the CPU tensor pool adds at a training step's peak, per byte of train.cpu_cache_mib:
 # bench/train_step.py measured +0.07 GB (1k) and +0.10 GB (4k) over the same step without the pool, for 256 MiB
 
 
@@ -171,7 +171,7 @@ def _overhead_parts(setup: Setup) -> list[Part]:
             return []
         return [Part("CPU tensor pool", round(POOL_KEPT_AT_PEAK * setup.cpu_pool), dynamic=True,
                      note=f"freed blocks kept for reuse at the peak: {POOL_KEPT_AT_PEAK:.0%} of "
-                          f"train.cpu_cache_mb = {setup.cpu_pool // MIB}")]
+                          f"train.cpu_cache_mib = {setup.cpu_pool // MIB}")]
     return [Part("CUDA context + allocator", CUDA_OVERHEAD_BYTES, note="constant: context, cuBLAS, allocator slack")]
 
 

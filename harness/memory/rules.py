@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from harness import policy, registry
-from harness.backends.accelerate_engine import autocast_dtype
-from harness.backends.deepspeed_engine import offloads_optimizer
+from harness.backends import accelerate_engine, deepspeed_engine
 from harness.recipe import AdapterConfig, AttentionConfig, Recipe, find_relative
 
 from .shapes import ALL_LINEAR, PlanError, read_json
@@ -138,6 +137,11 @@ def _targets(modules: list[str]) -> tuple[str, ...]:
     return tuple(name for name in ALL_LINEAR if any(m == name or m.endswith(f".{name}") for m in modules))
 
 
+def _autocasts(engine_module, precision: str, device: str) -> bool:
+    """Whether the engine's forward runs under autocast, as its own fact function says (autocast_dtype)."""
+    return engine_module.autocast_dtype(precision, device) is not None
+
+
 def _deepspeed_zero(recipe: Recipe) -> Zero:
     """engine.deepspeed_config's ZeRO section, with DeepSpeed's defaults; offload as the engine decides it."""
     config = read_json(find_relative(recipe.engine.deepspeed_config, recipe.source, key="engine.deepspeed_config"))
@@ -146,7 +150,7 @@ def _deepspeed_zero(recipe: Recipe) -> Zero:
     contiguous = zero.get("contiguous_gradients", True)
     overlap = zero.get("overlap_comm", stage == 3)  # DeepSpeed's defaults
     bucketed = stage in (1, 2) and contiguous
-    return Zero(stage=stage, offload_optimizer=offloads_optimizer(config),
+    return Zero(stage=stage, offload_optimizer=deepspeed_engine.offloads_optimizer(config),
                 bucket=int(float(zero.get("reduce_bucket_size", 5e8))) if bucketed else 0,
                 buckets=(2 if overlap else 1) if bucketed else 0)
 
@@ -169,10 +173,10 @@ BUILTIN_RULES = {
         "none": AdapterRule(lambda adapter: Adaptation((), 0, 0.0, False, False)),
     },
     "engine": {
-        "accelerate": EngineRule(autocasts=lambda precision, device: autocast_dtype(precision, device) is not None,
+        "accelerate": EngineRule(autocasts=lambda precision, device: _autocasts(accelerate_engine, precision, device),
                                  zero=lambda recipe: None),
-        # DeepSpeedEngine.autocast is a null context: DeepSpeed casts the module to fp16/bf16 itself
-        "deepspeed": EngineRule(autocasts=lambda precision, device: False, zero=_deepspeed_zero),
+        "deepspeed": EngineRule(autocasts=lambda precision, device: _autocasts(deepspeed_engine, precision, device),
+                                zero=_deepspeed_zero),
     },
 }
 for _kind, _rules in BUILTIN_RULES.items():

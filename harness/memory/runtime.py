@@ -50,7 +50,7 @@ class Setup:
     quantization: QuantizationRule  # the quantization backend's memory rule
     double_quant: bool
     compute: int  # bytes of the quantization compute dtype (bitsandbytes dequantizes into it)
-    precision: str  # fp32 | bf16 | fp16: the run's Hyper.precision
+    precision: str  # fp32 | bf16 | fp16: the run's StepConfig.precision
     autocast: bool
     deepspeed: Zero | None
     optimizer: str  # adamw | paged_adamw_32bit | deepspeed_cpu_adam
@@ -67,7 +67,7 @@ class Setup:
     cards: int = 1  # ranks of the launch: ZeRO partitions over them
     sequence_parallel: int = 1  # engine.sequence_parallel_size: ranks sharing each sequence
     tiled_mlp: bool = False  # train.tiled_mlp
-    cpu_pool: int = 0  # CPU: bytes the tensor pool may keep (train.cpu_cache_mb, which holds MiB; harness.cpu_memory)
+    cpu_pool: int = 0  # CPU: bytes the tensor pool may keep (train.cpu_cache_mib MiB; harness.cpu_memory)
     eval_len: int = 0  # tokens of the held-out evaluation's 1 x L sample: the target under PoSE; 0 = seq_len
 
 
@@ -113,7 +113,7 @@ def resolve_setup(recipe: Recipe, shape: ModelShape, *, device: str, card: Card 
         dropout=adaptation.dropout, trainable_embeddings=adaptation.trainable_embeddings,
         trainable_norms=adaptation.trainable_norms,
         cards=cards, sequence_parallel=_sequence_parallel(recipe, shape, cards), tiled_mlp=recipe.train.tiled_mlp,
-        cpu_pool=recipe.train.cpu_cache_mb * MIB if not cuda and recipe.train.release_cpu_memory else 0,
+        cpu_pool=recipe.train.cpu_cache_mib * MIB if not cuda and recipe.train.release_cpu_memory else 0,
         eval_len=eval_len or sample_length(recipe.layout.name, seq, recipe.position.target_length),
     )
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness import registry
-from harness.backends.attention_kernels import tokens_of
+from harness.backends.token_masks import tokens_of
 from harness.backends.layout import Layout
 from harness.recipe import RecipeError, load_recipe
 from harness.train import train

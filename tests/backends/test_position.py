@@ -225,3 +225,39 @@ def test_the_factor_is_ceil_of_target_over_window_or_the_given_one():
     assert policy.interpolation_factor(0, 4096) == 0.0 and policy.interpolation_factor(8192, 0) == 0.0  # not known
     with pytest.raises(PositionError, match="give target_length or factor"):
         linear_position(tiny_llama_config(max_position_embeddings=4096), target_length=0)
+
+
+NATIVE_LLAMA3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 4.0, "low_freq_factor": 1.0,
+                 "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_recipe_and_the_position_backends_read_the_same_original_window(name):
+    """The recipe at load reads a local config's dict, the backends the config transformers builds from it:
+    one reading (harness.recipe.original_window), the same window, per-layer-type ropes included."""
+    from harness.backends.position import original_context_of
+    from harness.base_model import config_from_dict
+    from harness.recipe import original_window
+
+    init = family(FAMILIES[name]).model.init_config
+    rope = init.get("rope_parameters") or {}
+    native = rope.get("full_attention", rope).get("original_max_position_embeddings")  # LLaMA 3's own window
+    expected = native or init.get("original_max_position_embeddings") or init["max_position_embeddings"]  # Phi-3's
+    assert original_window(init) == original_context_of(config_from_dict(init)) == expected
+
+
+def test_a_native_ropes_own_window_is_the_original_at_load_in_training_and_in_generation():
+    """A base whose rope is already scaled (LLaMA 3.1's): its original_max_position_embeddings, 128 here, not
+    max_position_embeddings (512), for the recipe at load, the position backend, and the generate command."""
+    from harness.backends.position import original_context_of, yarn_position
+    from harness.base_model import config_from_dict
+    from harness.generation import context_window
+
+    rope = ", ".join(f"{key} = {value!r}".replace("'", '"') for key, value in NATIVE_LLAMA3.items())
+    recipe = tiny_recipe(f"model.init_config.rope_parameters={{{rope}}}", "model.init_config.max_position_embeddings=512",
+                         "position.override_native=true")
+    config = config_from_dict(recipe.model.init_config)
+    assert recipe.resolved.original_context == original_context_of(config) == 128
+    assert recipe.resolved.rope_factor == 4.0  # ceil(512 / 128)
+    yarn_position(config, target_length=512, override_native=True)
+    assert context_window(config).original == 128

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from harness import policy
 from harness.backends import s2
 from harness.backends.attention import S2Settings, s2_attention_forward
-from harness.backends.attention_kernels import tokens_of
+from harness.backends.token_masks import tokens_of
 from harness.backends.s2 import causal_attention, flash_varlen_layout, shift_short_attention
 
 ATOL = 1e-10  # float64 on CPU

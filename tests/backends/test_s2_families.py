@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from harness.backends.attention import _cached_causal_attention
-from harness.backends.attention_kernels import sliding_window_attention
+from harness.backends.sliding_window import sliding_window_attention
 from harness.backends.s2 import _head_halves, shift_short_attention
 
 HEADS = [(28, 4), (14, 2), (32, 32), (10, 5), (4, 1), (64, 8)]
@@ -85,14 +85,14 @@ def window_allowed(seq_len, window, valid=None, positions=None):
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (28, 4), (4, 1)])
 @pytest.mark.parametrize("window,seq_len", [(5, 23), (16, 40), (64, 40)])
 def test_sliding_window_attention_matches_the_dense_reference(heads, kv_heads, window, seq_len, monkeypatch):
-    monkeypatch.setattr("harness.backends.attention_kernels.WINDOW_QUERY_BLOCK", 7)  # several blocks, a ragged last one
+    monkeypatch.setattr("harness.backends.sliding_window.WINDOW_QUERY_BLOCK", 7)  # several blocks, a ragged last one
     q, k, v = qkv(heads, kv_heads, seq_len)
     expected = dense_attention(q, k, v, window_allowed(seq_len, window))
     torch.testing.assert_close(sliding_window_attention(q, k, v, window), expected, rtol=1e-10, atol=1e-10)
 
 
 def test_sliding_window_attention_keeps_documents_apart_and_zeroes_padding(monkeypatch):
-    monkeypatch.setattr("harness.backends.attention_kernels.WINDOW_QUERY_BLOCK", 8)
+    monkeypatch.setattr("harness.backends.sliding_window.WINDOW_QUERY_BLOCK", 8)
     q, k, v = qkv(4, 2, 20)
     positions = torch.tensor([list(range(12)) + list(range(8)), list(range(20))])
     valid = torch.ones(2, 20, dtype=torch.bool)

@@ -154,14 +154,14 @@ def test_a_sequence_parallel_recipe_loads():
 
 def test_a_json_file_that_contradicts_the_recipe_is_refused(tmp_path):
     from harness.backends.deepspeed_engine import DeepSpeedEngine
-    from harness.backends.engine import EngineError, Hyper
+    from harness.backends.engine import EngineError, StepConfig
 
     config = tmp_path / "ds.json"
     config.write_text('{"sequence_parallel_size": 4}')
-    hyper = Hyper(1, 1, 1.0, "fp32")
-    assert DeepSpeedEngine(str(config), 4).config(hyper)["sequence_parallel_size"] == 4
+    step_config = StepConfig(1, 1, 1.0, "fp32")
+    assert DeepSpeedEngine(str(config), 4).config(step_config)["sequence_parallel_size"] == 4
     with pytest.raises(EngineError, match="sets sequence_parallel_size = 4, the recipe engine.sequence_parallel_size"):
-        DeepSpeedEngine(str(config), 2).config(hyper)
+        DeepSpeedEngine(str(config), 2).config(step_config)
 
 
 # --------------------------------------------------------------------------- the planner

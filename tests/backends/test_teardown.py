@@ -23,7 +23,7 @@ CHILD = textwrap.dedent('''
     import json, os, sys
     import torch
     import torch.distributed as dist
-    from harness.backends.engine import EngineError, Hyper
+    from harness.backends.engine import EngineError, StepConfig
 
     COMMUNICATION = ("pt_gloo_runloop", "gloo_tcp_loop", "pt_tcpstore_uv")
 
@@ -49,14 +49,14 @@ CHILD = textwrap.dedent('''
         engine = engine_of(kind)
         engine.setup()
         report["formed"] = threads()
-        hyper = Hyper(micro_batch_size=1, grad_accum=1, max_grad_norm=1.0, precision="fp32")
+        step_config = StepConfig(micro_batch_size=1, grad_accum=1, max_grad_norm=1.0, precision="fp32")
         module = torch.nn.Linear(4, 4)
         if kind == "deepspeed":  # ZeRO-Offload steps with DeepSpeed's CPU Adam
             from deepspeed.ops.adam import DeepSpeedCPUAdam as Optimizer
         else:
             Optimizer = torch.optim.AdamW
         engine.prepare(module, lambda params: Optimizer(params, lr=1e-3),
-                       lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), hyper)
+                       lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), step_config)
         engine.backward(engine.module(torch.ones(1, 4)).sum(), sync=True)
         engine.step()
         del module  # as train() lets go of its session before the teardown
