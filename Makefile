@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make demo   the main job on the embedded default (builds .venv first)
-#   make test   the test suite (builds .venv first)
+#   make test   the lint (ruff.toml) and the test suite (builds .venv first)
 # TORCH picks the PyTorch release and TORCH_INDEX the index it comes from: by default the CPU
 # build of the release this project is tested with, from PyTorch's CPU index (where that index
 # cannot be reached, pip goes on to its other sources: on the development machines, a local CPU
@@ -27,9 +27,11 @@ demo: $(VENV)/.installed
 	$(PY) -m harness demo
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q --runslow $(PYTEST_ARGS)
 
 clean:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import collections
 import itertools
-import json
 import os
 import shutil
 import signal
@@ -60,7 +59,8 @@ def paths() -> dict[str, tuple[list[str], list[str]]]:
         "torchrun-ddp": ([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2"], []),
         "accelerate-fsdp2": ([str(VENV_BIN / "accelerate"), "launch", "--config_file", "launch/accelerate/fsdp.yaml",
                               "--num_processes", "2"], []),
-        "deepspeed-zero2-offload": (deepspeed, [*DEEPSPEED, 'engine.deepspeed_config="launch/deepspeed/zero2_offload.json"']),
+        "deepspeed-zero2-offload": (deepspeed, [*DEEPSPEED,
+                                                'engine.deepspeed_config="launch/deepspeed/zero2_offload.json"']),
         "deepspeed-zero3": (deepspeed, [*DEEPSPEED, 'engine.deepspeed_config="launch/deepspeed/zero3.json"',
                                         'quantization.name="none"']),
         "deepspeed-sp": (deepspeed, [*DEEPSPEED, 'engine.deepspeed_config="launch/deepspeed/zero2_offload.json"',
@@ -136,8 +136,8 @@ def soak(names: list[str], *, runs: int, steps: int, budget_s: float, timeout_s:
                 row["core_file"] = str(logs / f"{name}-{index}.core")
             shutil.rmtree(output_dir, ignore_errors=True)
             rows.append(row)
-            print(f"{name:24} #{index:<3} {row['status']:10} {'ABORT ' if row['aborted'] else ''}{row['wall_s']:6.1f} s",
-                  flush=True)
+            print(f"{name:24} #{index:<3} {row['status']:10} "
+                  f"{'ABORT ' if row['aborted'] else ''}{row['wall_s']:6.1f} s", flush=True)
     return rows
 
 

@@ -322,7 +322,8 @@ def _cell(row: dict) -> str:
     """peak (x longqlora), what the step added to the RSS before it, and the planner's prediction
     (its error; for cells not measured: its peak + dynamic part)."""
     if row["status"] != "ok":
-        plan = f"\nplan {gb(row['plan_peak_bytes'])} (+{gb(row['plan_dynamic_bytes'])})" if "plan_peak_bytes" in row else ""
+        plan = (f"\nplan {gb(row['plan_peak_bytes'])} (+{gb(row['plan_dynamic_bytes'])})"
+                if "plan_peak_bytes" in row else "")
         return row["status"] + plan
     plan = (f"\nplan {gb(row['plan_predicted_bytes'])} ({row['plan_error_pct']:+.0f}%)"
             if "plan_predicted_bytes" in row else "")

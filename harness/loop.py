@@ -80,13 +80,15 @@ class Loop(Evaluations, Saving):
         self.evaluator, self.watch = long_context_eval(recipe, engine, self.collate)
         self.step_time = StepTimeWatch(recipe.train.grad_accum)
         self.train_losses: list[float] = []  # since the last evaluation
-        self.data_fingerprints = {key: data_fingerprint(_setting(recipe, key)) for key in ("data.path", "data.eval_path")}
+        self.data_fingerprints = {key: data_fingerprint(_setting(recipe, key))
+                                  for key in ("data.path", "data.eval_path")}
         if data is not None and data.held_out:
             self.data_fingerprints["train.eval_holdout"] = ",".join(map(str, data.held_out))
         self.eval_every, self.eval_count = self._plan_evaluations()
         if recipe.train.eval_every > 0 and data is not None and data.eval is None:
-            self.console.print(f"[yellow]train.eval_every = {recipe.train.eval_every} but there is no held-out data: set "
-                               f"data.eval_path or data.eval_fraction to see held-out perplexity during training[/]")
+            self.console.print(f"[yellow]train.eval_every = {recipe.train.eval_every} but there is no held-out data: "
+                               f"set data.eval_path or data.eval_fraction to see held-out perplexity during "
+                               f"training[/]")
 
     def run(self) -> None:
         # Data-parallel replicas read different samples; the ranks of a sequence-parallel group the same ones.

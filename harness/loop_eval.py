@@ -66,7 +66,8 @@ class Evaluations:
         self.console.print(describe_eval(record, self.recipe))
         warning = self.watch.add(self.step, record["eval_ppl"], sum(self.train_losses) / max(len(self.train_losses), 1))
         self.train_losses = []
-        if self.recipe.train.eval_stop and self.watch.best.step == self.step < self.total and not self._checkpoint_due():
+        if (self.recipe.train.eval_stop and self.watch.best.step == self.step < self.total
+                and not self._checkpoint_due()):
             self.save_checkpoint()  # the run may stop on a later rise: the best evaluation's adapter is kept
         if warning:
             self.console.print(f"[yellow]{warning}[/]")

@@ -35,7 +35,8 @@ def check_trackers(names: list[str]) -> None:
     missing = [name for name in names if importlib.util.find_spec(_MODULES[name]) is None]
     if missing:
         packages = " ".join(TRACKERS[name] for name in missing)
-        raise MetricsError(f"train.report_to names {', '.join(missing)}, which is not installed: pip install {packages}")
+        raise MetricsError(f"train.report_to names {', '.join(missing)}, which is not installed: "
+                           f"pip install {packages}")
 
 
 class MetricsLog:

@@ -63,7 +63,8 @@ def build_model(recipe: Recipe, *, training: bool = True, with_adapter: bool = T
     factor = _backend_call(recipe, "position", config, original_context=base.original_context)
     quantization = _backend_call(recipe, "quantization")
     weights_dtype = weights_dtype_of(recipe)
-    model = _load_weights(base.path, config, quantization, dtype=TORCH_DTYPES[weights_dtype], trust=cfg.trust_remote_code)
+    model = _load_weights(base.path, config, quantization, dtype=TORCH_DTYPES[weights_dtype],
+                          trust=cfg.trust_remote_code)
     implementation = _backend_call(recipe, "attention", model)
     if training:
         _prepare_for_training(model, upcast=quantization is not None and recipe.train.fp32_frozen_weights,

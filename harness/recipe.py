@@ -49,7 +49,8 @@ class ModelConfig:
     name_or_path: str = ""  # hub id, local HF directory, .gguf file, or "random" (init_config)
     gguf_file: str = ""  # a GGUF file inside name_or_path (hub repo or directory)
     tokenizer: str = ""  # "" = the model's own; "builtin:bytes" = offline byte tokenizer
-    init_config: dict[str, Any] = field(default_factory=dict)  # "random": model_type (default llama) + its config kwargs
+    # "random": model_type (default llama) + its config kwargs
+    init_config: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0  # seed of the random initialisation
     dtype: str = "auto"  # weights of the non-quantized parts: auto | bf16 | fp16 | fp32
     original_context: int = 0  # 0 = the model config's max_position_embeddings
@@ -142,13 +143,16 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     chunked_loss: bool = True  # head + cross-entropy in chunks: no full fp32 logits
     release_cpu_memory: bool = True  # CPU: freed tensors go back to the OS (harness.cpu_memory)
-    cpu_cache_mib: int = 256  # CPU: freed tensors kept for reuse, up to this many MiB (0 = none); needs release_cpu_memory
+    # CPU: freed tensors kept for reuse, up to this many MiB (0 = none); needs release_cpu_memory
+    cpu_cache_mib: int = 256
     offload_activations: bool = False  # GPU: keep checkpointed activations in pinned CPU memory
     fp32_frozen_weights: bool = False  # QLoRA: peft's fp32 cast of embeddings, norms, head (fp32 residual stream)
     tiled_mlp: bool = False  # MLP in sequence tiles, recomputed in backward (harness.tiled): long sequences
     log_every: int = 1
-    eval_every: int = -1  # held-out perplexity every N steps and at the end; -1 = auto (~5% of training time), 0 = end only
-    eval_holdout: int = 4  # no data.eval_path / eval_fraction: hold out this many target-length training samples (0: none)
+    # held-out perplexity every N steps and at the end; -1 = auto (~5% of training time), 0 = end only
+    eval_every: int = -1
+    # no data.eval_path / eval_fraction: hold out this many target-length training samples (0: none)
+    eval_holdout: int = 4
     eval_batches: int = 0  # held-out samples scored at each evaluation; 0 = the whole held-out split
     eval_s2: bool = True  # also score the target length under S2 (where S2 trains)
     eval_rises: int = 2  # warn when full-attention perplexity at the target rose this many evaluations in a row
@@ -248,7 +252,8 @@ def _expand_home(recipe: Recipe) -> Recipe:
 
     return dataclasses.replace(
         recipe, train=dataclasses.replace(recipe.train, output_dir=expanded(recipe.train.output_dir)),
-        data=dataclasses.replace(recipe.data, path=expanded(recipe.data.path), eval_path=expanded(recipe.data.eval_path)),
+        data=dataclasses.replace(recipe.data, path=expanded(recipe.data.path),
+                                 eval_path=expanded(recipe.data.eval_path)),
         model=dataclasses.replace(recipe.model, name_or_path=expanded(recipe.model.name_or_path)))
 
 
@@ -417,7 +422,8 @@ def with_launch_facts(recipe: Recipe, *, world_size: int, original_context: int 
     resolved = Resolved(
         original_context=original, rope_factor=factor, seq_len=seq_len, group_size=group_size,
         sample_length=sample_length(recipe.layout.name, seq_len, position.target_length),
-        weights_dtype=weights_dtype or recipe.resolved.weights_dtype, world_size=world_size, effective_batch_size=effective, tokens_per_step=effective * seq_len,
+        weights_dtype=weights_dtype or recipe.resolved.weights_dtype, world_size=world_size,
+        effective_batch_size=effective, tokens_per_step=effective * seq_len,
         best_eval_step=recipe.resolved.best_eval_step, best_eval_ppl=recipe.resolved.best_eval_ppl,
         base_fingerprint=base_fingerprint or recipe.resolved.base_fingerprint,
     )
@@ -467,5 +473,6 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
 
     from harness import atomic
 
-    header = f"# Resolved recipe{f' from {recipe.source}' if recipe.source else ''}; load it with harness.recipe.load_recipe\n"
+    header = (f"# Resolved recipe{f' from {recipe.source}' if recipe.source else ''}; "
+              f"load it with harness.recipe.load_recipe\n")
     atomic.write_text(path, header + tomli_w.dumps(recipe.to_dict()))

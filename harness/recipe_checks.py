@@ -106,8 +106,9 @@ def _check_lengths(recipe: Recipe, where: str) -> None:
     _positive(where, "train.keep_checkpoints", train.keep_checkpoints, allow_zero=True)
     _positive(where, "train.log_every", train.log_every)
     if train.eval_every < -1:
-        raise RecipeError(f"{where}train.eval_every = {train.eval_every} must be -1 (auto: about {policy.EVAL_SHARE:.0%} of "
-                          f"the training time), 0 (only at the end) or a number of steps")
+        raise RecipeError(f"{where}train.eval_every = {train.eval_every} must be -1 "
+                          f"(auto: about {policy.EVAL_SHARE:.0%} of the training time), 0 (only at the end) "
+                          f"or a number of steps")
     _positive(where, "train.eval_holdout", train.eval_holdout, allow_zero=True)
     _positive(where, "train.eval_batches", train.eval_batches, allow_zero=True)
     _positive(where, "train.eval_rises", train.eval_rises, allow_zero=True)
@@ -117,7 +118,8 @@ def _check_lengths(recipe: Recipe, where: str) -> None:
     _positive(where, "train.cpu_cache_mib", train.cpu_cache_mib, allow_zero=True)
     _positive(where, "engine.sequence_parallel_size", recipe.engine.sequence_parallel_size)
     if train.max_steps <= 0 and train.epochs <= 0:
-        raise RecipeError(f"{where}train.max_steps = {train.max_steps} and train.epochs = {train.epochs}: set one of them > 0")
+        raise RecipeError(f"{where}train.max_steps = {train.max_steps} and train.epochs = {train.epochs}: "
+                          f"set one of them > 0")
     attention = recipe.attention
     try:
         policy.check_s2_group(attention.group_ratio, attention.group_size)
@@ -198,11 +200,13 @@ def _check_combinations(recipe: Recipe, where: str) -> None:
             f"e.g. engine.deepspeed_config = \"launch/deepspeed/zero2_offload.json\""
         )
     if recipe.model.name_or_path == "random" and not recipe.model.init_config:
-        raise RecipeError(f"{where}model.name_or_path = \"random\" needs a [model.init_config] table: model_type (default \"llama\") and that family's config values")
+        raise RecipeError(f"{where}model.name_or_path = \"random\" needs a [model.init_config] table: "
+                          f"model_type (default \"llama\") and that family's config values")
     if recipe.model.name_or_path == "random":
         _check_init_config(recipe.model.init_config, where)
     if not recipe.model.name_or_path:
-        raise RecipeError(f"{where}model.name_or_path is empty: give a hub id, a local directory, a .gguf file or \"random\"")
+        raise RecipeError(f"{where}model.name_or_path is empty: "
+                          f"give a hub id, a local directory, a .gguf file or \"random\"")
 
 
 def _check_init_config(init_config: dict, where: str) -> None:

@@ -23,7 +23,8 @@ from harness.recipe import Recipe
 # Keys a resumed run may change: they do not touch the optimizer, the data order or the model.
 SAFE_CHANGES = frozenset({
     "train.max_steps", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.eval_every",
-    "train.eval_batches", "train.eval_s2", "train.eval_rises", "train.eval_stop", "train.resume", "train.overwrite", "train.allow_data_change",
+    "train.eval_batches", "train.eval_s2", "train.eval_rises", "train.eval_stop", "train.resume", "train.overwrite",
+    "train.allow_data_change",
     "train.tensorboard", "train.report_to", "train.output_dir",
     "data.num_proc", "data.cache_dir", "engine.deepspeed_config",
 })

@@ -133,7 +133,8 @@ def _report_held_out(recipe: Recipe, data: DataSplits, console: Console) -> None
     """Which training samples the watch holds out, or why it has nothing to read."""
     if data.held_out:
         asked = recipe.train.eval_holdout
-        capped = f" (train.eval_holdout = {asked}: at most 1 sample in 10 is held out)" if asked > len(data.held_out) else ""
+        capped = (f" (train.eval_holdout = {asked}: at most 1 sample in 10 is held out)"
+                  if asked > len(data.held_out) else "")
         console.print(f"Held out {len(data.held_out)} training samples{capped} of data.path (indices "
                       f"{', '.join(map(str, data.held_out))}) for the long-context watch: never trained on. "
                       f"data.eval_path names other text instead; train.eval_holdout = 0 turns this off")

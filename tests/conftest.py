@@ -74,7 +74,8 @@ def dequantized_copy(nf4):
         state[name] = dequantize_4bit(module.weight.data, module.weight.quant_state) if quantized else \
             getattr(module, attr).data
     missing, unexpected = plain.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}  # only a tied head, which is not a parameter of its own
+    # only a tied head, which is not a parameter of its own
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
     return plain
 
 

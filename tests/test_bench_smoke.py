@@ -346,7 +346,8 @@ def test_sequence_parallel_sp_on_two_ranks(tmp_path):
     """The sp part: 3 steps on 1 rank and on 2 DeepSpeed sequence-parallel ranks (minutes)."""
     import bench.sequence_parallel as bench
 
-    assert bench.main(["--parts", "sp", "--sp-length", "4096", "--results-dir", str(tmp_path)]) == 0  # the model's window
+    # 4096: the model's window
+    assert bench.main(["--parts", "sp", "--sp-length", "4096", "--results-dir", str(tmp_path)]) == 0
     rows = written(tmp_path / "sequence_parallel.json")["sp"]
     assert [(row["ranks"], row["status"]) for row in rows] == [(1, "ok"), (2, "ok")]
     assert len(rows[1]["peak_rss_per_rank_bytes"]) == 2

@@ -35,7 +35,8 @@ FAMILIES = {
                "max_position_embeddings": 2048,
                "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 256}},
-    "mistral": {"model_type": "mistral", "sliding_window": 64, "max_position_embeddings": 1024, "rope_parameters": YARN},
+    "mistral": {"model_type": "mistral", "sliding_window": 64, "max_position_embeddings": 1024,
+                "rope_parameters": YARN},
     "qwen2": {"model_type": "qwen2", "hidden_size": 112, "num_attention_heads": 28, "num_key_value_heads": 4,
               "max_position_embeddings": 1024, "rope_parameters": YARN},
     "qwen3": {"model_type": "qwen3", "num_attention_heads": 10, "num_key_value_heads": 5, "head_dim": 8,
@@ -68,9 +69,9 @@ def toml_value(value) -> str:
 def family(init: dict, *overrides: str, output_dir: Path | str = "runs/families"):
     """The tiny recipe on `init`'s family: PI x2 over its native rope, 256-token sequences."""
     settings = [f"model.init_config.{key}={toml_value(value)}" for key, value in init.items()]
-    return load_recipe("recipes/tiny_cpu.toml", [*settings, "model.original_context=256", "position.override_native=true",
-                                                 f"data.max_seq_length={SEQ_LEN}", f"train.output_dir=\"{output_dir}\"",
-                                                 *overrides])
+    return load_recipe("recipes/tiny_cpu.toml", [*settings, "model.original_context=256",
+                                                 "position.override_native=true", f"data.max_seq_length={SEQ_LEN}",
+                                                 f"train.output_dir=\"{output_dir}\"", *overrides])
 
 
 pytestmark = pytest.mark.usefixtures("session_cache")

@@ -249,7 +249,8 @@ def test_a_rank_that_dies_leaves_one_clear_line_on_the_others(tmp_path):
     env = {**os.environ, "COLUMNS": "400", "OMP_NUM_THREADS": "1", "HARNESS_CACHE": str(tmp_path / "cache")}
     env.pop("WORLD_SIZE", None)
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    process = subprocess.Popen([torchrun, "--nproc_per_node", "2", f"--master_port={free_port()}", "launch/train.py", "recipes/tiny_cpu.toml",
+    process = subprocess.Popen([torchrun, "--nproc_per_node", "2", f"--master_port={free_port()}", "launch/train.py",
+                                "recipes/tiny_cpu.toml",
                                 f"train.output_dir=\"{output}\"", *STEPS, "train.max_steps=300", "train.save_every=5"],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -425,8 +426,8 @@ def test_a_run_directory_removed_mid_run_stops_the_run_at_the_next_save(tmp_path
         if step == 3:
             shutil.rmtree(out)
 
-    with pytest.raises(TrainError, match=r"run was removed or emptied while this run trained into it \(its lock file is "
-                                         r"gone\) at step 4: stopping without writing"):
+    with pytest.raises(TrainError, match=r"run was removed or emptied while this run trained into it "
+                                         r"\(its lock file is gone\) at step 4: stopping without writing"):
         train(tiny(out, "train.save_every=2"), after_step=remove)
     assert not out.exists()
 

@@ -229,7 +229,8 @@ def test_chat_plain_transcript_without_a_template(tiny_model, byte_tokenizer):
     chat = Chat(byte_tokenizer, system="A fishing talk.")
     first = chat.ask(tiny_model, "Where is the river?", Sampling(12))
     second = chat.ask(tiny_model, "And the fish?", Sampling(12))
-    text = f"A fishing talk.\n\nUser: Where is the river?\nAssistant: {first.text.strip()}\nUser: And the fish?\nAssistant:"
+    text = (f"A fishing talk.\n\nUser: Where is the river?\nAssistant: {first.text.strip()}\n"
+            f"User: And the fish?\nAssistant:")
     ids = byte_tokenizer(text).input_ids
     assert second.prompt_tokens == len(ids)
     assert second.token_ids == generate(tiny_model, byte_tokenizer, ids, Sampling(12), stop=["\nUser:"]).token_ids
@@ -246,6 +247,7 @@ def test_chat_drops_the_oldest_turns_to_fit_and_refuses_a_turn_too_long(byte_tok
         assert result.prompt_tokens + 16 <= 96
     assert chat.dropped_turns >= 2 and chat.messages[-2]["content"] == "Question 3 about the angler"
     before = list(chat.messages)
-    with pytest.raises(GenerationError, match=r"the prompt is 118 tokens, over the model's window of 96 tokens \(default rope\)"):
+    with pytest.raises(GenerationError,
+                       match=r"the prompt is 118 tokens, over the model's window of 96 tokens \(default rope\)"):
         chat.ask(model, "y" * 100, Sampling(16))
     assert chat.messages == before

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import checkpoint, policy
+from harness import policy
 from harness.recipe import load_recipe
 from harness.session import build_session
 from harness.train import train

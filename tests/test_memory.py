@@ -296,7 +296,8 @@ def run_cli(capsys, *argv):
 
 
 def test_cli_json(capsys):
-    code, out = run_cli(capsys, "recipes/llama2_7b_8k.toml", "data.max_seq_length=16384", "position.target_length=16384", "--gib", "24", "--json")
+    code, out = run_cli(capsys, "recipes/llama2_7b_8k.toml", "data.max_seq_length=16384",
+                        "position.target_length=16384", "--gib", "24", "--json")
     result = json.loads(out.out)
     assert code == 0 and result["seq_len"] == 16384 and result["capacity_bytes"] == 24 * 2**30
     assert sum(line["at_peak"] for line in result["breakdown"]) == result["peak_bytes"]

@@ -85,7 +85,8 @@ def test_embeddings_and_norms_become_trainable_when_asked():
 
 
 def test_full_finetuning_trains_everything():
-    model = build_model(tiny_recipe("quantization.name=\"none\"", "adapter.name=\"none\"", "attention.name=\"full\"")).model
+    model = build_model(tiny_recipe("quantization.name=\"none\"", "adapter.name=\"none\"",
+                                    "attention.name=\"full\"")).model
     counts = parameter_counts(model)
     assert sum(r["trainable"] for r in counts.values()) == sum(r["total"] for r in counts.values())
 

@@ -19,7 +19,8 @@ def deepspeed_record(message: str) -> logging.LogRecord:
 
 
 def test_deepspeeds_cpu_guess_is_dropped_only_where_torch_sees_no_accelerator(monkeypatch):
-    guess = deepspeed_record("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+    guess = deepspeed_record("Setting accelerator to CPU. "
+                             "If you have GPU or other accelerator, we were unable to detect it.")
     other = deepspeed_record("Using ZeRO stage 2")
     assert quiet._not_a_right_cpu_guess in logging.getLogger(quiet.DEEPSPEED_LOGGER).filters  # at the harness's import
     monkeypatch.setattr(quiet, "_torch_sees_an_accelerator", lambda: False)

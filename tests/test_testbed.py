@@ -252,7 +252,8 @@ def test_run_stats_use_the_median_after_the_first_step(tmp_path):
 @pytest.mark.slow
 def test_shortened_grid_base_pi_longqlora_at_2x(tmp_path):
     """A small testbed (4 layers, d=128, 150 steps of 8 x 256 tokens), then base, zero-shot PI x2 and
-    LongQLoRA x2 (40 steps of 4 x 512 tokens) on the held-out book, strided, at 128, 256 and 512. Catches a rope factor lost on save
+    LongQLoRA x2 (40 steps of 4 x 512 tokens) on the held-out book, strided, at 128, 256 and 512. Catches a rope
+    factor lost on save
     (LongQLoRA would score like the base past 256), S2 left on at evaluation, an adapter not loaded
     (LongQLoRA would score like zero-shot PI)."""
     import bench.testbed as bench
@@ -319,4 +320,5 @@ def test_runs_are_named_by_their_settings_and_a_finished_one_is_reused(tmp_path)
     (run_dir / "final").mkdir(parents=True)
     corpus = tb.Corpus(tmp_path, None, tmp_path / "held_out.txt")
     # no testbed exists at tmp_path / "none": training would fail, the finished run is returned as it is
-    assert ex.train_or_reuse(ex.row_named("longqlora"), tmp_path / "none", corpus, run_dir, steps=5) == run_dir / "final"
+    reused = ex.train_or_reuse(ex.row_named("longqlora"), tmp_path / "none", corpus, run_dir, steps=5)
+    assert reused == run_dir / "final"

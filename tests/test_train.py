@@ -222,7 +222,8 @@ def test_held_out_perplexity_at_target_and_window_every_n_steps_and_at_the_end(t
     assert (saved.best_eval_step, saved.best_eval_ppl) == (best["step"], pytest.approx(best["eval_ppl"]))
     err = " ".join(capsys.readouterr().err.split())
     assert "step 2: held-out perplexity" in err and "at 512 tokens (full attention)" in err
-    assert "in windows of 256" in err and f"Best held-out perplexity at 512 tokens (full attention): {best['eval_ppl']:.2f}" in err
+    assert "in windows of 256" in err
+    assert f"Best held-out perplexity at 512 tokens (full attention): {best['eval_ppl']:.2f}" in err
 
 
 def test_eval_every_without_held_out_data_says_how_to_get_it(tmp_path, capsys):

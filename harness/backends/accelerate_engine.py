@@ -53,7 +53,8 @@ class AccelerateEngine:
         """This rank's place: rank, world size and device; the world size checked; FSDP asked for or not."""
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
-        self.data_rank, self.data_world_size, self.sequence = self.rank, self.world_size, None  # no sequence parallelism
+        # no sequence parallelism
+        self.data_rank, self.data_world_size, self.sequence = self.rank, self.world_size, None
         self.device = self.accelerator.device
         self.fsdp = fsdp.requested()
         check_group(self.world_size)

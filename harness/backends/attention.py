@@ -99,7 +99,8 @@ def s2_attention(model, *, kernel: str = "auto", group_ratio: float = policy.S2_
     settings = S2Settings(group_ratio=group_ratio, group_size=group_size, kernel=kernel, at_inference=at_inference)
     modules = attention_modules(model)
     if not modules:
-        raise BackendError(f"attention.name = \"s2\": found no attention modules with q/k/v projections in {type(model).__name__}")
+        raise BackendError(f"attention.name = \"s2\": found no attention modules with q/k/v projections in "
+                           f"{type(model).__name__}")
     for module in modules:
         _check_softcap(module, softcap_of(module))
         if group_size:  # a fixed group is known now; a group_ratio's is checked at each call

@@ -96,7 +96,8 @@ def _as_longrope(config) -> None:
     params = config.rope_parameters
     if params["rope_type"] == "dynamic":
         raise PositionError(f"position.name = \"dynamic\" cannot run {config.model_type}: its config accepts only "
-                            f"longrope, which has no length-dependent theta. Use position.name = \"yarn\" or \"linear\"")
+                            f"longrope, which has no length-dependent theta. "
+                            f"Use position.name = \"yarn\" or \"linear\"")
     original = original_window(config)  # max_position_embeddings is not yet the target here
     config.original_max_position_embeddings = original  # longrope reads the pretraining window from here
     stretched, attention_factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](config)

@@ -283,7 +283,8 @@ def _sdpa_pieces(query_shape, kv_heads, group_size, tokens: Tokens, budget: int,
             group_elements = batch * per_kv * block * dim  # one KV head's queries over one group
             groups = length // block
             groups_per_piece = max(1, min(groups, budget // group_elements))
-            kv_per_piece = max(1, min(half_kv, budget // (group_elements * groups))) if groups_per_piece == groups else 1
+            kv_per_piece = (max(1, min(half_kv, budget // (group_elements * groups)))
+                            if groups_per_piece == groups else 1)
             for first_group in range(0, groups, groups_per_piece):
                 piece_start = start + first_group * block
                 piece_tokens = slice(piece_start, piece_start + min(groups_per_piece, groups - first_group) * block)
@@ -383,7 +384,9 @@ def _cpu_flash_backward(grad_out, q, k, v, out, logsumexp, piece: _Piece, scalin
 
 def _additive_mask(mask, dtype):
     """The CPU flash kernel takes a float mask: 0 where allowed, -inf elsewhere (None stays None)."""
-    return None if mask is None else torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def flash_varlen_layout(valid, doc, group_size, shift):

@@ -20,7 +20,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         help="auto (default): SmolLM2 on a GPU, the testbed on a CPU")
     parser.add_argument("--output", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
     parser.add_argument("--eval-tokens", type=int,
-                        help="held-out tokens scored at each length (default: 16385 for SmolLM2, 20000 for the testbed)")
+                        help="held-out tokens scored at each length "
+                             "(default: 16385 for SmolLM2, 20000 for the testbed)")
     return parser
 
 

@@ -21,7 +21,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, repeatable: bool, mo
     many = dict(action="append") if repeatable else {}
     each = "; one per --model, in order" if repeatable else ""
     compare = "; repeat to compare" if repeatable else ""
-    parser.add_argument("--model", required=model_required, **many, help="hub id, Hugging Face directory or .gguf file" + compare)
+    parser.add_argument("--model", required=model_required, **many,
+                        help="hub id, Hugging Face directory or .gguf file" + compare)
     parser.add_argument("--adapter", **many, help="adapter or checkpoint directory, or 'none'" + each)
     parser.add_argument("--rope-factor", **many, type=float,
                         help="zero-shot rope factor for a model without adapter (0: its own rope)" + each)

@@ -5,7 +5,8 @@
         --gib 24 --json
     python tools/plan_memory.py recipes/llama2_7b_8k.toml data.max_seq_length=524288 position.target_length=524288 \
         --gpu a100-80gb --gpus 8 \
-        engine.name=deepspeed engine.deepspeed_config=launch/deepspeed/zero2_offload.json engine.sequence_parallel_size=8
+        engine.name=deepspeed engine.deepspeed_config=launch/deepspeed/zero2_offload.json \\
+        engine.sequence_parallel_size=8
 
 Overrides are `section.key=value` as for training. The card is one of harness.memory.CARDS
 or --gib N; --gpus N plans one of N cards of a launch (ZeRO partitions over them, and

@@ -142,7 +142,8 @@ def _tokenize(batch: dict, tokenizer, prefix: list[int], suffix: list[int]) -> d
 def _shape(records, key: str, *, mode: str, max_seq_length: int, cache_dir: str, num_proc: int):
     """Samples of the documents; the documents' ids are read as numpy arrays (4 bytes a token, not 36)."""
     return cached_map(
-        records.with_format("numpy"), _pack if mode == "pack" else _truncate, stage=mode, key=digest(key, mode, max_seq_length),
+        records.with_format("numpy"), _pack if mode == "pack" else _truncate, stage=mode,
+        key=digest(key, mode, max_seq_length),
         cache_dir=cache_dir, num_proc=num_proc, fn_kwargs={"max_seq_length": max_seq_length},
         remove_columns=records.column_names, features=sample_features(), desc=f"Shaping samples ({mode})",
     ).with_format(None)

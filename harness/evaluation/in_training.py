@@ -88,7 +88,8 @@ class LongContextEval:
         loss = self._loss(module, [[item] for item in samples])
         result = {"eval_loss": loss, "eval_ppl": _ppl(loss)}
         if self.window:  # decided alike on every rank: each reading is a collective
-            pieces = [windows_of(item, self.window) or [zero_weight(item)] for item in samples]  # a 1-token sample: none
+            # a 1-token sample: no window
+            pieces = [windows_of(item, self.window) or [zero_weight(item)] for item in samples]
             result["eval_ppl_window"] = _ppl(self._loss(module, pieces))
         if self.s2:
             with s2_at_inference(module) as has_s2:

@@ -164,7 +164,8 @@ def _kernel(recipe: Recipe, shape: ModelShape, device: policy.Device, dtypes: Dt
     fused | math | eager-full | eager-s2. The plan assumes flash-attn is installed where it can
     run; it costs what SDPA's fused kernels cost. Training data is unpadded and unpacked."""
     dtype = "fp32" if dtypes.attention == 4 else "bf16"  # the rules ask only "16-bit or not"
-    kernel = policy.attention_kernel(recipe.attention.kernel, device, dtype, installed=True, softcapped=shape.softcapped)
+    kernel = policy.attention_kernel(recipe.attention.kernel, device, dtype, installed=True,
+                                     softcapped=shape.softcapped)
     if kernel == "eager":
         return "eager-s2" if grouped else "eager-full"
     gqa = shape.kv_heads != shape.heads

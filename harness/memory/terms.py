@@ -71,7 +71,8 @@ def layer_saved_per_token(setup: Setup) -> dict[str, int]:
         + (q_dim + 2 * kv_dim) * t.attention,  # q, k after RoPE and v, saved by the kernel
         "mlp block": post_norm + sum(linears.get(n, 0) for n in ("o_proj", "gate_proj", "up_proj", "gate_up_proj",
                                                                  "down_proj"))
-        + 3 * s.intermediate * t.linear,  # gate out (SiLU input), act(gate) and up (a fused gate_up: its 2I output + act)
+        # gate out (SiLU input), act(gate) and up (a fused gate_up: its 2I output + act)
+        + 3 * s.intermediate * t.linear,
         "attention output": attention_saved_per_token(setup),
     }
 

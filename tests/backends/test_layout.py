@@ -119,7 +119,8 @@ def test_a_pose_run_resumes_bit_for_bit(tmp_path):
     pose_run = ["layout.name=\"pose\"", "data.max_seq_length=128", "train.max_steps=4", "train.save_every=2"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{straight}\"", *pose_run]))
-    train(load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{stopped}\"", *pose_run]), after_step=sigterm_at(2))
+    train(load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{stopped}\"", *pose_run]),
+          after_step=sigterm_at(2))
     train(load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{stopped}\"", *pose_run, "train.resume=\"auto\""]))
     assert losses(stopped) == losses(straight)
     final_a, final_b = adapter(straight / "final"), adapter(stopped / "final")

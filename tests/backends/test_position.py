@@ -127,8 +127,8 @@ def assert_rotary(rotary, positions, inv_freq, scale=1.0):
 
 @pytest.mark.parametrize("name", list(OTHER_ROPE))
 def test_other_position_backends_write_the_config_and_rotate_by_the_published_formulas(name):
-    built = build_model(tiny_recipe("quantization.name=\"none\"", "attention.name=\"full\"", f"position.name=\"{name}\""),
-                        training=False, with_adapter=False)
+    built = build_model(tiny_recipe("quantization.name=\"none\"", "attention.name=\"full\"",
+                                    f"position.name=\"{name}\""), training=False, with_adapter=False)
     config, rotary = built.model.config, built.model.model.rotary_emb
     rope_parameters, max_positions = OTHER_ROPE[name]
     assert built.rope_factor == FACTOR and built.original_context == L0
@@ -254,8 +254,8 @@ def test_a_native_ropes_own_window_is_the_original_at_load_in_training_and_in_ge
     from harness.generation import context_window
 
     rope = ", ".join(f"{key} = {value!r}".replace("'", '"') for key, value in NATIVE_LLAMA3.items())
-    recipe = tiny_recipe(f"model.init_config.rope_parameters={{{rope}}}", "model.init_config.max_position_embeddings=512",
-                         "position.override_native=true")
+    recipe = tiny_recipe(f"model.init_config.rope_parameters={{{rope}}}",
+                         "model.init_config.max_position_embeddings=512", "position.override_native=true")
     config = config_from_dict(recipe.model.init_config)
     assert recipe.resolved.original_context == original_context_of(config) == 128
     assert recipe.resolved.rope_factor == 4.0  # ceil(512 / 128)

@@ -217,7 +217,7 @@ def test_cuda_kernels_match_dense_reference(case):
 @given(case=attention_cases())
 def test_causal_attention_matches_dense_reference(case):
     qkv = make_qkv(case, requires_grad=True)
-    reference = lambda q, k, v: reference_attention(q, k, v, case["seq_len"], case["valid"], case["positions"],
+    reference = lambda q, k, v: reference_attention(q, k, v, case["seq_len"], case["valid"], case["positions"],  # noqa: E731
                                                     shifted=False)
     weights = output_weights(case)
     expected, expected_grads = output_and_grads(reference, qkv, weights)

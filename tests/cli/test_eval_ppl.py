@@ -41,13 +41,15 @@ def load_model(model_dir):
 
 def test_eval_ppl_end_to_end(model_dir, text_file, tmp_path):
     out = run_tool("tools/eval_ppl.py", "--model", str(model_dir), "--model", str(model_dir), "--label", "a",
-                   "--label", "b", "--data", str(text_file), "--seq-lens", "64,128", "--stride", "40", "--max-tokens", "1000",
+                   "--label", "b", "--data", str(text_file), "--seq-lens", "64,128", "--stride", "40",
+                   "--max-tokens", "1000",
                    "--json", str(tmp_path / "ppl.json"), "--plot", str(tmp_path / "ppl.png"))
     assert out.returncode == 0, out.stderr
     assert "Perplexity" in out.stdout
     rows = json.loads((tmp_path / "ppl.json").read_text())["results"]
     assert [(r["model"], r["seq_len"], r["protocol"], r["adapter"]) for r in rows] == [
-        ("a", 64, "strided", None), ("a", 128, "strided", None), ("b", 64, "strided", None), ("b", 128, "strided", None)]
+        ("a", 64, "strided", None), ("a", 128, "strided", None),
+        ("b", 64, "strided", None), ("b", 128, "strided", None)]
     expected = strided_perplexity(load_model(model_dir), text_tokens(model_dir), 64, stride=40, max_tokens=1000)
     assert rows[0]["ppl"] == pytest.approx(expected.ppl, rel=1e-5)
     assert rows[0]["ppl"] == rows[2]["ppl"] and rows[0]["tokens"] == 999  # every token but the first
@@ -83,7 +85,8 @@ def test_eval_ppl_bad_input(model_dir, text_file, args, expected):
 
 def test_missing_model(tmp_path):
     out = run_tool("tools/eval_ppl.py", "--model", "./no_such_model", "--data", "x.txt")
-    assert (out.returncode, out.stderr) == (2, "tools/eval_ppl.py: error: --model ./no_such_model: no such file or directory\n")
+    assert (out.returncode, out.stderr) == (
+        2, "tools/eval_ppl.py: error: --model ./no_such_model: no such file or directory\n")
 
 
 def test_adapter_for_another_base(model_dir, text_file, tmp_path, capsys):

@@ -22,4 +22,5 @@ def test_passkey_in_process(model_dir, tmp_path, capsys):
 def test_bad_depths():
     out = subprocess.run([sys.executable, "tools/passkey.py", "--model", "m", "--depths", "0,2"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
-    assert (out.returncode, out.stderr) == (2, "tools/passkey.py: error: argument --depths: '0,2': every depth must lie in [0, 1]\n")
+    assert (out.returncode, out.stderr) == (
+        2, "tools/passkey.py: error: argument --depths: '0,2': every depth must lie in [0, 1]\n")

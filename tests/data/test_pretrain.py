@@ -43,7 +43,7 @@ def test_truncate_and_min_tokens_on_a_book(byte_tokenizer, book_path, tmp_path):
 
 def test_bos_and_eos_settings(byte_tokenizer, tmp_path):
     path = corpus(tmp_path, ["abc"])
-    ids = lambda **flags: pretrain(byte_tokenizer, path, tmp_path, max_seq_length=64, **flags).train[0]["input_ids"]
+    ids = lambda **flags: pretrain(byte_tokenizer, path, tmp_path, max_seq_length=64, **flags).train[0]["input_ids"]  # noqa: E731
     abc = byte_tokenizer("abc", add_special_tokens=False)["input_ids"]
     bos, eos = byte_tokenizer.bos_token_id, byte_tokenizer.eos_token_id
     assert ids() == [bos] + abc + [eos]
@@ -98,7 +98,7 @@ def test_eval_fraction_is_a_seeded_document_split(byte_tokenizer, tmp_path):
 
     def split(seed):
         splits = pretrain(byte_tokenizer, path, tmp_path, max_seq_length=64, eval_fraction=0.25, seed=seed)
-        decode = lambda items: sorted(byte_tokenizer.decode(item["input_ids"][1:-1]) for item in items)
+        decode = lambda items: sorted(byte_tokenizer.decode(item["input_ids"][1:-1]) for item in items)  # noqa: E731
         return decode(splits.train), decode(splits.eval)
 
     train, held_out = split(seed=1)

@@ -47,7 +47,8 @@ def reference(tmp_path_factory):
 def test_accelerate_ddp_matches_one_process(reference, tmp_path):
     curve, cache = reference
     launcher = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port()]
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", free_port()]
     ddp = run(launcher, tmp_path / "run", "train.grad_accum=1", cache=cache)
     assert ddp == pytest.approx(curve, abs=1e-5)
 

@@ -52,7 +52,8 @@ def deepspeed(*config: str) -> tuple[list[str], list[str]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ["ddp", "fsdp2", "zero2_offload", "sequence_parallel"])
 def test_two_ranks_weigh_every_target_token_as_one_process(reference, path):
-    """DDP, FSDP2 and ZeRO-2 with CPU offload: 2 replicas x grad_accum 2. Sequence parallelism: 1 replica of 2 ranks x grad_accum 4."""
+    """DDP, FSDP2 and ZeRO-2 with CPU offload: 2 replicas x grad_accum 2. Sequence parallelism: 1 replica of
+    2 ranks x grad_accum 4."""
     base, data = reference
     launcher, engine = {
         "ddp": (accelerate_ddp(), []),
