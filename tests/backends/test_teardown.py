@@ -84,7 +84,8 @@ def group_of_one() -> dict:
     return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
 
 
-@pytest.mark.parametrize("kind", ["deepspeed", "accelerate"])
+@pytest.mark.parametrize("kind", [pytest.param("deepspeed", marks=pytest.mark.slow),  # 216 s on a fresh venv
+                                  "accelerate"])
 def test_teardown_destroys_every_group(kind):
     report = run_child(kind, "run", group_of_one())
     assert report["formed"]  # a gloo group was formed (its store and, once used, its threads) ...

@@ -39,6 +39,7 @@ def load_model(model_dir):
     return LlamaForCausalLM.from_pretrained(model_dir).eval()
 
 
+@pytest.mark.slow  # 44 s
 def test_eval_ppl_end_to_end(model_dir, text_file, tmp_path):
     out = run_tool("tools/eval_ppl.py", "--model", str(model_dir), "--model", str(model_dir), "--label", "a",
                    "--label", "b", "--data", str(text_file), "--seq-lens", "64,128", "--stride", "40",

@@ -74,6 +74,7 @@ def test_merged_directory_answers_as_base_plus_adapter(final, cache, capsys):
     assert answers[0] == answers[1] and answers[0].strip()
 
 
+@pytest.mark.slow  # 48 s
 def test_window_past_the_original_accepted_and_past_the_extended_refused(final, cache, tmp_path):
     env = {**os.environ, "HARNESS_CACHE": str(cache)}
     (tmp_path / "400.txt").write_text("x" * 400)
