@@ -103,13 +103,13 @@ def checkpoint_steps(rows: Sequence[Row], run: str, steps: int) -> list[int]:
 
 def extension_overrides(testbed: Path, corpus: Corpus, run_dir: Path, *, steps: int, row: Row,
                         save_every: int = 0, target_length: int = 0) -> list[str]:
-    """recipes/testbed_longqlora.toml's overrides for `row` on this testbed: same data, steps and
-    tokens per step for every row. A LoRA run resumes (train.resume = auto); full fine-tuning
-    cannot resume in the harness yet, so an unfinished one starts over."""
-    length = ([f"position.target_length={target_length}", f"data.max_seq_length={target_length}"]
-              if target_length else [])
-    if row.window:
-        length.append(f"data.max_seq_length={training_window(row, target_length or TESTBED_TARGET)}")
+    """recipes/testbed_longqlora.toml's overrides for `row` on this testbed: the same data, steps and samples
+    per step for every row (a row with a short window trains that many tokens of each sample). A LoRA run
+    resumes (train.resume = auto); full fine-tuning cannot resume in the harness yet, so an unfinished one
+    starts over."""
+    window = training_window(row, target_length or TESTBED_TARGET) if row.window else target_length
+    length = [f"position.target_length={target_length}"] if target_length else []
+    length += [f"data.max_seq_length={window}"] if window else []
     resume = ["train.resume=\"never\"", "train.overwrite=true"] if row.full_finetuning else ["train.resume=\"auto\""]
     return [f'model.name_or_path="{testbed}"', f'data.path="{corpus.train}"', *validation_overrides(corpus),
             f'train.output_dir="{run_dir}"', f"train.max_steps={steps}",

@@ -36,7 +36,9 @@ class Evaluations:
         count = min(len(self.data.eval), train.eval_batches * world) if train.eval_batches else len(self.data.eval)
         if train.eval_every >= 0:
             return train.eval_every, count
-        shape = dict(readings=1 + bool(self.evaluator.window) + bool(self.evaluator.s2),
+        resolved = self.recipe.resolved  # PoSE: a held-out sample is the target, a training sample the window
+        longer = -(-resolved.sample_length // resolved.seq_len) if resolved.seq_len else 1
+        shape = dict(readings=(1 + bool(self.evaluator.window) + bool(self.evaluator.s2)) * longer,
                      micro_batch_size=train.micro_batch_size, grad_accum=train.grad_accum,
                      checkpointing=train.gradient_checkpointing)
         per_replica = min(-(-count // world), policy.eval_samples_within(self.total, **shape))

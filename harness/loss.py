@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from harness.backends.attention import batch_mask
+
 IGNORE_INDEX = -100
 CHUNK_LOGIT_BYTES = 2**27  # fp32 logits of one chunk
 
@@ -173,8 +175,7 @@ class CausalLMLoss(torch.nn.Module):
             num_targets = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)  # the whole batch's targets
         if self.sequence is not None:
             return self._sharded_nll(input_ids, labels, attention_mask, position_ids) / num_targets
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: transformers then reads packing from position_ids
+        attention_mask = batch_mask(self.model, attention_mask, position_ids)  # documents, PoSE skips, padding
         targets = labels[:, 1:].reshape(-1)  # (B*(L-1),): position t predicts labels[t + 1]
         if not self.chunked:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from harness import policy
 from harness.backends.sliding_window import sliding_window_attention
+from harness.backends.token_masks import tokens_of
 from harness.backends.s2 import causal_attention, shift_short_attention
 from harness.errors import HarnessError
 from harness.registry import BackendError, register
@@ -74,6 +75,51 @@ def sliding_window_of(module) -> int | None:
     its config's (Mistral, Phi-3), else None."""
     config = getattr(module, "config", None)
     return getattr(module, "sliding_window", getattr(config, "sliding_window", None))
+
+
+def batch_mask(model, attention_mask, position_ids):
+    """The attention_mask to give `model` for a batch, so that every kernel keeps the harness's token rules
+    (harness.backends.token_masks: a document starts where its position is 0, padding is 0 in the mask).
+
+    attention_mask (B, L) 0/1, position_ids (B, L) -> None, the (B, L) mask, or a (B, 1, L, L) mask.
+    The harness's own kernels (S2, Ulysses) and flash-attn read documents from position_ids as the harness
+    does: they get the 2-D mask, None without padding. transformers' sdpa and eager read documents from
+    position_ids only when the mask is None, and then start one wherever a position does not follow the
+    one before by 1: a PoSE skip (harness.backends.layout) would cut its window into unrelated pieces, and a
+    padded row of packed documents would read across them. Where that rule and the harness's differ, they
+    get the (B, 1, L, L) mask of the harness's rule (bool for sdpa, additive for eager)."""
+    plain = attention_mask is None or bool(attention_mask.all())
+    if model.config._attn_implementation not in ("sdpa", "eager") or position_ids is None:
+        return None if plain else attention_mask
+    packed = bool((position_ids[:, 1:] == 0).any())  # a row holds more than one document
+    if _steps_or_restarts(position_ids) and (plain or not packed):  # transformers' rule sees the same documents
+        return None if plain else attention_mask
+    if any(sliding_window_of(module) for module in attention_modules(model)):
+        raise AttentionError(f"{family(model)} has sliding-window layers, and this batch's positions skip (PoSE) or "
+                             f"pack documents beside padding, which transformers' {model.config._attn_implementation} "
+                             f"attention cannot mask with the window: use attention.kernel = \"flash\", attention.name "
+                             f"= \"s2\", or layout.name = \"contiguous\" with data.mode = \"truncate\"")
+    return _document_mask(attention_mask, position_ids, model.config._attn_implementation, model.dtype)
+
+
+def _steps_or_restarts(position_ids) -> bool:
+    """Whether every position is its predecessor's + 1 or a new document's 0: transformers' rule and the harness's
+    then see the same documents."""
+    following, previous = position_ids[:, 1:], position_ids[:, :-1]
+    return bool(((following == previous + 1) | (following == 0)).all())
+
+
+def _document_mask(attention_mask, position_ids, implementation: str, dtype):
+    """(B, 1, L, L): query i reads key j iff j <= i, both in one document, j not padding (a padding query reads
+    itself, so no row is empty); bool for sdpa, 0 / the dtype's minimum for eager."""
+    batch, length = position_ids.shape
+    tokens = tokens_of(attention_mask, position_ids, torch.empty(batch, 1, length, 1, device=position_ids.device))
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = causal & (tokens.doc[:, :, None] == tokens.doc[:, None, :]) & tokens.valid[:, None, :]
+    allowed = (allowed | torch.eye(length, dtype=torch.bool, device=position_ids.device))[:, None]
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def model_kernel(kernel: str, model) -> str:

@@ -13,12 +13,14 @@ the tokens/s count see). The held-out samples of the long-context watch are read
 contiguous positions, as the model is served. A layout applies to training samples only.
 
 PoSE, here (the paper's chunks = 2 by default): a sample of n > window tokens is cut at
-`chunks - 1` random points of the window (chunk lengths >= 1), and chunk i starts `gap_i` tokens
-after chunk i - 1 ended, the gaps drawn as sorted uniform points of [0, n - window], so the last
-kept token lies inside the sample (< target). The content is the sample's own tokens at those
-positions (the paper's "content matches position" choice), and the first token of each later
-chunk is not a target (label -100): its predecessor in the window is not its predecessor in the
-text. A sample of at most window tokens is kept whole.
+`chunks - 1` random points of the window (chunk lengths >= 1), and chunk i is read `offset_i` tokens
+further into the text than contiguous reading would, the offsets drawn as sorted uniform points of
+[0, n - window] (chunk 1 at 0), so the last kept token lies inside the sample (< target). The content
+is the sample's own tokens at those positions (content matches position), and the first token of
+each chunk that follows a skip is not a target (label -100): its predecessor in the window is not
+its predecessor in the text. A sample of at most window tokens is kept whole. The window is one
+causal text to the attention: transformers' own kernels, which would read a skip as the start of a
+new sequence, get the mask of the harness's rule (harness.backends.attention.batch_mask).
 
 Packed rows (data.mode = "pack"): positions restart at 0 at each document, which is how the
 attention keeps documents apart; a chunk that starts inside a later document than the one the
@@ -79,7 +81,7 @@ def skipped(sample: dict, window: int, chunks: int, rng: np.random.Generator) ->
     kept = np.concatenate([np.arange(s + o, e + o) for s, e, o in zip(starts, ends, offsets)])  # (window,)
     positions = np.asarray(sample["position_ids"], dtype=np.int64)
     labels = np.asarray(sample["labels"], dtype=np.int64)[kept]
-    labels[cuts] = -100  # the first token of each later chunk: its window predecessor is not its text predecessor
+    labels[cuts[gaps > offsets[:-1]]] = -100  # a chunk after a skip: its window predecessor is not its text's
     return {**sample, "input_ids": np.asarray(sample["input_ids"])[kept].tolist(), "labels": labels.tolist(),
             "position_ids": _documents_kept_apart(positions, kept, cuts).tolist()}
 
@@ -87,6 +89,8 @@ def skipped(sample: dict, window: int, chunks: int, rng: np.random.Generator) ->
 def _documents_kept_apart(positions: np.ndarray, kept: np.ndarray, cuts: np.ndarray) -> np.ndarray:
     """positions[kept], where a chunk that starts inside a later document than the previous chunk's last
     token (a 0 position skipped over) restarts at 0 up to its next document start."""
+    if not (positions[1:] == 0).any():  # one document: nothing to keep apart
+        return positions[kept]
     document = np.cumsum(positions == 0)  # (n,) document index of each token of the sample
     out = positions[kept].copy()
     for cut in cuts:
@@ -115,6 +119,7 @@ def check_layout(recipe) -> None:
         raise ValueError(f"layout.name = {layout.name!r} trains in a window shorter than the target, but "
                          f"data.max_seq_length = {shown} and position.target_length = {target}: set "
                          f"data.max_seq_length to the training window, e.g. {max(target // 4, 1)}")
-    if not 2 <= layout.chunks <= window:
+    if not 2 <= layout.chunks <= window // 2:
         raise ValueError(f"layout.chunks = {layout.chunks} must be between 2 (the paper's choice; 1 chunk is "
-                         f"layout.name = 'contiguous') and the window's {window} tokens")
+                         f"layout.name = 'contiguous') and half the window's {window} tokens (shorter chunks leave "
+                         f"almost nothing to predict)")

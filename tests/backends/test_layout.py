@@ -24,6 +24,11 @@ def document(n: int, first: int = 100) -> dict:
     return {"input_ids": ids, "labels": ids, "position_ids": list(range(n))}
 
 
+def pose_recipe(*overrides: str):
+    """recipes/tiny_cpu.toml (512-token target) trained with PoSE in 128-token windows."""
+    return load_recipe("recipes/tiny_cpu.toml", ["layout.name=\"pose\"", "data.max_seq_length=128", *overrides])
+
+
 def pose(window: int, chunks: int = 2, seed: int = 0) -> Layout:
     return registry.get("layout", "pose").fn(window=window, seed=seed, chunks=chunks)
 
@@ -36,10 +41,11 @@ def test_a_pose_window_is_the_sample_s_own_tokens_at_their_own_positions(chunks)
         ids, labels, positions = (np.asarray(out[k]) for k in ("input_ids", "labels", "position_ids"))
         assert len(ids) == len(labels) == len(positions) == 64
         assert (ids - 100 == positions).all()  # each token at the position it had in the text
-        assert positions[0] == 0 and (np.diff(positions) >= 1).all() and positions[-1] <= 1023  # inside the target
+        assert positions[0] == 0 and (np.diff(positions) >= 1).all()
+        assert positions[-1] - 63 <= 1024 - 64  # the skips add up to at most n - window: inside the target
         jumps = np.flatnonzero(np.diff(positions) > 1) + 1  # where a gap was skipped
         not_targets = np.flatnonzero(labels == -100)
-        assert set(jumps) <= set(not_targets) and len(not_targets) == chunks - 1  # exactly the later chunks' starts
+        assert set(jumps) == set(not_targets)  # exactly where a skip was taken: a later chunk's first token
         assert (labels[labels != -100] == ids[labels != -100]).all()
 
 
@@ -97,6 +103,7 @@ def test_pose_reads_samples_at_the_target_and_trains_in_the_window():
     (["data.max_seq_length=0"], r"data.max_seq_length = 0 \(= position.target_length, 512\).*set data.max_seq_length"),
     (["data.max_seq_length=512"], r"window shorter than the target.*512"),
     (["data.max_seq_length=128", "layout.chunks=1"], r"layout.chunks = 1 must be between 2"),
+    (["data.max_seq_length=128", "layout.chunks=65"], r"layout.chunks = 65 must be between 2 .* half the window"),
     (["data.max_seq_length=128", "data.name=\"sft\""], r"data.name = 'sft'.*contiguous"),
 ])
 def test_a_pose_recipe_that_cannot_work_is_refused_by_key(overrides, message):
@@ -116,14 +123,14 @@ def test_chunks_with_the_contiguous_layout_is_reported(caplog):
 
 
 def test_a_pose_run_resumes_bit_for_bit(tmp_path):
-    pose_run = ["layout.name=\"pose\"", "data.max_seq_length=128", "train.max_steps=4", "train.save_every=2"]
+    run = ["train.max_steps=4", "train.save_every=2"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    train(load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{straight}\"", *pose_run]))
-    train(load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{stopped}\"", *pose_run]),
-          after_step=sigterm_at(2))
-    train(load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{stopped}\"", *pose_run, "train.resume=\"auto\""]))
+    train(pose_recipe(f"train.output_dir=\"{straight}\"", *run))
+    train(pose_recipe(f"train.output_dir=\"{stopped}\"", *run), after_step=sigterm_at(2))
+    train(pose_recipe(f"train.output_dir=\"{stopped}\"", *run, "train.resume=\"auto\""))
     assert losses(stopped) == losses(straight)
     final_a, final_b = adapter(straight / "final"), adapter(stopped / "final")
+    assert final_a.keys() == final_b.keys()
     for name in final_a:
         torch.testing.assert_close(final_a[name], final_b[name], rtol=0, atol=0)
 
@@ -131,27 +138,56 @@ def test_a_pose_run_resumes_bit_for_bit(tmp_path):
 @pytest.mark.parametrize("position, attention", [("linear", "full"), ("dynamic", "s2"), ("yarn", "full"),
                                                  ("llama3", "s2")])
 def test_pose_trains_with_every_position_method_and_attention(tmp_path, position, attention):
-    recipe = load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{tmp_path}\"", "layout.name=\"pose\"",
-                                                   "data.max_seq_length=128", f"position.name=\"{position}\"",
-                                                   f"attention.name=\"{attention}\"", "train.max_steps=2",
-                                                   "train.eval_holdout=0"])
-    train(recipe)
+    train(pose_recipe(f"train.output_dir=\"{tmp_path}\"", f"position.name=\"{position}\"",
+                      f"attention.name=\"{attention}\"", "train.max_steps=2", "train.eval_holdout=0"))
     assert all(np.isfinite(losses(tmp_path))) and (tmp_path / "final" / "adapter_model.safetensors").is_file()
 
 
-def test_the_watch_reads_whole_target_length_samples_at_contiguous_positions(tmp_path, monkeypatch):
+def test_a_pose_run_trains_on_skipped_windows_and_watches_whole_samples(tmp_path, monkeypatch, capsys):
+    """What the loop computes under PoSE: 128-token micro-batches whose positions jump past the window
+    (never past the 512 target) with no target at the jump; what the watch scores: whole 512-token
+    held-out samples at positions 0..511."""
     from harness.evaluation.in_training import LongContextEval
+    from harness.loop import Loop
 
-    scored = []
-    original_run = LongContextEval.run
+    trained, scored = [], []
+    train_step, evaluate = Loop.train_step, LongContextEval.run
 
-    def run(self, module, samples):
+    def recorded_step(self, micro_batches):
+        return train_step(self, (trained.append(batch) or batch for batch in micro_batches))
+
+    def recorded_eval(self, module, samples):
         scored.extend(samples)
-        return original_run(self, module, samples)
+        return evaluate(self, module, samples)
 
-    monkeypatch.setattr(LongContextEval, "run", run)
-    train(load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{tmp_path}\"", "layout.name=\"pose\"",
-                                                "data.max_seq_length=128", "train.max_steps=2"]))
+    monkeypatch.setattr(Loop, "train_step", recorded_step)
+    monkeypatch.setattr(LongContextEval, "run", recorded_eval)
+    train(pose_recipe(f"train.output_dir=\"{tmp_path}\"", "train.max_steps=2"))
+
+    assert "PoSE: each training sample is 128 of 512 tokens" in capsys.readouterr().err
+    assert trained and all(batch["input_ids"].shape[1] == 128 for batch in trained)
+    last = []
+    for positions, labels in ((b["position_ids"][0], b["labels"][0]) for b in trained):
+        jumps = torch.nonzero(positions.diff() > 1).flatten() + 1
+        assert len(jumps) <= 1 and (labels[jumps] == -100).all()  # at most one skip (2 chunks), never a target
+        last.append(int(positions[-1]))
+    assert max(last) >= 128 and max(last) < 512  # positions past the window, inside the target
     assert scored and all(sample["position_ids"] == list(range(512)) for sample in scored)
     evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_ppl" in line]
     assert evals and all(record["eval_length"] == 512 for record in evals)
+
+
+def test_the_auto_watch_counts_a_held_out_sample_as_long_as_the_target(tmp_path, capsys):
+    """eval_every = -1 keeps the watch near 5% of the training time: the same held-out readings (512 tokens)
+    against training samples of 512, or under PoSE of 128 (4 times cheaper): the watch comes 4 times less often."""
+    import re
+
+    from harness.loop import Loop
+    from harness.session import build_session
+
+    def cadence(*overrides: str) -> int:
+        Loop(build_session(load_recipe("recipes/tiny_cpu.toml", [f"train.output_dir=\"{tmp_path}\"",
+                                                                 "train.max_steps=1000", *overrides])))
+        return int(re.search(r"every (\d+) steps", capsys.readouterr().err).group(1))
+
+    assert cadence("layout.name=\"pose\"", "data.max_seq_length=128") == 4 * cadence("data.max_seq_length=512")
