@@ -7,7 +7,7 @@
 #                                         # on the CPU, with bench.common's llama-tiny (a 2-layer LLaMA2 shape)
 #                                         # for SmolLM2 and LLaMA2, a step or two and short lengths: the same
 #                                         # scripts, children and code paths, so that a GPU call is never the
-#                                         # first run of a changed command (about 5 minutes on 2 busy cores)
+#                                         # first run of a changed command (243 s measured on 2 busy cores)
 # 1. the S2 kernels on CUDA against the float64 reference;
 # 2. the real-model S2-transfer grid: SmolLM2-135M 8k -> 16k on the shipped books, base, zero-shot PI,
 #    LongQLoRA (YaRN + S2, the default), the paper's PI + S2, LoRA + full attention (bench/reproduce.py);

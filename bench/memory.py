@@ -8,7 +8,7 @@
 One step = forward + backward of batch 1, L random token ids, on SmolLM2-135M
 (recipes/smollm2_135m_16k.toml: NF4 double-quant, LoRA r64 on all linear layers, PI x2; --model
 llama-tiny or a LLaMA2 shape: bench.common's random weights in their place, as bench/train_step.py
-swaps them in). The harness's configs run training's own code: the session harness.train builds
+swaps them in). The harness's configs run training's own code: the session harness.session builds
 (build_session: the CPU memory policy, base, model, engine.prepare wrapping CausalLMLoss, the
 optimizer made) and Loop.train_step on one micro-batch (the forward under engine.autocast(),
 engine.backward), with one difference on purpose: engine.step() (gradient clipping, the AdamW
@@ -24,7 +24,7 @@ torch.cuda.max_memory_allocated over the step.
 Configs:
 
     longqlora            the harness: build_session(recipe) + Loop.train_step less engine.step()
-                         (above); release_freed_memory() first, as harness.train does on the CPU
+                         (above); release_freed_memory() first, as a training run does on the CPU
     -s2                  ... with full attention (attention.name="full")
     -chunked_loss        ... with the full (B, L, V) fp32 logits (train.chunked_loss=false)
     -checkpointing       ... without gradient checkpointing
@@ -89,7 +89,7 @@ def recipe_for(config: str, length: int, model: str = DEFAULT_MODEL):
 
 
 def build_harness(config: str, length: int, model: str = DEFAULT_MODEL):
-    """(step, model): step(batch) -> the loss of one forward + backward, as harness.train's loop runs it."""
+    """(step, model): step(batch) -> the loss of one forward + backward, as harness.loop's Loop runs it."""
     from harness.loop import Loop
     from harness.session import build_session
 

@@ -9,7 +9,7 @@ loaded by the harness as NF4 double-quant; random weights take the memory and ti
 The training setup is recipes/smollm2_135m_16k.toml's (LoRA r64 on all linear layers, S2 with
 1/4 groups, gradient checkpointing, chunked loss) on the LLaMA2 shape, PI 4k -> the model's
 longest length (the factor changes neither memory nor time). A step is bench/train_step.py's:
-the session harness.train builds (build_session: engine.prepare, the engine's autocast) and one
+the session harness.session builds (build_session: engine.prepare, the engine's autocast) and one
 Loop.train_step on random tokens: forward + backward + AdamW step, batch 1, as training runs it.
 
 One subprocess per model, capped with torch.cuda.set_per_process_memory_fraction (--cap-gib,

@@ -4,7 +4,7 @@
     python bench/plan_validation.py --only tiny --modes allocator
 
 Each config runs in a fresh subprocess: set the recipe (+ overrides) up as training does
-(harness.train.build_session), then run two optimizer steps of the training loop
+(harness.session.build_session), then run two optimizer steps of the training loop
 (Loop.train_step) on random tokens (the first allocates the optimizer states, the second is the
 steady state the planner predicts). What is compared is the *dynamic* part: the memory the
 steps add on top of the built model, against `harness.memory.plan(recipe, device="cpu")
@@ -12,7 +12,7 @@ steps add on top of the built model, against `harness.memory.plan(recipe, device
 
 Measurements:
 
-    allocator  (primary; harness.memory.measure.allocator_peak) torch.profiler with profile_memory=True
+    allocator  (primary; harness.loop_memory.allocator_peak) torch.profiler with profile_memory=True
                records every allocation and free of torch's CPU allocator; the running sum from the
                post-build state gives the exact peak of live tensor bytes, the CPU analogue of
                torch.cuda.max_memory_allocated. Not counted: memory outside torch's allocator

@@ -21,7 +21,7 @@ Parts:
            and without train.tiled_mlp, each in its own process: the step's peak RSS above the built
            model (VmHWM reset after the build), tokens/s, and the CPU planner's prediction of the same
            difference. Rows of other lengths in the results file are kept. The step is bench/memory.py's:
-           the session harness.train builds (build_session, engine.prepare) and Loop.train_step without
+           the session harness.session builds (build_session, engine.prepare) and Loop.train_step without
            engine.step() (bench.memory.forward_backward: forward under engine.autocast() + backward, no
            optimizer step, whose states do not depend on tiling).
     plan   harness.memory.plan for LLaMA2-7B (recipes/llama2_7b_8k.toml) and 13B (llama2_13b_12k.toml),

@@ -5,9 +5,9 @@
     python bench/train_step.py --model llama2-7b --gpu-cap-gib 32   # GPU only: 8k tokens
     python bench/train_step.py --model llama-tiny --lengths 512 --steps 1   # a smoke run, seconds on a CPU
 
-A step is what harness.train's loop runs for one micro-batch with grad_accum 1: forward through
+A step is what harness.loop's Loop runs for one micro-batch with grad_accum 1: forward through
 CausalLMLoss, backward, then engine.step() (clip, AdamW, scheduler), with the model, engine and
-optimizer wired as harness.train.train wires them. Inputs: batch 1 of L random token ids.
+optimizer wired as harness.session.build_session wires them. Inputs: batch 1 of L random token ids.
 Setups, from recipes/smollm2_135m_16k.toml (LoRA r64 on all linear layers, PI x2, gradient
 checkpointing, chunked loss) unless said:
 
@@ -77,7 +77,7 @@ DEFAULT_LENGTHS = {"smollm2-135m": [1024, 4096, 16384], "llama2-7b": [8192], "ll
 # --------------------------------------------------------------------------- child: timed steps
 
 def build(overrides: list[str]):
-    """(recipe, loop, model): a session set up as harness.train.train sets it up, batch 1, grad_accum 1."""
+    """(recipe, loop, model): a session set up as harness.session.build_session sets it up, batch 1, grad_accum 1."""
     from harness.loop import Loop
     from harness.recipe import load_recipe
     from harness.session import build_session

@@ -64,7 +64,7 @@ def test_the_planner_makes_the_choices_a_run_on_the_card_makes(card, recipe_name
         assert setup.dtypes.attention == autocast.itemsize  # sdpa / matmul save their autocast copies
     offloaded = engine.offloads_optimizer(step_config)
     assert (setup.deepspeed is not None and setup.deepspeed.offload_optimizer) == offloaded
-    assert setup.optimizer == optimizer_name(recipe, engine, step_config)  # what harness.train.make_optimizer makes
+    assert setup.optimizer == optimizer_name(recipe, engine, step_config)  # what harness.session.make_optimizer makes
     if recipe.quantization.name == "nf4":
         quantization = registry.get("quantization", "nf4")
         config = quantization.fn(**registry.table_kwargs(quantization, recipe.quantization))

@@ -248,7 +248,7 @@ def reach_line(result: MemoryPlan) -> str:
 
 def eval_verdict(result: MemoryPlan) -> str | None:
     """One line when the held-out evaluation (full attention at the length, no gradients) does not fit
-    the card where the training step does: what the harness does then (harness.train.Loop
+    the card where the training step does: what the harness does then (harness.loop_eval.Evaluations
     ._evaluate_within_memory) and how to avoid it."""
     evaluation = result.evaluation
     if evaluation is None or evaluation.fits is not False or not result.fits:

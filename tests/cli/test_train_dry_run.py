@@ -3,6 +3,7 @@ parallelism the ranks of a group share each micro-batch, so the effective batch 
 count the data-parallel replicas (WORLD_SIZE / engine.sequence_parallel_size), as build_session does."""
 from __future__ import annotations
 
+from harness import policy
 from harness.cli.train import main
 from harness.recipe import load_recipe, with_launch_facts
 from tests.conftest import ROOT
@@ -30,7 +31,8 @@ def test_a_dry_run_under_sequence_parallelism_shows_the_batch_training_counts(mo
         == (str(replicas), str(effective), str(effective * seq_len))
 
     # what build_session records: the recipe with the engine's data_world_size (4 / 2) and the base's window
-    trained = with_launch_facts(load_recipe("recipes/tiny_cpu.toml", SEQUENCE_PARALLEL), world_size=replicas,
+    trained = with_launch_facts(load_recipe("recipes/tiny_cpu.toml", SEQUENCE_PARALLEL),
+                                world_size=policy.data_world_size(4, 2),  # what the deepspeed engine reports
                                 original_context=256, weights_dtype="fp32")
     assert (trained.resolved.effective_batch_size, trained.resolved.tokens_per_step) == (effective, effective * seq_len)
 
