@@ -57,7 +57,7 @@ def measure_model(model_name: str, lengths: list[int], steps: int, cap_gib: floa
     recipe, loop, model = build(overrides)
     vocab = model.get_output_embeddings().out_features
     built = {"weights_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
-             "precision": loop.engine.hyper.precision}
+             "precision": loop.engine.step_config.precision}
     rows = []
     for length in lengths:
         batch = random_batch(vocab, 1, length, torch.Generator().manual_seed(0), model.device)

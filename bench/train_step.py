@@ -105,7 +105,7 @@ def measure(model_name: str, setup: str, extra: list[str], length: int, steps: i
     else:
         overrides = [*model_overrides(model_name, length), *SETUPS[setup], *extra, f"data.max_seq_length={length}"]
         recipe, loop, model = build(overrides)
-        step, precision = (lambda batch: train_step(loop, batch)), loop.engine.hyper.precision
+        step, precision = (lambda batch: train_step(loop, batch)), loop.engine.step_config.precision
     vocab = model.get_output_embeddings().out_features
     batch = random_batch(vocab, 1, length, torch.Generator().manual_seed(0), model.device)
     result = timed_steps(step, batch, steps)

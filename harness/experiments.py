@@ -77,8 +77,9 @@ GRID = (
     Row("pose", "PoSE + YaRN QLoRA r64, 256-token window", train=POSE, window=256),
     Row("pose-quarter", "PoSE + YaRN QLoRA r64, window of 1/4 of the target", train=POSE, window=0.25),
     Row("pose-pi", "PoSE + PI QLoRA r64 (the paper's pairing), 256-token window", train=(*POSE, PI), window=256),
-    # PoSE's control: the same windows and rope, positions 0..255 only (no skips).
+    # PoSE's controls: the same windows and rope, positions 0..window-1 only (no skips).
     Row("short", "YaRN QLoRA r64 trained at 256 only, no skips", train=(FULL,), window=256),
+    Row("short-quarter", "YaRN QLoRA r64 trained at 1/4 of the target only, no skips", train=(FULL,), window=0.25),
 )
 
 

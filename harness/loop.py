@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 
 from harness import checkpoint, rundir
-from harness.backends.engine import Engine
 from harness.fingerprint import data_fingerprint
 from harness.loop_eval import Evaluations, long_context_eval
 from harness.loop_saving import Saving
@@ -42,15 +41,15 @@ class _StepDropped(Exception):
     """A stop signal between micro-batches: the step's data position and RNG are rolled back."""
 
 
-def _data_order(recipe: Recipe, engine: Engine, data: DataSplits):
+def _data_order(recipe: Recipe, data: DataSplits):
     """The resumable sample order; refused when one step takes more samples than the data holds."""
     from harness.data.order import ResumableOrder
 
-    per_step = recipe.train.micro_batch_size * recipe.train.grad_accum * engine.data_world_size
+    per_step = recipe.resolved.effective_batch_size
     if per_step > len(data.train):
         raise TrainError(f"one optimizer step takes {per_step:,} samples (train.micro_batch_size "
                          f"{recipe.train.micro_batch_size} x train.grad_accum {recipe.train.grad_accum:,} x "
-                         f"{engine.data_world_size} replicas) but the data holds {len(data.train):,}: lower "
+                         f"{recipe.resolved.world_size} replicas) but the data holds {len(data.train):,}: lower "
                          f"train.grad_accum or add data")
     return ResumableOrder(len(data.train), seed=recipe.train.seed)
 
@@ -68,7 +67,7 @@ class Loop(Evaluations, Saving):
         self.console = session.console
         self.output_dir = Path(recipe.train.output_dir)
         self.collate = Collator(session.built.tokenizer.pad_token_id)
-        self.order = _data_order(recipe, engine, data) if data is not None else None
+        self.order = _data_order(recipe, data) if data is not None else None
         self.layout = make_layout(recipe)
         described = self.layout.describe(recipe.resolved.sample_length)
         if described:
@@ -183,7 +182,7 @@ class Loop(Evaluations, Saving):
     def _check_gradient(self) -> None:
         """A NaN/inf gradient norm stops the run (fp16's loss scaler skips such steps on its own)."""
         norm, train = self.grad_norm, self.recipe.train
-        if norm is None or math.isfinite(norm) or self.engine.hyper.precision == "fp16":
+        if norm is None or math.isfinite(norm) or self.engine.step_config.precision == "fp16":
             return
         raise TrainError(f"the gradient norm became {norm} at step {self.step + 1}: {self._last_good()}. Lower "
                          f"train.lr (now {train.lr:g}) or check train.max_grad_norm (now {train.max_grad_norm:g}), "

@@ -122,7 +122,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class LayoutConfig:
     name: str = "contiguous"  # contiguous | pose (harness.backends.layout)
-    chunks: int = 2  # pose: pieces of the window, each after a random skip of positions
+    chunks: int = 2  # pose: pieces of the window, separated by chunks - 1 random skips of positions
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def build_session(recipe: Recipe, *, engine: Engine | None = None, console: Cons
     built = build_model(recipe, training=True, base=base, console=console)
     if resume_from is not None:  # before the engine shards or wraps the parameters (FSDP: DTensors)
         checkpoint.load_adapter_weights(built.model, resume_from)
-    total = total_steps(recipe, len(data.train), engine) if data is not None else steps or recipe.train.max_steps
+    total = total_steps(recipe, len(data.train)) if data is not None else steps or recipe.train.max_steps
     step_config = step_config_of(recipe, engine)
     engine.prepare(CausalLMLoss(built.model, chunked=recipe.train.chunked_loss, sequence=engine.sequence),
                    lambda params: make_optimizer(recipe, engine, step_config, params),
@@ -196,10 +196,11 @@ def make_scheduler(recipe: Recipe, optimizer, steps: int):
                          num_training_steps=steps)
 
 
-def total_steps(recipe: Recipe, num_samples: int, engine) -> int:
+def total_steps(recipe: Recipe, num_samples: int) -> int:
+    """train.max_steps, else the epochs' full steps of resolved.effective_batch_size samples."""
     if recipe.train.max_steps > 0:
         return recipe.train.max_steps
-    per_step = recipe.train.micro_batch_size * recipe.train.grad_accum * engine.data_world_size
+    per_step = recipe.resolved.effective_batch_size
     steps = recipe.train.epochs * (num_samples // per_step)
     if steps == 0:
         raise TrainError(f"{num_samples} samples make no full step of {per_step} sequences; "

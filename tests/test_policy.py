@@ -55,7 +55,7 @@ def test_the_planner_makes_the_choices_a_run_on_the_card_makes(card, recipe_name
     monkeypatch.chdir(ROOT)
     recipe = load_recipe(ROOT / "recipes" / recipe_name)
     engine = engine_of(recipe, on_card(CARDS[card]))
-    step_config = engine.hyper = step_config_of(recipe, engine)
+    step_config = engine.step_config = step_config_of(recipe, engine)
     setup = resolve_setup(recipe, model_shape(recipe), device="cuda", card=CARDS[card], seq_len=None)
     assert setup.precision == step_config.precision
     autocast = autocast_of(engine)

@@ -103,7 +103,8 @@ def test_grid_rows_are_consistent():
     assert [row.name for row in ex.trained_rows(ex.GRID)] == ["longqlora", "qlora-full", "longqlora-pi",
                                                               "qlora-full-pi", "longqlora-ntk", "lora-full", "full-ft",
                                                               "longqlora-r8", "longqlora-groups-half", "pose",
-                                                              "pose-quarter", "pose-pi", "short"]
+                                                              "pose-quarter", "pose-pi", "short",
+                                                              "short-quarter"]
     assert [row.name for row in ex.trained_rows([ex.row_named("longqlora-half")])] == ["longqlora-pi"]
 
 
@@ -133,8 +134,8 @@ def test_every_trained_row_resolves_with_equal_steps_and_tokens(saved_testbed, t
     assert len({r.resolved.tokens_per_step for name, r in resolved.items() if not ex.row_named(name).window}) == 1
     assert resolved["longqlora"].quantization.name == "nf4" and resolved["longqlora"].adapter.r == 64
     assert resolved["longqlora"].position.name == "yarn" and resolved["longqlora-pi"].position.name == "linear"
-    assert {name for name, r in resolved.items() if r.position.name == "yarn"} == {"longqlora", "qlora-full", "pose",
-                                                                                  "pose-quarter", "short"}
+    yarn_rows = {"longqlora", "qlora-full", "pose", "pose-quarter", "short", "short-quarter"}
+    assert {name for name, r in resolved.items() if r.position.name == "yarn"} == yarn_rows
     assert {name for name, r in resolved.items() if r.layout.name == "pose"} == {"pose", "pose-quarter", "pose-pi"}
     assert resolved["lora-full"].quantization.name == "none" and resolved["lora-full"].attention.name == "full"
     assert resolved["longqlora-r8"].adapter.r == 8

@@ -65,7 +65,7 @@ class AccelerateEngine:
         return False
 
     def prepare(self, module, make_optimizer: Callable, make_scheduler: Callable, step_config: StepConfig):
-        self.hyper = step_config
+        self.step_config = step_config
         fp16_on_cuda = step_config.precision == "fp16" and torch.cuda.is_available()
         self.scaler = torch.amp.GradScaler("cuda") if fp16_on_cuda else None
         module = module.to(self.device) if not is_quantized(module) else module
@@ -78,11 +78,11 @@ class AccelerateEngine:
         return self.module
 
     def autocast(self):
-        dtype = autocast_dtype(self.hyper.precision, self.device.type)
+        dtype = autocast_dtype(self.step_config.precision, self.device.type)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def backward(self, loss: torch.Tensor, *, sync: bool) -> None:
-        scaled = loss / self.hyper.grad_accum
+        scaled = loss / self.step_config.grad_accum
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
         if self.fsdp is not None:
@@ -97,7 +97,7 @@ class AccelerateEngine:
     def step(self) -> float:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(trainable(self.module), self.hyper.max_grad_norm or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(trainable(self.module), self.step_config.max_grad_norm or float("inf"))
         norm = fsdp.full(norm)  # FSDP: the norm over every rank's shards
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips a step with inf/NaN gradients and lowers the scale

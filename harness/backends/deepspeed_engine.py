@@ -153,7 +153,7 @@ class DeepSpeedEngine:
     def prepare(self, module, make_optimizer: Callable, make_scheduler: Callable, step_config: StepConfig):
         import deepspeed
 
-        self.hyper = step_config
+        self.step_config = step_config
         module = module.to(self.device) if not is_quantized(module) else module
         if self.sequence is not None:
             sequence_parallel.enable(module.model, self.sequence, step_config.micro_batch_size)
@@ -167,7 +167,7 @@ class DeepSpeedEngine:
         return self.module
 
     def autocast(self):
-        dtype = autocast_dtype(self.hyper.precision, self.device.type)
+        dtype = autocast_dtype(self.step_config.precision, self.device.type)
         return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     def backward(self, loss: torch.Tensor, *, sync: bool) -> None:

@@ -69,7 +69,7 @@ class Engine(Protocol):
     sequence: object | None  # SequenceShards under sequence parallelism, else None
     device: torch.device
     module: torch.nn.Module  # the prepared (wrapped) module, after prepare()
-    hyper: StepConfig  # the step configuration prepare() was given
+    step_config: StepConfig  # the step configuration prepare() was given
 
     def setup(self) -> None: ...
     def offloads_optimizer(self, step_config: StepConfig) -> bool: ...

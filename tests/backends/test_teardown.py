@@ -92,6 +92,7 @@ def test_teardown_destroys_every_group(kind):
     assert not report["initialized"]  # ... and destroyed; a second teardown did nothing
 
 
+@pytest.mark.slow  # 40 s (a DeepSpeed child); the accelerate teardown stays in the default suite
 def test_a_refused_setup_tears_down_the_group_it_formed():
     report = run_child("deepspeed", "refused", {})
     assert "does not divide" in report["refused"]

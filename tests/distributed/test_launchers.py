@@ -100,6 +100,7 @@ def test_deepspeed_zero3_matches_one_process_and_exports_a_full_adapter(referenc
         assert (weights[name] - tensor).abs().max() <= 1e-4 * tensor.abs().max(), name
 
 
+@pytest.mark.slow  # 29 s; FSDP2's settings and refusals stay in the default suite (tests/backends/test_fsdp.py)
 def test_accelerate_fsdp_qlora_matches_one_process_and_resumes_exactly(tmp_path):
     """launch/accelerate/fsdp.yaml on 2 CPU ranks (gloo): the tiny recipe's NF4 base, LoRA and S2, each
     rank accumulating 2 micro-batches (gradient sync off for the first), against one process x 4. FSDP2

@@ -104,6 +104,7 @@ def packed_documents(tmp_path_factory):
     return write_documents(tmp_path_factory.mktemp("packed") / "docs.jsonl", lengths)
 
 
+@pytest.mark.slow  # 23 s; the SP kernels are checked in one process by tests/backends/test_sequence_parallel.py
 def test_s2_over_packed_documents_matches_one_process(tmp_path, cache, packed_documents):
     """Training (S2) and, after step 3, evaluation on held-out rows (full attention, model.eval())."""
     data = [f"data.path=\"{packed_documents}\"", "data.mode=\"pack\"", "data.eval_fraction=0.2", "train.eval_every=3"]
