@@ -291,6 +291,26 @@ def test_reproduce_refuses_an_unknown_row(capsys):
     assert "--rows: unknown nope" in capsys.readouterr().err
 
 
+def test_reproduce_pose_row_is_a_short_window_of_the_target(tmp_path, capsys):
+    """gpu_checks.sh's PoSE check (--factor 4 --rows pose): SmolLM2 8k -> 32k in an 8k window, which the
+    recipe checks accept; the default stays 8k -> 16k trained at the target; a window at the target is refused."""
+    import bench.reproduce as bench
+    from harness.recipe import load_recipe
+
+    args = bench.parse_args(["--factor", "4", "--zero-shot", "yarn", "--rows", "pose", "--train-len", "8192",
+                             "--output", str(tmp_path / "runs")])
+    assert (args.target, args.zero_shot, args.rows) == (32768, ["yarn"], ["pose"])
+    recipe = load_recipe(ROOT / bench.SMOLLM2, bench.train_overrides("pose", args, bench.train_split(tmp_path / "b")))
+    assert (recipe.layout.name, recipe.attention.name, recipe.position.target_length) == ("pose", "full", 32768)
+    assert (recipe.resolved.rope_factor, recipe.resolved.seq_len, recipe.resolved.sample_length) == (4.0, 8192, 32768)
+    default = bench.parse_args([])
+    assert (default.target, default.train_len, default.zero_shot) == (16384, 16384, ["base", "pi"])
+    assert "pose" not in default.rows and default.output == bench.ROOT / "runs" / "reproduce"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--factor", "4", "--rows", "pose"])  # --train-len defaults to the target
+    assert "--rows pose trains a window shorter than the target" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- bench/s2_transfer.py
 
 def test_s2_transfer_probe_is_the_models_attention(tmp_path):
