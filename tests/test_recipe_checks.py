@@ -34,7 +34,9 @@ def test_a_rope_that_does_not_cover_training_is_refused_at_load(overrides, messa
                                        "position.target_length=256", "data.max_seq_length=256"],
                                        ["data.max_seq_length=256"], ["position.name=\"none\"", "position.factor=0.5"]])
 def test_ropes_that_cover_training_load(overrides):
-    tiny_recipe(*overrides)
+    recipe = tiny_recipe(*overrides)
+    covered = recipe.resolved.rope_factor * recipe.resolved.original_context  # positions the stretched rope spans
+    assert recipe.position.name == "none" or covered >= recipe.resolved.seq_len
 
 
 def test_a_factor_short_of_the_target_is_refused_once_the_window_is_known(tmp_path):
