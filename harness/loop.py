@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 
 from harness import checkpoint, rundir
+from harness.backends.layout import short_documents
 from harness.fingerprint import data_fingerprint
 from harness.loop_eval import Evaluations, long_context_eval
 from harness.loop_saving import Saving
@@ -69,9 +70,7 @@ class Loop(Evaluations, Saving):
         self.collate = Collator(session.built.tokenizer.pad_token_id)
         self.order = _data_order(recipe, data) if data is not None else None
         self.layout = make_layout(recipe)
-        described = self.layout.describe(recipe.resolved.sample_length)
-        if described:
-            self.console.print(described)
+        self._describe_layout()
         self.total = session.total_steps
         self.step = 0
         self.stop_signal: str | None = None
@@ -176,6 +175,18 @@ class Loop(Evaluations, Saving):
 
     def _warn_if_slow(self, micro_batches_done: int) -> None:
         warning = self.step_time.micro_batch_done(micro_batches_done, self.step + 1)
+        if warning:
+            self.console.print(f"[yellow]{warning}[/]")
+
+    def _describe_layout(self) -> None:
+        """The layout's line at the start (PoSE), and a warning when training documents are too short for
+        its skips to reach the target."""
+        described = self.layout.describe(self.recipe.resolved.sample_length)
+        if not described:
+            return
+        self.console.print(described)
+        lengths = self.data.stats.lengths.get("train", []) if self.data is not None else []
+        warning = short_documents(lengths, self.recipe.position.target_length)
         if warning:
             self.console.print(f"[yellow]{warning}[/]")
 

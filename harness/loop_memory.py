@@ -22,8 +22,8 @@ from harness.session import build_session
 
 
 def training_loop(recipe: Recipe, *, schedule_steps: int = 10) -> Loop:
-    """The loop of a session set up as harness.session.build_session sets it up, without data (random batches
-    come from train_steps); the learning-rate schedule runs over `schedule_steps`."""
+    """The loop of a session harness.session.build_session sets up without data (random batches come from
+    train_steps); the learning-rate schedule runs over `schedule_steps`."""
     return Loop(build_session(recipe, with_data=False, steps=schedule_steps))
 
 

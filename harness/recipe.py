@@ -320,7 +320,7 @@ def _build(cls, values: dict[str, Any], *, prefix: str, where: str, source: str 
         path = f"{prefix}{key}"
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f" Did you mean {prefix}{close[0]!r}?" if close else f" Known keys: {', '.join(known)}."
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Known keys: {', '.join(known)}."
             raise RecipeError(f"{where}unknown key {path!r}.{hint}")
         kwargs[key] = _convert(hints[key], value, path=path, where=where)
     if cls is Recipe:

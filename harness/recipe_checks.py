@@ -137,6 +137,10 @@ def _check_lengths(recipe: Recipe, where: str) -> None:
 def _check_sequence_within_target(recipe: Recipe, where: str) -> None:
     """Training sequences no longer than the window the adapter's rope is saved for."""
     length, target = recipe.data.max_seq_length, recipe.position.target_length
+    if length > target and recipe.layout.name != "contiguous":  # the window must stay below the target
+        raise RecipeError(f"{where}data.max_seq_length = {length} is longer than position.target_length = {target}, "
+                          f"but layout.name = {recipe.layout.name!r} trains a window shorter than the target: lower "
+                          f"data.max_seq_length, e.g. to {max(target // 4, 1)}")
     if length > target:
         raise RecipeError(f"{where}data.max_seq_length = {length} is longer than position.target_length = {target}: "
                           f"training would run past the rope the adapter is saved with. Raise position.target_length "

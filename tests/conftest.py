@@ -14,6 +14,20 @@ ROOT = Path(__file__).resolve().parents[1]
 BOOKS = ROOT / "recipes" / "data" / "books"  # shipped with the project
 
 
+def pytest_configure(config):
+    """Every process of the suite finds the venv's tools first, as in an activated venv (the launcher tests'
+    children always did). DeepSpeed builds its CPU ops (CPU Adam, shm) with the first ninja on PATH, and the
+    venv's ninja and the system's record different command hashes in the build's log: a suite that used
+    both rebuilt CPU Adam each time it switched (about 55 s a build on 2 cores, twice a `make test`)."""
+    import os
+    import sys
+
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != venv_bin:
+        os.environ["PATH"] = os.pathsep.join([venv_bin, path])
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
 

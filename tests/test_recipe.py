@@ -119,6 +119,7 @@ def test_saved_recipe_round_trips(tmp_path, monkeypatch):
 BAD = {
     "unknown key": (["train.lerning_rate=1"], "unknown key 'train.lerning_rate'"),
     "did you mean": (["atention.name=\"s2\""], "Did you mean 'attention'?"),
+    "did you mean, in a table": (["layout.chunk=3"], "unknown key 'layout.chunk'. Did you mean 'layout.chunks'?"),
     "wrong type": (["train.max_steps=\"ten\""], "train.max_steps = 'ten' has type str, expected int"),
     "unknown backend": (["attention.name=\"s3\""], "attention.name = 's3' is not a known attention backend"),
     "short target": (["position.target_length=128"],

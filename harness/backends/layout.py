@@ -32,6 +32,7 @@ sample as the interrupted one would have, and every rank draws its own samples a
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,8 +57,19 @@ class Layout:
         """One line for the run's start; "" for the contiguous layout."""
         if self.chunks == 1:
             return ""
-        return (f"PoSE: each training sample is {self.window} of {sample_length} tokens, in {self.chunks} chunks with "
-                f"random skips between them, at their own positions (layout.name = 'pose')")
+        return (f"PoSE: each training sample is a {self.window}-token window of up to {sample_length} tokens, in "
+                f"{self.chunks} chunks with random skips between them, at their own positions (layout.name = 'pose')")
+
+
+def short_documents(document_lengths: list[int], target: int) -> str:
+    """A warning when training documents are shorter than the target ("" when none is): positions restart
+    at each document, so their skips never reach the target's distances."""
+    short = sum(n < target for n in document_lengths)
+    if not short:
+        return ""
+    return (f"PoSE: {short:,} of the {len(document_lengths):,} training documents are shorter than the target of "
+            f"{target:,} tokens: positions restart at each document, so their skips stop at their own length. "
+            f"Keep documents of the target's length (data.min_tokens = {target})")
 
 
 @registry.register("layout", "contiguous", description="the sample as the data gives it, positions 0..n-1")
@@ -104,7 +116,7 @@ def _documents_kept_apart(positions: np.ndarray, kept: np.ndarray, cuts: np.ndar
 
 @registry.register_validator
 def check_layout(recipe) -> None:
-    """pose: a window shorter than the target, pretraining data (not conversations)."""
+    """pose: a window shorter than the target, pretraining data (not conversations), a rope that reaches the target."""
     layout, window, target = recipe.layout, recipe.data.max_seq_length, recipe.position.target_length
     if layout.name == "contiguous":
         return
@@ -120,6 +132,22 @@ def check_layout(recipe) -> None:
                          f"data.max_seq_length = {shown} and position.target_length = {target}: set "
                          f"data.max_seq_length to the training window, e.g. {max(target // 4, 1)}")
     if not 2 <= layout.chunks <= window // 2:
-        raise ValueError(f"layout.chunks = {layout.chunks} must be between 2 (the paper's choice; 1 chunk is "
-                         f"layout.name = 'contiguous') and half the window's {window} tokens (shorter chunks leave "
-                         f"almost nothing to predict)")
+        raise ValueError(f"layout.chunks = {layout.chunks} must be between 2 and {window // 2}, half the window's "
+                         f"{window} tokens (1 chunk is layout.name = 'contiguous'; shorter chunks leave almost "
+                         f"nothing to predict): use layout.chunks = 2, the paper's choice")
+    _check_position(recipe, target)
+
+
+def _check_position(recipe, target: int) -> None:
+    """The rope must reach the target the skips train (refused without one), and stay one rope (warned)."""
+    name, original = recipe.position.name, recipe.resolved.original_context
+    if name == "none" and original and target > original:
+        raise ValueError(f"layout.name = {recipe.layout.name!r} trains positions up to position.target_length = "
+                         f"{target}, past the model's {original}-token context, but position.name = 'none' leaves "
+                         f"the rope as it is: use position.name = 'yarn' (the default) or 'linear'")
+    if name == "dynamic":
+        logging.getLogger("harness").warning(
+            "%sposition.name = 'dynamic' rescales the rope by each batch's largest position, which under "
+            "layout.name = %r changes from batch to batch: the adapter trains on a moving rope. position.name = "
+            "'yarn' (the default) or 'linear' keeps one", f"{recipe.source}: " if recipe.source else "",
+            recipe.layout.name)

@@ -52,10 +52,20 @@ def _train(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, overrides)
     if args.dry_run:
         Console().print(recipe_table(recipe))
+        _print_layout(recipe)
         return
     from harness.train import train  # torch and the model stack: only past a dry run
 
     train(recipe)
+
+
+def _print_layout(recipe: Recipe) -> None:
+    """What a skipping layout (PoSE) will train, as the run's start says it."""
+    from harness.session import make_layout
+
+    described = make_layout(recipe).describe(recipe.resolved.sample_length)
+    if described:
+        Console().print(described)
 
 
 def recipe_table(recipe: Recipe) -> Table:

@@ -19,7 +19,7 @@ def length_summary(lengths: list[int], truncated: int) -> dict:
 
 def length_table(stats: DataStats) -> Table:
     noun = "conversations" if stats.mode == "sft" else "chunks" if stats.mode == "tokens" else "documents"
-    table = Table(title=f"Data: {stats.source} ({stats.mode}, max_seq_length {stats.max_seq_length}): "
+    table = Table(title=f"Data: {stats.source} ({stats.mode}, samples of up to {stats.max_seq_length:,} tokens): "
                         f"tokens per {noun[:-1]}")
     for column in ("split", "count", "min", "median", "p95", "max", "truncated", "samples"):
         table.add_column(column, justify="left" if column == "split" else "right", min_width=len(column))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from harness import registry
 from harness.backends.token_masks import tokens_of
-from harness.backends.layout import Layout
+from harness.backends.layout import Layout, short_documents
 from harness.recipe import RecipeError, load_recipe
 from harness.train import train
 from tests.test_train import adapter, losses, sigterm_at
@@ -103,8 +104,13 @@ def test_pose_reads_samples_at_the_target_and_trains_in_the_window():
     (["data.max_seq_length=0"], r"data.max_seq_length = 0 \(= position.target_length, 512\).*set data.max_seq_length"),
     (["data.max_seq_length=512"], r"window shorter than the target.*512"),
     (["data.max_seq_length=128", "layout.chunks=1"], r"layout.chunks = 1 must be between 2"),
-    (["data.max_seq_length=128", "layout.chunks=65"], r"layout.chunks = 65 must be between 2 .* half the window"),
+    (["data.max_seq_length=128", "layout.chunks=65"],
+     r"layout.chunks = 65 must be between 2 and 64, half the window.*use layout.chunks = 2"),
     (["data.max_seq_length=128", "data.name=\"sft\""], r"data.name = 'sft'.*contiguous"),
+    (["data.max_seq_length=1024"], r"longer than position.target_length = 512, but layout.name = 'pose'.*lower "
+                                   r"data.max_seq_length, e.g. to 128"),
+    (["data.max_seq_length=128", "position.name=\"none\""], r"past the model's 256-token context, but "
+                                                            r"position.name = 'none'.*use position.name = 'yarn'"),
 ])
 def test_a_pose_recipe_that_cannot_work_is_refused_by_key(overrides, message):
     with pytest.raises(RecipeError, match=message):
@@ -114,6 +120,42 @@ def test_a_pose_recipe_that_cannot_work_is_refused_by_key(overrides, message):
 def test_a_misspelt_layout_names_the_one_meant():
     with pytest.raises(RecipeError, match=r"layout.name = 'posse' is not a known layout backend. Did you mean 'pose'"):
         load_recipe("recipes/tiny_cpu.toml", ["layout.name=\"posse\""])
+
+
+def test_pose_within_the_model_s_own_context_needs_no_stretched_rope():
+    recipe = pose_recipe("position.name=\"none\"", "position.target_length=256")
+    assert (recipe.resolved.seq_len, recipe.resolved.sample_length) == (128, 256)
+
+
+def test_pose_with_dynamic_ntk_is_warned_of_its_moving_rope(caplog):
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        pose_recipe("position.name=\"yarn\"")
+    assert "moving rope" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        pose_recipe("position.name=\"dynamic\"")
+    assert "recipes/tiny_cpu.toml: position.name = 'dynamic' rescales the rope by each batch's largest position" in \
+        caplog.text
+
+
+def test_documents_shorter_than_the_target_are_counted():
+    assert short_documents([512, 600, 4096], 512) == ""
+    warning = short_documents([511, 512, 100, 4096], 512)
+    assert warning.startswith("PoSE: 2 of the 4 training documents are shorter than the target of 512 tokens")
+    assert warning.endswith("(data.min_tokens = 512)")
+
+
+def test_a_pose_run_on_short_documents_says_so(tmp_path, capsys):
+    from harness.loop import Loop
+    from harness.session import build_session
+
+    data = tmp_path / "short.jsonl"
+    data.write_text("".join(json.dumps({"text": "a short document. " * 16}) + "\n" for _ in range(24)))
+    Loop(build_session(pose_recipe(f"data.path=\"{data}\"", "data.mode=\"truncate\"",
+                                   f"train.output_dir=\"{tmp_path / 'run'}\"", "train.max_steps=1")))
+    printed = " ".join(capsys.readouterr().err.split())
+    assert "PoSE: each training sample is a 128-token window of up to 512 tokens" in printed
+    every = re.search(r"PoSE: (\d+) of the (\d+) training documents are shorter than the target of 512 tokens", printed)
+    assert every and every.group(1) == every.group(2) and int(every.group(1)) > 0  # 288-byte documents, all short
 
 
 def test_chunks_with_the_contiguous_layout_is_reported(caplog):
@@ -164,7 +206,9 @@ def test_a_pose_run_trains_on_skipped_windows_and_watches_whole_samples(tmp_path
     monkeypatch.setattr(LongContextEval, "run", recorded_eval)
     train(pose_recipe(f"train.output_dir=\"{tmp_path}\"", "train.max_steps=2"))
 
-    assert "PoSE: each training sample is 128 of 512 tokens" in capsys.readouterr().err
+    printed = " ".join(capsys.readouterr().err.split())
+    assert "PoSE: each training sample is a 128-token window of up to 512 tokens" in printed
+    assert "shorter than the target" not in printed  # the book's excerpt is one document past the target
     assert trained and all(batch["input_ids"].shape[1] == 128 for batch in trained)
     last = []
     for positions, labels in ((b["position_ids"][0], b["labels"][0]) for b in trained):
@@ -180,8 +224,6 @@ def test_a_pose_run_trains_on_skipped_windows_and_watches_whole_samples(tmp_path
 def test_the_auto_watch_counts_a_held_out_sample_as_long_as_the_target(tmp_path, capsys):
     """eval_every = -1 keeps the watch near 5% of the training time: the same held-out readings (512 tokens)
     against training samples of 512, or under PoSE of 128 (4 times cheaper): the watch comes 4 times less often."""
-    import re
-
     from harness.loop import Loop
     from harness.session import build_session
 

@@ -44,3 +44,14 @@ def test_a_dry_run_without_sequence_parallelism_counts_every_launched_rank(monke
     assert main(["recipes/tiny_cpu.toml", "train.micro_batch_size=3", "train.grad_accum=5", "--dry-run"]) == 0
     table = shown(capsys.readouterr().out)
     assert (table["resolved.world_size"], table["resolved.effective_batch_size"]) == ("4", str(3 * 5 * 4))
+
+
+def test_a_pose_dry_run_says_what_it_will_train(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["recipes/tiny_cpu.toml", "--dry-run"]) == 0
+    assert "PoSE" not in capsys.readouterr().out
+    assert main(["recipes/tiny_cpu.toml", 'layout.name="pose"', "data.max_seq_length=128", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "PoSE: each training sample is a 128-token window of up to 512 tokens, in 2 chunks" in out
+    assert (shown(out)["resolved.seq_len"], shown(out)["resolved.sample_length"]) == ("128", "512")
